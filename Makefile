@@ -1,0 +1,54 @@
+# Two entry points for users: `make reproduce` and `make test`. Both create .venv if needed and install the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CORES ?= all
+SNAKEFLAGS ?=
+# CPU-only machines get the CPU torch wheel (2.13.0, on local disk here); a machine with a GPU keeps its CUDA torch.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1,<2.14" || echo "torch==2.13.0")
+
+.PHONY: reproduce test lint install install-test report paper clean-results help
+
+help:
+	@echo "make reproduce   # build the venv, run the whole workflow on the default (quick, simulated) scale"
+	@echo "make test        # build the venv with test extras, run the test suite"
+	@echo "make paper       # the paper-scale profile (10,000 requests per run, 3 seeds): hours on 2 cores"
+	@echo "make report      # results/report.html from the last workflow run"
+	@echo "make lint        # ruff + snakemake --lint"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+reproduce: install
+	$(VENV)/bin/snakemake --cores $(CORES) $(SNAKEFLAGS)
+	$(VENV)/bin/snakemake --cores 1 --report results/report.html $(SNAKEFLAGS)
+
+paper: install
+	$(VENV)/bin/snakemake --cores $(CORES) --config scale=paper $(SNAKEFLAGS)
+
+report: install
+	$(VENV)/bin/snakemake --cores 1 --report results/report.html $(SNAKEFLAGS)
+
+test: install-test
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check llumnix tests workflow benchmarks
+	$(VENV)/bin/snakemake --lint --cores 1
+
+clean-results:
+	rm -rf results/runs results/traces results/logs .snakemake

@@ -1,0 +1,253 @@
+"""An instance's local scheduler with vLLM 0.1.x semantics.
+
+FCFS waiting queue; a step is either one prefill batch (admitted from the head of the queue while the batch stays
+under ``max_batched_tokens`` and ``max_num_seqs`` and the block manager can allocate above its watermark) or one
+decode step for every running request. When a decode step lacks a block, the most recently arrived running request
+is preempted by recompute: its blocks are freed and it goes back to the head of the waiting queue, keeping the
+tokens it generated (they are recomputed in its next prefill).
+
+The scheduler never touches tensors or clocks: the runtime passes ``now`` and executes the returned ``StepPlan``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from llumnix.core.block_manager import BlockManager, blocks_for
+from llumnix.core.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 12_288
+    enable_priorities: bool = False  # high-priority requests jump the waiting queue and are preempted last
+    chunked_prefill: bool = False  # reserved switch: vLLM 0.1.x had none; True is rejected until implemented
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {self.max_batched_tokens}")
+        if self.chunked_prefill:
+            raise ValueError("chunked_prefill=True is not supported: the paper's engine (vLLM 0.1.x) has none")
+
+
+class StepKind(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class StepPlan:
+    kind: StepKind
+    requests: list[Request]
+    # For a prefill: tokens computed per request (its whole sequence so far: a recompute includes its outputs).
+    prefill_tokens: list[int] = field(default_factory=list)
+    # For a prefill: tokens already in the KV cache (0 in vLLM 0.1.x; kept for prefix reuse).
+    start_positions: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.prefill_tokens) if self.kind is StepKind.PREFILL else len(self.requests)
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(r.seq_len for r in self.requests)
+
+
+def _order_key(r: Request, priorities: bool) -> tuple:
+    return (-r.priority if priorities else 0, r.arrival_s, r.request_id)
+
+
+class LocalScheduler:
+    def __init__(self, block_manager: BlockManager, config: SchedulerConfig | None = None) -> None:
+        self.blocks = block_manager
+        self.config = config or SchedulerConfig()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # kept sorted by (priority, arrival): the last one is the preemption victim
+        self.frozen: dict[int, Request] = {}
+        self.waiting_demand_blocks = 0  # sum of the blocks every waiting request needs to be admitted
+        self.num_high = 0  # high-priority requests held (waiting, running or frozen)
+        self.num_preemptions = 0
+
+    # -- queue management ----------------------------------------------------------------------------------------
+    def _key(self, r: Request) -> tuple:
+        return _order_key(r, self.config.enable_priorities)
+
+    def _push_waiting(self, req: Request, head: bool) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting_demand_blocks += blocks_for(req.seq_len, self.blocks.block_size)
+        if not self.config.enable_priorities:
+            self.waiting.appendleft(req) if head else self.waiting.append(req)
+            return
+        # With priorities, high-priority requests enter the head of the queue (behind high-priority ones already
+        # there, unless preempted); a preempted normal request goes back right behind the queued high ones.
+        i = 0
+        if not (head and req.is_high):
+            while i < len(self.waiting) and self.waiting[i].is_high:
+                i += 1
+        if req.is_high or head:
+            self.waiting.insert(i, req)
+        else:
+            self.waiting.append(req)
+
+    def _pop_waiting(self) -> Request:
+        req = self.waiting.popleft()
+        self.waiting_demand_blocks -= blocks_for(req.seq_len, self.blocks.block_size)
+        return req
+
+    def _insert_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        keys = [self._key(r) for r in self.running]
+        self.running.insert(bisect.bisect(keys, self._key(req)), req)
+
+    def add_request(self, req: Request) -> None:
+        """Queue a newly dispatched request."""
+        if blocks_for(req.prompt_tokens + req.output_tokens, self.blocks.block_size) > (
+            self.blocks.num_blocks - self.blocks.watermark_blocks
+        ):
+            raise ValueError(
+                f"request {req.request_id} needs {req.prompt_tokens + req.output_tokens} tokens of KV, more than "
+                f"this instance holds ({self.blocks.num_blocks} blocks of {self.blocks.block_size}); shorten it"
+            )
+        if req.is_high:
+            self.num_high += 1
+        self._push_waiting(req, head=False)
+
+    def take_waiting(self) -> list[Request]:
+        """Remove and return every waiting request (an instance being drained hands them back for re-dispatch)."""
+        taken = list(self.waiting)
+        self.waiting.clear()
+        self.waiting_demand_blocks = 0
+        self.num_high -= sum(r.is_high for r in taken)
+        return taken
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan | None:
+        """Decide the next step, or None when there is nothing to run."""
+        plan = self._schedule_prefill(now)
+        if plan is not None:
+            return plan
+        return self._schedule_decode(now)
+
+    def _schedule_prefill(self, now: float) -> StepPlan | None:
+        cfg = self.config
+        batch: list[Request] = []
+        tokens: list[int] = []
+        batched = 0
+        while self.waiting:
+            req = self.waiting[0]
+            n = req.seq_len
+            if batched + n > cfg.max_batched_tokens and batch:
+                break
+            if len(self.running) + len(self.frozen) + len(batch) + 1 > cfg.max_num_seqs:
+                break
+            if not self.blocks.can_allocate(n):
+                break
+            self._pop_waiting()
+            self.blocks.allocate(req.request_id, n)
+            batch.append(req)
+            tokens.append(n)
+            batched += n
+        if not batch:
+            return None
+        for req in batch:
+            req.prefill_starts_s.append(now)
+            self._insert_running(req)
+        return StepPlan(StepKind.PREFILL, batch, prefill_tokens=tokens, start_positions=[0] * len(batch))
+
+    def _schedule_decode(self, now: float) -> StepPlan | None:
+        if not self.running:
+            return None
+        preempted: list[Request] = []
+        queue = list(self.running)
+        kept: list[Request] = []
+        bs = self.blocks.block_size
+        while queue:
+            req = queue.pop(0)
+            needs_block = self.blocks.num_blocks_of(req.request_id) * bs < req.seq_len
+            while needs_block and not self.blocks.can_append_slot():
+                victim = queue.pop() if queue else req
+                self._preempt(victim, now)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self.blocks.append_slot(req.request_id, req.seq_len)
+                kept.append(req)
+        self.running = kept
+        if not kept:
+            return StepPlan(StepKind.DECODE, [], preempted=preempted) if preempted else None
+        return StepPlan(StepKind.DECODE, list(kept), preempted=preempted)
+
+    def _preempt(self, req: Request, now: float) -> None:
+        self.blocks.free(req.request_id)
+        req.preemptions_s.append(now)
+        self.num_preemptions += 1
+        self._push_waiting(req, head=True)
+
+    def on_step_done(self, plan: StepPlan, now: float, token_ids: list[int] | None = None) -> list[Request]:
+        """Account one generated token per request of ``plan``; return the requests that finished."""
+        finished: list[Request] = []
+        is_prefill = plan.kind is StepKind.PREFILL
+        for i, req in enumerate(plan.requests):
+            if req.status is not RequestStatus.RUNNING:
+                raise RuntimeError(f"request {req.request_id} left the running set during its own step")
+            req.num_generated += 1
+            if token_ids is not None:
+                req.output_token_ids.append(token_ids[i])
+            if is_prefill:
+                req.prefill_ends_s.append(now)
+            if req.first_token_s is None:
+                req.first_token_s = now
+            if req.num_generated >= req.output_tokens:
+                finished.append(req)
+        for req in finished:
+            self._finish(req, now)
+        return finished
+
+    def _finish(self, req: Request, now: float) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_s = now
+        if req.is_high:
+            self.num_high -= 1
+
+    # -- migration hooks (used by the llumlet; only at step boundaries) -------------------------------------------
+    def freeze(self, req: Request) -> None:
+        """Stop scheduling ``req`` but keep its blocks (stop-and-copy stage of a migration)."""
+        self.running.remove(req)
+        req.status = RequestStatus.FROZEN
+        self.frozen[req.request_id] = req
+
+    def unfreeze(self, req: Request) -> None:
+        del self.frozen[req.request_id]
+        self._insert_running(req)
+
+    def release(self, req: Request) -> None:
+        """Forget a request that migrated away (it is frozen here), freeing its blocks."""
+        del self.frozen[req.request_id]
+        self.blocks.free(req.request_id)
+        if req.is_high:
+            self.num_high -= 1
+
+    def adopt(self, req: Request, blocks_owner: object) -> None:
+        """Take over a migrated-in request whose KV now lives in the blocks pre-allocated under ``blocks_owner``."""
+        self.blocks.rename(blocks_owner, req.request_id)
+        if req.is_high:
+            self.num_high += 1
+        self._insert_running(req)
+
+    # -- introspection -------------------------------------------------------------------------------------------
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.frozen)
+
+    def head_demand_blocks(self) -> int:
+        return blocks_for(self.waiting[0].seq_len, self.blocks.block_size) if self.waiting else 0

@@ -1,0 +1,85 @@
+"""Paged KV cache: one preallocated tensor, addressed through block tables that a BlockManager owns.
+
+Token at position p of a sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+The pool never hands out block ids; it only reads and writes the blocks it is told to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCachePool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int = 16,
+        *,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        # [layer, k|v, block, offset in block, kv head, head dim]: one layer's K (or V) is a contiguous slab.
+        self.cache = torch.zeros(
+            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V of one block over all layers: what migrating one block moves."""
+        return self.cache[:, :, 0].numel() * self.cache.element_size()
+
+    def slot_mapping(self, block_table: list[int], start_pos: int, num_tokens: int) -> torch.Tensor:
+        """Slots (long, on CPU) of positions start_pos .. start_pos + num_tokens - 1."""
+        end = start_pos + num_tokens
+        num_blocks_needed = -(-end // self.block_size)
+        if start_pos < 0 or num_blocks_needed > len(block_table):
+            raise ValueError(
+                f"block table of {len(block_table)} blocks cannot hold positions [{start_pos}, {end}) "
+                f"with block_size {self.block_size}"
+            )
+        pos = torch.arange(start_pos, end)
+        table = torch.tensor(block_table[:num_blocks_needed], dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _slab(self, layer: int, kv: int) -> torch.Tensor:
+        return self.cache[layer, kv].view(-1, self.num_kv_heads, self.head_dim)
+
+    @torch.inference_mode()
+    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [len(slots), kv_heads, head_dim]."""
+        self._slab(layer, 0)[slots] = k
+        self._slab(layer, 1)[slots] = v
+
+    @torch.inference_mode()
+    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` (any shape S) -> two [*S, kv_heads, head_dim] tensors."""
+        return self._slab(layer, 0)[slots], self._slab(layer, 1)[slots]
+
+    def write(self, layer: int, block_table: list[int], start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = self.slot_mapping(block_table, start_pos, k.shape[0]).to(self.device)
+        self.write_slots(layer, slots, k, v)
+
+    def gather(self, layer: int, block_table: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a sequence's first `num_tokens` positions, each [num_tokens, kv_heads, head_dim]."""
+        return self.gather_slots(layer, self.slot_mapping(block_table, 0, num_tokens).to(self.device))
+
+    @torch.inference_mode()
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Contiguous copy [num_layers, 2, len(block_ids), block_size, kv_heads, head_dim] of those blocks."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.cache.index_select(2, idx)
+
+    @torch.inference_mode()
+    def write_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
+        """Inverse of read_blocks (payload may come from another pool / device of the same geometry)."""
+        expected = (*self.cache.shape[:2], len(block_ids), *self.cache.shape[3:])
+        if tuple(payload.shape) != expected:
+            raise ValueError(f"payload shape {tuple(payload.shape)} != expected {expected}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.cache.index_copy_(2, idx, payload.to(device=self.device, dtype=self.dtype))

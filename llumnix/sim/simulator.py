@@ -1,0 +1,346 @@
+"""The simulator: a virtual clock and an event heap around the same LocalScheduler / Llumlet / Migration / policy
+objects that the real cluster runs. Step durations come from a profile; a migration stage lasts its bytes over the
+profile's migration bandwidth plus a per-stage handshake.
+
+Migration actions that touch the source's running set (beginning and ending stages) happen at the source's step
+boundaries, as in the real engine, so a frozen request is never part of a step in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from llumnix.core.block_manager import BlockManager, blocks_for
+from llumnix.core.llumlet import Llumlet, LlumletConfig
+from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
+from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase
+from llumnix.core.request import Request
+from llumnix.policies.system import GlobalScheduler, SystemConfig
+
+log = logging.getLogger(__name__)
+
+ARRIVAL, STEP_DONE, STAGE_DONE, PAIR_TICK, SCALE_TICK, READY, SAMPLE = range(7)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_instances: int = 16
+    system: SystemConfig = field(default_factory=SystemConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    queued_demand: str = "all"
+    high_priority_kv_tokens: int = 1_600
+    max_migrations_per_instance: int = 1
+    sample_interval_s: float = 1.0
+    seed: int = 0
+    # Safety net against a wedged simulation (a bug): virtual seconds after the last arrival before giving up.
+    max_drain_s: float = 1e6
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"--instances must be >= 1, got {self.num_instances}")
+        if self.sample_interval_s <= 0:
+            raise ValueError(f"sample_interval_s must be > 0, got {self.sample_interval_s}")
+
+
+class SimInstance:
+    def __init__(self, instance_id: int, llumlet: Llumlet, launch_s: float) -> None:
+        self.instance_id = instance_id
+        self.llumlet = llumlet
+        self.launch_s = launch_s
+        self.ready = False
+        self.stop_s: float | None = None
+        self.plan: StepPlan | None = None
+        self.boundary: list[Callable[[float], None]] = []  # actions waiting for the current step to end
+
+    @property
+    def scheduler(self) -> LocalScheduler:
+        return self.llumlet.scheduler
+
+    @property
+    def busy(self) -> bool:
+        return self.plan is not None
+
+
+@dataclass
+class SimResult:
+    requests: list[Request]
+    samples: list[dict]
+    migrations: list[Migration]
+    instance_spans: list[tuple[int, float, float]]  # (instance id, launch_s, stop_s)
+    end_s: float
+    config: SimConfig
+
+    @property
+    def avg_instances(self) -> float:
+        if self.end_s <= 0:
+            return float(len(self.instance_spans))
+        busy = sum(max(0.0, min(stop, self.end_s) - start) for _, start, stop in self.instance_spans)
+        return busy / self.end_s
+
+
+class Simulator:
+    def __init__(self, requests: Iterable[Request], profile, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.profile = profile
+        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.gs = GlobalScheduler(self.config.system)
+        self.instances: dict[int, SimInstance] = {}
+        self.migrations: list[Migration] = []
+        self.samples: list[dict] = []
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._seq = itertools.count()
+        self._mig_ids = itertools.count()
+        self._next_instance_id = 0
+        self._unfinished = len(self.requests)
+        self.now = 0.0
+        self._sched_cfg = SchedulerConfig(
+            max_num_seqs=profile.max_num_seqs,
+            max_batched_tokens=profile.max_batched_tokens,
+            enable_priorities=self.config.system.priorities,
+        )
+        self._llumlet_cfg = LlumletConfig(
+            queued_demand=self.config.queued_demand,
+            enable_priorities=self.config.system.priorities,
+            high_priority_kv_tokens=self.config.high_priority_kv_tokens,
+            max_migrations_out=self.config.max_migrations_per_instance,
+            max_migrations_in=self.config.max_migrations_per_instance,
+        )
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        usable = self.profile.total_blocks - int(self.profile.watermark * self.profile.total_blocks)
+        for r in self.requests:
+            if blocks_for(r.prompt_tokens + r.output_tokens, self.profile.block_size) > usable:
+                raise ValueError(
+                    f"trace request {r.request_id} needs {r.prompt_tokens + r.output_tokens} tokens of KV but an "
+                    f"instance of profile {self.profile.name!r} holds {usable * self.profile.block_size}; "
+                    "cap the lengths in the trace or use a profile with more KV blocks"
+                )
+
+    # -- event plumbing ------------------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload: object = None) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
+
+    def _launch(self, now: float, ready_at: float) -> SimInstance:
+        iid = self._next_instance_id
+        self._next_instance_id += 1
+        blocks = BlockManager(self.profile.total_blocks, self.profile.block_size, self.profile.watermark)
+        llumlet = Llumlet(iid, LocalScheduler(blocks, self._sched_cfg), self._llumlet_cfg)
+        inst = SimInstance(iid, llumlet, now)
+        self.instances[iid] = inst
+        if ready_at <= now:
+            self._make_ready(inst)
+        else:
+            self._push(ready_at, READY, inst)
+        return inst
+
+    def _make_ready(self, inst: SimInstance) -> None:
+        inst.ready = True
+        self.gs.dispatch.on_instance_added(inst.instance_id)
+
+    def _live(self) -> list[SimInstance]:
+        return [i for i in self.instances.values() if i.ready and i.stop_s is None]
+
+    def _loads(self):
+        return [i.llumlet.load() for i in self._live()]
+
+    # -- the run -------------------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
+        cfg = self.config
+        auto = cfg.system.autoscale
+        n0 = cfg.num_instances if auto is None else cfg.num_instances
+        for _ in range(n0):
+            self._launch(0.0, 0.0)
+        for r in self.requests:
+            self._push(r.arrival_s, ARRIVAL, r)
+        if self.gs.migrates:
+            self._push(0.0, PAIR_TICK)
+        if self.gs.scaler is not None:
+            self._push(auto.check_interval_s, SCALE_TICK)
+        self._push(0.0, SAMPLE)
+        last_arrival = self.requests[-1].arrival_s if self.requests else 0.0
+        handlers = {
+            ARRIVAL: self._on_arrival,
+            STEP_DONE: self._on_step_done,
+            STAGE_DONE: self._on_stage_done,
+            PAIR_TICK: self._on_pair_tick,
+            SCALE_TICK: self._on_scale_tick,
+            READY: self._on_ready,
+            SAMPLE: self._on_sample,
+        }
+        while self._heap and self._unfinished > 0:
+            t, _, kind, payload = heapq.heappop(self._heap)
+            self.now = t
+            if t > last_arrival + cfg.max_drain_s:
+                raise RuntimeError(f"simulation wedged: {self._unfinished} requests unfinished at t={t:.0f}s")
+            before = self._unfinished
+            handlers[kind](t, payload)
+            if progress is not None and self._unfinished != before:
+                progress(before - self._unfinished)
+        if self._unfinished:
+            raise RuntimeError(f"simulation ended with {self._unfinished} unfinished requests (no events left)")
+        end = self.now
+        self._sample(end)
+        spans = [(i.instance_id, i.launch_s, i.stop_s if i.stop_s is not None else end) for i in self.instances.values()]
+        return SimResult(self.requests, self.samples, self.migrations, spans, end, cfg)
+
+    # -- handlers ------------------------------------------------------------------------------------------------
+    def _dispatch(self, req: Request, now: float) -> None:
+        iid = self.gs.dispatch.choose(req, self._loads())
+        inst = self.instances[iid]
+        if req.dispatch_s is None:
+            req.dispatch_s = now
+        req.instances.append(iid)
+        inst.scheduler.add_request(req)
+        self._kick(inst, now)
+
+    def _on_arrival(self, now: float, req: Request) -> None:
+        self._dispatch(req, now)
+
+    def _kick(self, inst: SimInstance, now: float) -> None:
+        """Start the instance's next step if it is idle and has work."""
+        while not inst.busy and inst.stop_s is None:
+            actions, inst.boundary = inst.boundary, []
+            for act in actions:
+                act(now)
+            if inst.boundary:
+                continue
+            plan = inst.scheduler.schedule(now)
+            if plan is None:
+                self._maybe_stop(inst, now)
+                return
+            if not plan.requests:  # a decode step whose every request was preempted: schedule again
+                continue
+            inst.plan = plan
+            self._push(now + self._step_time(plan), STEP_DONE, inst)
+
+    def _step_time(self, plan: StepPlan) -> float:
+        if plan.kind is StepKind.PREFILL:
+            return self.profile.prefill_time_s(plan.prefill_tokens)
+        return self.profile.decode_time_s(len(plan.requests), plan.context_tokens)
+
+    def _on_step_done(self, now: float, inst: SimInstance) -> None:
+        plan, inst.plan = inst.plan, None
+        finished = inst.scheduler.on_step_done(plan, now)
+        self._unfinished -= len(finished)
+        self._kick(inst, now)
+
+    def _at_boundary(self, inst: SimInstance, now: float, action: Callable[[float], None]) -> None:
+        if inst.busy:
+            inst.boundary.append(action)
+        else:
+            action(now)
+            self._kick(inst, now)
+
+    def _on_pair_tick(self, now: float, _: object) -> None:
+        for src_id, dst_id in self.gs.pairing.pairs(self._loads()):
+            src, dst = self.instances[src_id], self.instances[dst_id]
+            req = src.llumlet.pick_migration_candidate()
+            if req is None:
+                continue
+            mig = Migration(next(self._mig_ids), req, src.llumlet, dst.llumlet, self.config.migration)
+            self.migrations.append(mig)
+            # Claim the concurrency slots now so that the next tick does not pair these instances again.
+            src.llumlet.migrations_out += 1
+            dst.llumlet.migrations_in += 1
+            self._at_boundary(src, now, lambda t, m=mig: self._start_migration(m, t))
+        if self._unfinished > 0:
+            self._push(now + self.config.system.pairing_interval_s, PAIR_TICK)
+
+    def _start_migration(self, mig: Migration, now: float) -> None:
+        mig.src.migrations_out -= 1
+        mig.dst.migrations_in -= 1
+        self._after_stage(mig, mig.start(now), now)
+
+    def _after_stage(self, mig: Migration, stage, now: float) -> None:
+        if stage is not None:
+            self._push(now + self.profile.migration_stage_time_s(len(stage.src_blocks)), STAGE_DONE, mig)
+            return
+        # Committed or aborted: both instances may have new work (adopted request, unfrozen request, freed blocks).
+        for iid in (mig.src.instance_id, mig.dst.instance_id):
+            self._kick(self.instances[iid], now)
+
+    def _on_stage_done(self, now: float, mig: Migration) -> None:
+        src = self.instances[mig.src.instance_id]
+        dst = self.instances[mig.dst.instance_id]
+        if dst.stop_s is not None and not mig.done:
+            mig.abort(now, "destination stopped")
+        if mig.done:
+            self._after_stage(mig, None, now)
+            return
+        self._at_boundary(src, now, lambda t: self._after_stage(mig, mig.end_stage(t), t))
+
+    def _on_scale_tick(self, now: float, _: object) -> None:
+        scaler = self.gs.scaler
+        starting = sum(1 for i in self.instances.values() if not i.ready and i.stop_s is None)
+        decision = scaler.decide(self._loads(), starting)
+        for _ in range(decision.start):
+            self._launch(now, now + scaler.config.startup_delay_s)
+        if decision.drain is not None:
+            inst = self.instances[decision.drain]
+            inst.llumlet.draining = True
+            for req in inst.scheduler.take_waiting():
+                self._dispatch(req, now)
+            self._maybe_stop(inst, now)
+        if self._unfinished > 0:
+            self._push(now + scaler.config.check_interval_s, SCALE_TICK)
+
+    def _on_ready(self, now: float, inst: SimInstance) -> None:
+        self._make_ready(inst)
+
+    def _maybe_stop(self, inst: SimInstance, now: float) -> None:
+        ll = inst.llumlet
+        if ll.draining and inst.scheduler.num_requests == 0 and ll.migrations_in == 0 and ll.migrations_out == 0:
+            inst.stop_s = now
+            ll.blocks.check()
+
+    def _on_sample(self, now: float, _: object) -> None:
+        self._sample(now)
+        if self._unfinished > 0:
+            self._push(now + self.config.sample_interval_s, SAMPLE)
+
+    def _sample(self, now: float) -> None:
+        live = self._live()
+        if not live:
+            return
+        total_blocks = sum(i.llumlet.blocks.num_blocks for i in live)
+        free = {i.instance_id: i.llumlet.blocks.num_free_blocks - i.llumlet.blocks.watermark_blocks for i in live}
+        cluster_free = sum(max(0, f) for f in free.values())
+        max_free = max(free.values())
+        fragmented = any(
+            i.scheduler.waiting
+            and not i.llumlet.draining
+            and free[i.instance_id] < (d := i.scheduler.head_demand_blocks())
+            and cluster_free >= d
+            and max_free < d
+            for i in live
+        )
+        frag = cluster_free / total_blocks if fragmented else 0.0
+        for i in live:
+            ld = i.llumlet.load()
+            self.samples.append(
+                {
+                    "time_s": now,
+                    "instance_id": i.instance_id,
+                    "running": ld.num_running,
+                    "waiting": ld.num_waiting,
+                    "used_blocks": i.llumlet.blocks.num_used_blocks,
+                    "free_blocks": ld.num_free_blocks,
+                    "freeness": ld.freeness if math.isfinite(ld.freeness) else float("nan"),
+                    "draining": ld.draining,
+                    "fragmentation": frag,
+                }
+            )
+
+
+def simulate(requests: Iterable[Request], profile, config: SimConfig | None = None, progress=None) -> SimResult:
+    return Simulator(requests, profile, config).run(progress)
+
+
+def _committed(m: Migration) -> bool:
+    return m.phase is MigrationPhase.COMMITTED
