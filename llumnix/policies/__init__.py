@@ -5,7 +5,7 @@ Policies see only ``InstanceLoad`` reports: they never know whether a simulator 
 
 from llumnix.policies.dispatch import DISPATCH_POLICIES, DispatchPolicy, make_dispatch_policy
 from llumnix.policies.pairing import PAIRING_POLICIES, PairingPolicy, make_pairing_policy
-from llumnix.policies.scaling import ScalingConfig, ScalingDecision, Scaler
+from llumnix.policies.scaling import Scaler, ScalingConfig, ScalingDecision
 
 __all__ = [
     "DISPATCH_POLICIES",

@@ -16,12 +16,13 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FORMAT_VERSION = 1
 _PROFILE_SUFFIX = ".json"
@@ -111,11 +112,88 @@ class BlockingCopyFit(NamedTuple):
     per_token_s: float
 
 
+class StepTimeModel:
+    """Fitted costs of one instance, as plain floats: each call is a few float operations (no numpy, no pydantic).
+
+    Times of steps include step_overhead_s; fits (prefill, decode) describe the forward alone.
+    """
+
+    __slots__ = (
+        "prefill",
+        "decode",
+        "blocking_copy",
+        "step_overhead_s",
+        "migration_stage_overhead_s",
+        "migration_s_per_block",
+        "_pa",
+        "_pb",
+        "_pc",
+        "_d0",
+        "_d1",
+        "_d2",
+    )
+
+    def __init__(
+        self,
+        *,
+        prefill: PrefillFit,
+        decode: DecodeFit,
+        blocking_copy: BlockingCopyFit,
+        step_overhead_s: float,
+        migration_stage_overhead_s: float,
+        migration_s_per_block: float,
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.blocking_copy = blocking_copy
+        self.step_overhead_s = step_overhead_s
+        self.migration_stage_overhead_s = migration_stage_overhead_s
+        self.migration_s_per_block = migration_s_per_block
+        self._pa = step_overhead_s + prefill.fixed_s
+        self._pb = prefill.per_token_s
+        self._pc = prefill.per_sq_token_s
+        self._d0 = step_overhead_s + decode.fixed_s
+        self._d1 = decode.per_seq_s
+        self._d2 = decode.per_context_token_s
+
+    def prefill_time_s(self, seq_lens: Iterable[int]) -> float:
+        total = 0
+        sum_sq = 0
+        for n in seq_lens:
+            total += n
+            sum_sq += n * n
+        if total == 0:
+            return 0.0
+        return self._pa + self._pb * total + self._pc * sum_sq
+
+    def decode_time_s(self, batch_size: int, total_context_tokens: int) -> float:
+        if batch_size <= 0:
+            return 0.0
+        return self._d0 + self._d1 * batch_size + self._d2 * total_context_tokens
+
+    def migration_stage_time_s(self, num_blocks: int) -> float:
+        return self.migration_stage_overhead_s + num_blocks * self.migration_s_per_block
+
+    def blocking_copy_time_s(self, num_tokens: int) -> float:
+        fit = self.blocking_copy
+        return fit.fixed_s + fit.per_token_s * num_tokens
+
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"StepTimeModel(prefill={self.prefill}, decode={self.decode}, blocking_copy={self.blocking_copy})"
+
+
 class Profile(BaseModel):
     """Costs of one LLM instance (one model on one device); see the module docstring and README.md.
 
     ``prefill_time_s`` and ``decode_time_s`` return the whole step's wall time, *including* ``step_overhead_s``:
-    callers must not add the overhead again. Immutable: the fit is computed once in validation; build a changed
+    callers must not add the overhead again. Immutable: the tables are fitted once, at construction; build a changed
     profile with ``model_copy(update=...)`` (re-validated and re-fitted) or ``Profile(**fields)``.
     """
 
@@ -161,18 +239,6 @@ class Profile(BaseModel):
         description="optional stop-the-world copies of a whole KV cache; empty means one migration stage",
     )
 
-    _prefill_fit: PrefillFit = PrivateAttr()
-    _decode_fit: DecodeFit = PrivateAttr()
-    _blocking_copy_fit: BlockingCopyFit = PrivateAttr()
-    # Hot-path constants, flattened out of the fits so each call is a few float operations.
-    _pa: float = PrivateAttr()
-    _pb: float = PrivateAttr()
-    _pc: float = PrivateAttr()
-    _d0: float = PrivateAttr()
-    _d1: float = PrivateAttr()
-    _d2: float = PrivateAttr()
-    _migration_s_per_block: float = PrivateAttr()
-
     @model_validator(mode="after")
     def _check_consistency(self) -> Profile:
         if self.format_version != FORMAT_VERSION:
@@ -188,77 +254,77 @@ class Profile(BaseModel):
         return self
 
     def model_post_init(self, context: Any, /) -> None:
-        pf = _fit_prefill(self.prefill)
-        df = _fit_decode(self.decode)
-        self._prefill_fit = pf
-        self._decode_fit = df
-        self._migration_s_per_block = self.block_size * self.kv_bytes_per_token / self.migration_bandwidth_bytes_per_s
-        if self.blocking_copy:
-            self._blocking_copy_fit = _fit_blocking_copy(self.blocking_copy)
-        else:
-            per_token_s = self.kv_bytes_per_token / self.migration_bandwidth_bytes_per_s
-            self._blocking_copy_fit = BlockingCopyFit(self.migration_stage_overhead_s, per_token_s)
-        self._pa = self.step_overhead_s + pf.fixed_s
-        self._pb = pf.per_token_s
-        self._pc = pf.per_sq_token_s
-        self._d0 = self.step_overhead_s + df.fixed_s
-        self._d1 = df.per_seq_s
-        self._d2 = df.per_context_token_s
+        _ = self.step_time_model  # fit now, so a bad table fails at load rather than mid-simulation
 
-    # ------------------------------------------------------------------ hot path
+    @cached_property
+    def step_time_model(self) -> StepTimeModel:
+        """The fitted cost functions as a plain slotted object; hot loops may hold it and call it directly."""
+        if self.blocking_copy:
+            copy_fit = _fit_blocking_copy(self.blocking_copy)
+        else:
+            copy_fit = BlockingCopyFit(
+                self.migration_stage_overhead_s, self.kv_bytes_per_token / self.migration_bandwidth_bytes_per_s
+            )
+        return StepTimeModel(
+            prefill=_fit_prefill(self.prefill),
+            decode=_fit_decode(self.decode),
+            blocking_copy=copy_fit,
+            step_overhead_s=self.step_overhead_s,
+            migration_stage_overhead_s=self.migration_stage_overhead_s,
+            migration_s_per_block=self.block_size * self.kv_bytes_per_token / self.migration_bandwidth_bytes_per_s,
+        )
+
+    # ------------------------------------------------------------------ cost functions
 
     def prefill_time_s(self, seq_lens: Iterable[int]) -> float:
         """Wall time of a prefill step over whole prompts of these lengths, step overhead included; 0 for none."""
-        total = 0
-        sum_sq = 0
-        for n in seq_lens:
-            total += n
-            sum_sq += n * n
-        if total == 0:
-            return 0.0
-        return self._pa + self._pb * total + self._pc * sum_sq
+        return self.step_time_model.prefill_time_s(seq_lens)
 
     def decode_time_s(self, batch_size: int, total_context_tokens: int) -> float:
         """Wall time of a decode step, step overhead included; 0 for an empty batch."""
-        if batch_size <= 0:
-            return 0.0
-        return self._d0 + self._d1 * batch_size + self._d2 * total_context_tokens
+        return self.step_time_model.decode_time_s(batch_size, total_context_tokens)
 
     def migration_stage_time_s(self, num_blocks: int) -> float:
         """Time of one migration stage moving num_blocks KV blocks: handshake overhead plus bytes over bandwidth."""
-        return self.migration_stage_overhead_s + num_blocks * self._migration_s_per_block
+        return self.step_time_model.migration_stage_time_s(num_blocks)
 
     def blocking_copy_time_s(self, num_tokens: int) -> float:
         """Time to copy a whole KV cache while the request is stopped (the naive alternative to live migration)."""
-        fit = self._blocking_copy_fit
-        return fit.fixed_s + fit.per_token_s * num_tokens
+        return self.step_time_model.blocking_copy_time_s(num_tokens)
 
     # ------------------------------------------------------------------ derived values
 
     @property
     def prefill_fit(self) -> PrefillFit:
         """Fitted forward-time coefficients of a prefill step (step overhead not included)."""
-        return self._prefill_fit
+        return self.step_time_model.prefill
 
     @property
     def decode_fit(self) -> DecodeFit:
         """Fitted forward-time coefficients of a decode step (step overhead not included)."""
-        return self._decode_fit
+        return self.step_time_model.decode
 
     @property
     def blocking_copy_fit(self) -> BlockingCopyFit:
         """Fitted blocking-copy line; without a blocking_copy table it is one migration stage over all tokens."""
-        return self._blocking_copy_fit
+        return self.step_time_model.blocking_copy
 
     @property
     def blocking_copy_bandwidth_bytes_per_s(self) -> float:
         """Effective bandwidth of the blocking copy (inf if the fit has no per-token cost)."""
-        per_token_s = self._blocking_copy_fit.per_token_s
+        per_token_s = self.blocking_copy_fit.per_token_s
         return math.inf if per_token_s == 0 else self.kv_bytes_per_token / per_token_s
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self.total_blocks * self.block_size
+
+    def __repr__(self) -> str:
+        kind = "reconstructed" if self.reconstructed else "measured"
+        return (
+            f"Profile(name={self.name!r}, device={self.device!r}, model={self.model!r}, {kind}, "
+            f"{len(self.prefill)} prefill / {len(self.decode)} decode points, {self.step_time_model!r})"
+        )
 
     # ------------------------------------------------------------------ I/O
 

@@ -208,7 +208,7 @@ class Simulator:
             actions, inst.boundary = inst.boundary, []
             for act in actions:
                 act(now)
-            if inst.boundary:
+            if inst.boundary or inst.busy:  # an action queued more work, or kicked this instance itself
                 continue
             plan = inst.scheduler.schedule(now)
             if plan is None:

@@ -1,0 +1,140 @@
+"""The ``llumnix`` command line. The workflow calls exactly these commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="llumnix")
+def main(verbose: int) -> None:
+    """Llumnix reproduction: traces, the simulated cluster, the real engine and the serving cluster."""
+    _setup_logging(verbose)
+
+
+# -- trace --------------------------------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.option("--workload", required=True, help="S-S, M-M, L-L, S-L, L-S (input-output lengths), sharegpt or burstgpt.")
+@click.option("--rate", type=float, required=True, help="Mean arrival rate in requests per second.")
+@click.option("--num-requests", type=int, default=10_000, help="Number of requests in the trace.")
+@click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson", help="Arrival process.")
+@click.option("--cv", type=float, default=1.0, help="Coefficient of variation of Gamma inter-arrival times.")
+@click.option("--priority-fraction", type=float, default=0.0, help="Fraction of requests marked high priority.")
+@click.option(
+    "--dataset",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Real ShareGPT JSON / BurstGPT CSV to sample lengths from (default: the built-in matching generators).",
+)
+@click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output file: CSV, or Parquet when it ends in .parquet.")
+def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, seed, output) -> None:
+    """Generate a request trace (arrival_s, prompt_tokens, output_tokens, priority)."""
+    from llumnix.workload import make_trace, write_trace
+
+    try:
+        df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
+                        priority_fraction=priority_fraction, dataset_path=dataset)
+        write_trace(df, output)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {len(df)} requests to {output}", err=True)
+
+
+# -- simulate -----------------------------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Trace file written by `llumnix trace` (CSV or Parquet).")
+@click.option("--policy", default="llumnix", help="System: round-robin, infaas++ or llumnix.")
+@click.option("--instances", type=int, default=16, help="Instances (the initial number with --autoscale).")
+@click.option("--profile", "profile_name", default="a10-llama-7b", help="Step-time profile: a packaged name or a JSON path.")
+@click.option("--seed", type=int, default=0, help="Seed recorded with the run (the simulation itself is deterministic).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory for requests.parquet, instances.parquet, migrations.parquet, summary.json.")
+@click.option("--no-migration", is_flag=True, help="Disable migration (Llumnix dispatch only).")
+@click.option("--migration-threshold", type=float, default=3.0,
+              help="Freeness below which an instance is a migration source and above which a destination.")
+@click.option("--pairing-interval", type=float, default=0.1, help="Seconds between migration pairing rounds.")
+@click.option("--last-stage-blocks", type=int, default=2, help="Blocks left at which migration stops and copies.")
+@click.option("--priorities", is_flag=True, help="Honour request priorities (headroom, queue jumping, no migration).")
+@click.option("--high-priority-kv-tokens", type=int, default=1600,
+              help="KV tokens an instance serving high priority keeps usable (the rest is reserved headroom).")
+@click.option("--queued-demand", type=click.Choice(["all", "head"]), default="all",
+              help="Virtual usage of queued requests: all of them (artifact) or the head of line only (Algorithm 1).")
+@click.option("--autoscale", is_flag=True, help="Auto-scale the number of instances on average freeness.")
+@click.option("--scale-up", type=float, default=10.0, help="Start an instance when average freeness drops below this.")
+@click.option("--scale-down", type=float, default=60.0, help="Drain an instance when average freeness exceeds this.")
+@click.option("--min-instances", type=int, default=1, help="Auto-scaling lower bound.")
+@click.option("--max-instances", type=int, default=16, help="Auto-scaling upper bound.")
+@click.option("--initial-instances", type=int, default=None, help="Instances at start with --autoscale (default: --instances).")
+@click.option("--scale-interval", type=float, default=10.0, help="Seconds between auto-scaling checks.")
+@click.option("--startup-delay", type=float, default=5.0, help="Seconds before a started instance takes requests.")
+@click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance timeline samples.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migration, migration_threshold,
+             pairing_interval, last_stage_blocks, priorities, high_priority_kv_tokens, queued_demand, autoscale,
+             scale_up, scale_down, min_instances, max_instances, initial_instances, scale_interval, startup_delay,
+             sample_interval, progress) -> None:
+    """Simulate a cluster serving a trace, driving the real scheduling code in virtual time."""
+    from llumnix.core.migration import MigrationConfig
+    from llumnix.policies.scaling import ScalingConfig
+    from llumnix.policies.system import SystemConfig
+    from llumnix.profiles import Profile
+    from llumnix.sim.run import run_simulation
+    from llumnix.sim.simulator import SimConfig
+    from llumnix.workload import read_trace
+
+    try:
+        profile = Profile.load(profile_name)
+        df = read_trace(trace_path)
+        scaling = None
+        if autoscale:
+            scaling = ScalingConfig(scale_up=scale_up, scale_down=scale_down, min_instances=min_instances,
+                                    max_instances=max_instances, check_interval_s=scale_interval,
+                                    startup_delay_s=startup_delay)
+            instances = initial_instances if initial_instances is not None else instances
+            if not min_instances <= instances <= max_instances:
+                _fail(f"--initial-instances ({instances}) must lie within [--min-instances, --max-instances]")
+        system = SystemConfig(policy=policy, migration=not no_migration, migration_threshold=migration_threshold,
+                              pairing_interval_s=pairing_interval, priorities=priorities, autoscale=scaling)
+        config = SimConfig(num_instances=instances, system=system,
+                           migration=MigrationConfig(last_stage_max_blocks=last_stage_blocks),
+                           queued_demand=queued_demand, high_priority_kv_tokens=high_priority_kv_tokens,
+                           sample_interval_s=sample_interval, seed=seed)
+        summary = run_simulation(df, profile, config, out_dir, progress=progress and sys.stderr.isatty())
+    except ValueError as e:
+        _fail(str(e))
+    keys = ("finished", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s", "preemptions", "migrations",
+            "avg_instances")
+    click.echo(json.dumps({k: summary[k] for k in keys}), err=True)
+
+
+def _register_extensions() -> None:
+    from llumnix.analysis.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_extensions()
+
+if __name__ == "__main__":
+    main()

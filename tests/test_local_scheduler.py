@@ -1,0 +1,122 @@
+from llumnix.core.block_manager import BlockManager
+from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind
+from llumnix.core.request import HIGH, Request, RequestStatus
+
+
+def make(num_blocks=20, watermark=0.0, **cfg):
+    return LocalScheduler(BlockManager(num_blocks, 16, watermark), SchedulerConfig(**cfg))
+
+
+def run_until_done(s: LocalScheduler, limit=10_000):
+    finished, t = [], 0.0
+    for _ in range(limit):
+        plan = s.schedule(t)
+        if plan is None:
+            break
+        t += 1.0
+        finished += s.on_step_done(plan, t)
+    return finished
+
+
+def test_prefill_first_then_decode_and_finish():
+    s = make()
+    s.add_request(Request(0, 0.0, 20, 3))
+    s.add_request(Request(1, 0.1, 10, 2))
+    plan = s.schedule(0.0)
+    assert plan.kind is StepKind.PREFILL and [r.request_id for r in plan.requests] == [0, 1]
+    assert plan.prefill_tokens == [20, 10]
+    s.on_step_done(plan, 1.0)
+    plan = s.schedule(1.0)
+    assert plan.kind is StepKind.DECODE and len(plan.requests) == 2
+    done = s.on_step_done(plan, 2.0)
+    assert [r.request_id for r in done] == [1]
+    assert done[0].first_token_s == 1.0 and done[0].finish_s == 2.0 and done[0].status is RequestStatus.FINISHED
+    run_until_done(s)
+    assert s.blocks.num_free_blocks == 20 and s.num_requests == 0
+
+
+def test_prefill_bounded_by_batched_tokens_and_seqs():
+    s = make(num_blocks=100, max_batched_tokens=50, max_num_seqs=2)
+    for i in range(4):
+        s.add_request(Request(i, i, 20, 5))
+    plan = s.schedule(0)
+    assert [r.request_id for r in plan.requests] == [0, 1]  # 2 seqs max (3 would fit 60 > 50 tokens anyway)
+    s.on_step_done(plan, 1)
+    assert s.schedule(1).kind is StepKind.DECODE  # max_num_seqs reached: no more prefills
+
+
+def test_watermark_blocks_admission():
+    s = make(num_blocks=100, watermark=0.1)  # 10 blocks held back from admission
+    s.add_request(Request(0, 0, 16 * 89 + 1, 5))  # 90 blocks: exactly the usable pool
+    s.add_request(Request(1, 1, 16, 5))
+    plan = s.schedule(0)
+    assert [r.request_id for r in plan.requests] == [0]  # the second would dip into the watermark
+
+
+def test_preempts_most_recent_arrival_by_recompute_to_head_of_queue():
+    s = make(num_blocks=4)  # 64 tokens
+    a, b = Request(0, 0.0, 16, 40), Request(1, 1.0, 16, 40)
+    s.add_request(a)
+    s.add_request(b)
+    c = Request(2, 2.0, 16, 5)
+    t = 0.0
+    plan = s.schedule(t)
+    s.on_step_done(plan, t := t + 1)  # both prefilled, 1 block each, seq_len 17 each
+    s.add_request(c)  # queued behind: only... let it be admitted
+    plan = s.schedule(t)
+    assert plan.kind is StepKind.PREFILL and plan.requests == [c]
+    s.on_step_done(plan, t := t + 1)
+    # Now 3 blocks used. Decode: a and b both need a 2nd block (seq_len 17), c none (17 > 16 also needs one).
+    plan = s.schedule(t)
+    assert plan.kind is StepKind.DECODE
+    assert plan.preempted  # someone was preempted: the most recently arrived first
+    assert plan.preempted[0] is c
+    assert s.waiting[0] is c and c.status is RequestStatus.WAITING and c.preemptions_s == [t]
+    assert c.num_generated == 1  # kept: it is recomputed with its output on the next prefill
+    s.on_step_done(plan, t := t + 1)
+    done = run_until_done(s)
+    assert {r.request_id for r in done} == {0, 1, 2}
+    assert c.prefill_starts_s[-1] > c.preemptions_s[0]
+    s.blocks.check()
+    assert s.blocks.num_free_blocks == 4
+
+
+def test_recompute_prefill_includes_generated_tokens():
+    s = make(num_blocks=3)
+    a, b = Request(0, 0.0, 16, 30), Request(1, 1.0, 15, 30)
+    s.add_request(a)
+    s.add_request(b)
+    s.on_step_done(s.schedule(0), 1)
+    for t in range(2, 40):
+        plan = s.schedule(t)
+        if plan.preempted:
+            victim = plan.preempted[0]
+            assert victim is b
+            gen = victim.num_generated
+            s.on_step_done(plan, t)
+            break
+        s.on_step_done(plan, t)
+    run = run_until_done(s)
+    assert b in run
+    assert b.prefill_starts_s and len(b.prefill_ends_s) == 2
+    assert gen >= 1
+
+
+def test_high_priority_jumps_queue_only_with_priorities():
+    for enable, expected in ((True, [2, 0, 1]), (False, [0, 1, 2])):
+        s = make(num_blocks=100, enable_priorities=enable, max_num_seqs=1)
+        s.add_request(Request(0, 0, 10, 2))
+        s.add_request(Request(1, 1, 10, 2))
+        s.add_request(Request(2, 2, 10, 2, priority=HIGH))
+        assert [r.request_id for r in s.waiting] == expected
+
+
+def test_freeze_unfreeze_release_adopt():
+    s = make(num_blocks=10)
+    r = Request(0, 0, 20, 10)
+    s.add_request(r)
+    s.on_step_done(s.schedule(0), 1)
+    s.freeze(r)
+    assert s.schedule(1) is None and r.status is RequestStatus.FROZEN
+    s.unfreeze(r)
+    assert s.schedule(1).requests == [r]
