@@ -128,10 +128,11 @@ def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migr
 
 
 def _register_extensions() -> None:
-    from llumnix.analysis.cli import COMMANDS
+    import importlib
 
-    for command in COMMANDS:
-        main.add_command(command)
+    for module in ("llumnix.analysis.cli", "llumnix.bench.cli", "llumnix.runtime.cli"):
+        for command in importlib.import_module(module).COMMANDS:
+            main.add_command(command)
 
 
 _register_extensions()

@@ -164,25 +164,32 @@ class LocalScheduler:
     def _schedule_decode(self, now: float) -> StepPlan | None:
         if not self.running:
             return None
+        bm = self.blocks
+        bs = bm.block_size
+        # Fast path (almost every step): the requests that cross a block boundary all get a block.
+        need = [r for r in self.running if bm.num_blocks_of(r.request_id) * bs < r.prompt_tokens + r.num_generated]
+        if len(need) <= bm.num_free_blocks:
+            for r in need:
+                bm.append_slot(r.request_id, r.seq_len)
+            return StepPlan(StepKind.DECODE, list(self.running))
         preempted: list[Request] = []
-        queue = list(self.running)
+        queue = deque(self.running)
         kept: list[Request] = []
-        bs = self.blocks.block_size
         while queue:
-            req = queue.pop(0)
-            needs_block = self.blocks.num_blocks_of(req.request_id) * bs < req.seq_len
-            while needs_block and not self.blocks.can_append_slot():
+            req = queue.popleft()
+            needs_block = bm.num_blocks_of(req.request_id) * bs < req.seq_len
+            while needs_block and not bm.can_append_slot():
                 victim = queue.pop() if queue else req
                 self._preempt(victim, now)
                 preempted.append(victim)
                 if victim is req:
                     break
             else:
-                self.blocks.append_slot(req.request_id, req.seq_len)
+                bm.append_slot(req.request_id, req.seq_len)
                 kept.append(req)
         self.running = kept
-        if not kept:
-            return StepPlan(StepKind.DECODE, [], preempted=preempted) if preempted else None
+        if not kept and not preempted:
+            return None
         return StepPlan(StepKind.DECODE, list(kept), preempted=preempted)
 
     def _preempt(self, req: Request, now: float) -> None:

@@ -185,10 +185,12 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    init_std: float = 0.02,
 ) -> LlamaForCausalLM:
     """Allocate uninitialised weights directly on `device` in `dtype`, then fill them from a seeded generator there.
 
+    Linear weights ~ N(0, 1/fan_in) (std 0.016 at LLaMA-7B's 4096, i.e. the usual ~0.02), embeddings ~ N(0, 1),
+    norms = 1. A flat 0.02 would leave a small model's attention near uniform and its embeddings swamped, and greedy
+    decoding would repeat one token; this keeps outputs varied and context-dependent, which the tests rely on.
     Same seed + device type + dtype -> same weights (CPU and CUDA generators differ). On the meta device nothing is
     allocated or initialised (useful to size a model).
     """
@@ -207,5 +209,5 @@ def build_model(
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, init_std, generator=gen)
+                p.normal_(0.0, 1.0 if name.startswith("embed_tokens") else p.shape[1] ** -0.5, generator=gen)
     return model

@@ -1,0 +1,118 @@
+"""Executors turn a ``StepPlan`` into one next token per request. Everything above them does not care which:
+
+- ``TorchExecutor``: the paged-KV LLaMA model (CPU or CUDA);
+- ``ProfileExecutor``: no model, the step takes its profiled time (sleeping), tokens are a deterministic function
+  of (request, position) so that continuity across migrations stays checkable. Used by the scheduler benchmark
+  and by tests of the real runtime that need no torch work.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from llumnix.core.local_scheduler import StepKind, StepPlan
+from llumnix.core.request import Request
+
+
+def prompt_ids_for(req: Request, vocab_size: int) -> list[int]:
+    """The request's prompt tokens; a trace gives only lengths, so draw them deterministically from its id."""
+    if req.prompt_token_ids is None:
+        rng = np.random.default_rng(req.request_id)
+        req.prompt_token_ids = rng.integers(0, vocab_size, req.prompt_tokens).tolist()
+    return req.prompt_token_ids
+
+
+class Executor(ABC):
+    block_size: int
+    num_blocks: int
+
+    @abstractmethod
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run the step; return the next token of each request in ``plan.requests`` (same order)."""
+
+    @abstractmethod
+    def read_blocks(self, block_ids: list[int]) -> Any:
+        """The KV payload of these blocks (all layers), for a migration stage."""
+
+    @abstractmethod
+    def write_blocks(self, block_ids: list[int], payload: Any) -> None:
+        """Write a payload read from another executor into these blocks."""
+
+
+class TorchExecutor(Executor):
+    def __init__(self, model: str = "tiny", num_blocks: int = 256, block_size: int = 16, device: str = "cpu",
+                 dtype: str = "float32", seed: int = 0) -> None:
+        import torch
+
+        from llumnix.engine.runner import ModelRunner
+
+        self.torch = torch
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.runner = ModelRunner(model, num_blocks, block_size, device=device, dtype=getattr(torch, dtype), seed=seed)
+        self.vocab_size = self.runner.config.vocab_size
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        from llumnix.engine.runner import SeqInput
+
+        tables = self.block_tables
+        if plan.kind is StepKind.PREFILL:
+            seqs = [
+                SeqInput(prompt_ids_for(r, self.vocab_size) + r.output_token_ids, 0, tables(r.request_id))
+                for r in plan.requests
+            ]
+            return self.runner.prefill(seqs)
+        seqs = [SeqInput([r.output_token_ids[-1]], r.seq_len - 1, tables(r.request_id)) for r in plan.requests]
+        return self.runner.decode(seqs)
+
+    def block_tables(self, request_id: int) -> list[int]:
+        return self._tables(request_id)
+
+    def bind(self, block_manager) -> None:
+        """Block tables live in the instance's BlockManager; the executor only reads them."""
+        self._tables = block_manager.table
+
+    def read_blocks(self, block_ids: list[int]) -> Any:
+        return self.runner.kv_cache.read_blocks(block_ids)
+
+    def write_blocks(self, block_ids: list[int], payload: Any) -> None:
+        self.runner.kv_cache.write_blocks(block_ids, payload)
+
+    def synchronize(self) -> None:
+        if self.runner.device.type == "cuda":
+            self.torch.cuda.synchronize(self.runner.device)
+
+
+def synthetic_token(request_id: int, position: int, vocab_size: int = 32_000) -> int:
+    return (request_id * 1_000_003 + position * 7_919) % vocab_size
+
+
+class ProfileExecutor(Executor):
+    """Steps take the profile's time (``speed`` > 1 runs faster than real time); no KV data moves."""
+
+    def __init__(self, profile, speed: float = 1.0, sleep=time.sleep) -> None:
+        self.profile = profile
+        self.num_blocks, self.block_size = profile.total_blocks, profile.block_size
+        self.speed = speed
+        self.sleep = sleep
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        if plan.kind is StepKind.PREFILL:
+            return self.profile.prefill_time_s(plan.prefill_tokens)
+        return self.profile.decode_time_s(len(plan.requests), plan.context_tokens)
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        self.sleep(self.step_time_s(plan) / self.speed)
+        return [synthetic_token(r.request_id, r.seq_len) for r in plan.requests]
+
+    def bind(self, block_manager) -> None:
+        pass
+
+    def read_blocks(self, block_ids: list[int]) -> Any:
+        return len(block_ids)
+
+    def write_blocks(self, block_ids: list[int], payload: Any) -> None:
+        pass
