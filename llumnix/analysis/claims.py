@@ -77,7 +77,7 @@ class ClaimSpec(_Strict):
     where: dict[str, list[Any]] = Field(default_factory=dict, description="Keep rows whose column is in the list.")
     pair_on: list[str] | None = Field(None, description="Columns that identify a point (default: trace, rate, sweep_value).")
     over: Literal["max", "mean", "min"] = "max"
-    paper: float
+    paper: float | None = Field(description="The paper's number (null for a qualitative claim).")
     paper_text: str
     unit: Literal["x", "%", "s", "ms", ""] = "x"
     reproduced: Band
@@ -89,7 +89,7 @@ class ClaimSpec(_Strict):
         needs_baseline = self.kind != "value"
         if needs_baseline and (self.baseline is None or self.system is None):
             raise ValueError(f"kind {self.kind} needs both baseline and system")
-        if not self.reproduced.contains(self.paper):
+        if self.paper is not None and not self.reproduced.contains(self.paper):
             raise ValueError(f"the paper's own value {self.paper} lies outside the 'reproduced' band")
         return self
 
@@ -255,9 +255,13 @@ def evaluate(spec: ClaimSpec, data: pd.DataFrame | None) -> dict:
     if data is None or data.empty:
         row["note"] = (spec.note + " " if spec.note else "") + f"No data for {spec.experiment}."
         return row
-    values = per_seed_values(data, spec)
+    try:
+        values = per_seed_values(data, spec)
+        row["scale"] = describe_scale(_filter(data, spec.where))
+    except ValueError as e:
+        row["note"] = (spec.note + " " if spec.note else "") + f"Cannot compute from {spec.experiment}'s data: {e}."
+        return row
     finite = values.dropna()
-    row["scale"] = describe_scale(_filter(data, spec.where))
     row["seeds"] = int(len(finite))
     if len(finite):
         row.update(
