@@ -37,11 +37,11 @@ def test_freeness_dispatch_highest_and_skips_draining():
 
 def test_priority_aware_dispatch():
     d = make_dispatch_policy("freeness")
-    loads = [load(0, -10, high=1, fh=30), load(1, 50), load(2, 40)]
+    loads = [load(0, 5, high=1, fh=300), load(1, 50), load(2, 40)]
     assert d.choose(req(priority=HIGH), loads) == 0  # prefers an instance already serving high priority
     assert d.choose(req(), loads) == 1  # normal avoids it
-    loads = [load(0, -10, high=1, fh=-1), load(1, 50)]
-    assert d.choose(req(priority=HIGH), loads) == 1  # unless it has no room
+    loads = [load(0, -1, high=1, fh=300), load(1, 50, fh=50)]
+    assert d.choose(req(priority=HIGH), loads) == 1  # unless it has no room under its high-priority cap
 
 
 def test_pairing_lowest_source_with_highest_destination():

@@ -58,9 +58,13 @@ class HighestFreeness(DispatchPolicy):
     def choose(self, request: Request, loads: Sequence[InstanceLoad]) -> int:
         live = _eligible(loads)
         if request.is_high:
-            with_high = [ld for ld in live if ld.num_high > 0 and ld.freeness_high > 0]
-            pool = with_high or live
-            best = max(pool, key=lambda ld: (ld.freeness_high, -ld.instance_id))
+            # On an instance serving high priority, ``freeness`` is the room left under its high-priority KV cap.
+            with_high = [ld for ld in live if ld.num_high > 0 and ld.freeness > 0]
+            if with_high:
+                best = max(with_high, key=lambda ld: (ld.freeness, -ld.instance_id))
+            else:  # open a new high-priority instance: the one with the most room
+                pool = [ld for ld in live if ld.num_high == 0] or live
+                best = max(pool, key=lambda ld: (ld.freeness_high, -ld.instance_id))
         else:
             without_high = [ld for ld in live if ld.num_high == 0]
             pool = without_high or live
