@@ -1,0 +1,66 @@
+"""Workloads: arrival processes, token-length distributions (Table 1), dataset loaders and request traces."""
+
+from llumnix.workload.arrivals import ARRIVAL_PROCESSES, arrival_times, gamma_arrivals, poisson_arrivals
+from llumnix.workload.datasets import (
+    LengthPairs,
+    approx_token_count,
+    burstgpt,
+    load_burstgpt,
+    load_sharegpt,
+    sample_pairs,
+    sharegpt,
+)
+from llumnix.workload.lengths import (
+    LENGTH_CAP_TOKENS,
+    LONG,
+    MAX_TOTAL_TOKENS,
+    MEDIUM,
+    SHORT,
+    TABLE1,
+    LengthTargets,
+    PowerLawLengths,
+    QuantileLengths,
+    fit_box_cox_lambda,
+    fit_power_law,
+)
+from llumnix.workload.trace import (
+    TRACE_COLUMNS,
+    WORKLOADS,
+    TraceError,
+    high_priority_mask,
+    make_trace,
+    read_trace,
+    write_trace,
+)
+
+__all__ = [
+    "ARRIVAL_PROCESSES",
+    "LENGTH_CAP_TOKENS",
+    "LONG",
+    "MAX_TOTAL_TOKENS",
+    "MEDIUM",
+    "SHORT",
+    "TABLE1",
+    "TRACE_COLUMNS",
+    "WORKLOADS",
+    "LengthPairs",
+    "LengthTargets",
+    "PowerLawLengths",
+    "QuantileLengths",
+    "TraceError",
+    "approx_token_count",
+    "arrival_times",
+    "burstgpt",
+    "fit_box_cox_lambda",
+    "fit_power_law",
+    "gamma_arrivals",
+    "high_priority_mask",
+    "load_burstgpt",
+    "load_sharegpt",
+    "make_trace",
+    "poisson_arrivals",
+    "read_trace",
+    "sample_pairs",
+    "sharegpt",
+    "write_trace",
+]
