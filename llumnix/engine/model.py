@@ -2,7 +2,8 @@
 
 The model knows nothing about paging: each layer hands its rotated q/k/v to an ``attn`` callback chosen by the caller
 (the paged ModelRunner or the dense reference), so the same weights serve both. Module names follow Hugging Face's
-LlamaForCausalLM (minus its ``model.`` prefix) so weights can be copied across by name.
+LlamaForCausalLM (minus its ``model.`` prefix), except that q/k/v and gate/up are fused into ``qkv_proj`` and
+``gate_up_proj`` (fewer kernel launches per layer; HF weights are their concatenation).
 """
 
 from __future__ import annotations
@@ -57,11 +58,19 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2),
+    "tiny": ModelConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2
+    ),
     # ~10x the per-token compute of tiny: big enough for CPU step-time profiles to show batch/length effects.
-    "small": ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=10, num_heads=8, num_kv_heads=4),
-    "llama-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32),
-    "llama-30b": ModelConfig(vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, num_kv_heads=52),
+    "small": ModelConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=10, num_heads=8, num_kv_heads=4
+    ),
+    "llama-7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+    ),
+    "llama-30b": ModelConfig(
+        vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, num_kv_heads=52
+    ),
 }
 
 
@@ -78,41 +87,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, 1, head_dim] in fp32 for absolute positions [T] (half-split layout, as in HF LLaMA)."""
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, 1, head_dim] for absolute positions [T]: computed in fp32, then cast (half-split layout, as HF)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-    return emb.cos(), emb.sin()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[S, kv_heads, D] -> [S, heads, D]; query head h reads kv head h // (heads // kv_heads)."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    """[..., kv_heads, D] -> [..., heads, D]; query head h reads kv head h // (heads // kv_heads)."""
+    groups = num_heads // x.shape[-2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [Sq, H, D] are the last Sq positions of the Sk >= Sq keys k/v [Sk, KVH, D]; returns [Sq, H, D]."""
     sq, sk, heads = q.shape[0], k.shape[0], q.shape[1]
-    qt, kt, vt = q.transpose(0, 1), repeat_kv(k, heads).transpose(0, 1), repeat_kv(v, heads).transpose(0, 1)
+    # [1, heads, S, D]: the fused (flash / memory-efficient) SDPA kernels want 4-D inputs.
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, repeat_kv(k, heads), repeat_kv(v, heads)))
     if sq == sk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
     else:  # SDPA's is_causal aligns top-left; a cached prefix needs the diagonal shifted by its length.
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class Attention(nn.Module):
@@ -120,28 +129,25 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        return self.o_proj(attn(self.layer_idx, q, k, v).reshape(t, -1))
+        t, nq, nkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
+        q, k = apply_rope(qkv[:, : nq + nkv], cos, sin).split([nq, nkv], dim=1)
+        return self.o_proj(attn(self.layer_idx, q, k, qkv[:, nq + nkv :]).reshape(t, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -170,8 +176,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (call compute_logits on the rows you need)."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)
@@ -191,8 +197,8 @@ def build_model(
     Linear weights ~ N(0, 1/fan_in) (std 0.016 at LLaMA-7B's 4096, i.e. the usual ~0.02), embeddings ~ N(0, 1),
     norms = 1. A flat 0.02 would leave a small model's attention near uniform and its embeddings swamped, and greedy
     decoding would repeat one token; this keeps outputs varied and context-dependent, which the tests rely on.
-    Same seed + device type + dtype -> same weights (CPU and CUDA generators differ). On the meta device nothing is
-    allocated or initialised (useful to size a model).
+    Values are drawn in fp32 one tensor at a time and cast, so the same seed and device type give the same weights
+    in every dtype (CPU and CUDA generators differ). On the meta device nothing is allocated or initialised.
     """
     config = get_model_config(config) if isinstance(config, str) else config
     device = torch.device(device)
@@ -209,5 +215,6 @@ def build_model(
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 1.0 if name.startswith("embed_tokens") else p.shape[1] ** -0.5, generator=gen)
+                std = 1.0 if name.startswith("embed_tokens") else p.shape[1] ** -0.5
+                p.copy_(torch.empty(p.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen))
     return model

@@ -8,9 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from llumnix.engine.kv_cache import KVCachePool
-from llumnix.engine.model import LlamaForCausalLM, ModelConfig, build_model, causal_attention, get_model_config
+from llumnix.engine.model import (
+    LlamaForCausalLM,
+    ModelConfig,
+    build_model,
+    causal_attention,
+    get_model_config,
+    repeat_kv,
+)
 
 
 @dataclass
@@ -20,23 +29,20 @@ class SeqInput:
     block_table: list[int]  # must cover positions [0, start_pos + len(token_ids))
 
 
-def varlen_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_of_key: torch.Tensor) -> torch.Tensor:
-    """One query per sequence against its own keys, without padding.
-
-    q [B, H, D]; k, v [N, KVH, D]: the keys of all sequences concatenated; seq_of_key [N] (sorted) says whose each is.
-    Memory is O(N * H * D) however unequal the lengths (padding to the longest could cost B x max_len).
-    """
-    num_seqs, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    shape = (num_seqs, kv_heads, heads // kv_heads)
-    qk = q.float().view(*shape, dim)[seq_of_key]  # [N, KVH, G, D]
-    scores = torch.einsum("nkgd,nkd->nkg", qk, k.float()) * dim**-0.5
-    index = seq_of_key[:, None, None].expand_as(scores)
-    smax = torch.full(shape, float("-inf"), device=q.device).scatter_reduce(0, index, scores, "amax")
-    p = (scores - smax[seq_of_key]).exp()
-    denom = torch.zeros(shape, device=q.device).index_add_(0, seq_of_key, p)
-    out = torch.zeros(*shape, dim, device=q.device).index_add_(0, seq_of_key, p[..., None] * v.float()[:, :, None, :])
-    return (out / denom[..., None]).view(num_seqs, heads, dim).to(q.dtype)
+def group_by_length(lens: list[int], max_padding: float = 2.0) -> list[list[int]]:
+    """Split indices into groups, longest first, where padding every member to the group's longest costs at most
+    `max_padding` x the group's real length: decode pads within a group, so memory stays O(total tokens) even when
+    one long sequence shares the batch with many short ones."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lens)), key=lambda j: -lens[j]):
+        if groups and (len(groups[-1]) + 1) * lens[groups[-1][0]] <= max_padding * (total + lens[i]):
+            groups[-1].append(i)
+            total += lens[i]
+        else:
+            groups.append([i])
+            total = lens[i]
+    return groups
 
 
 class ModelRunner:
@@ -100,7 +106,7 @@ class ModelRunner:
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kv.write_slots(layer, slots, k, v)
             out = torch.empty_like(q)
-            for a, b, ctx in zip(starts, ends, prefix_slots):
+            for a, b, ctx in zip(starts, ends, prefix_slots, strict=True):
                 ks, vs = (k[a:b], v[a:b]) if ctx is None else kv.gather_slots(layer, ctx)
                 out[a:b] = causal_attention(q[a:b], ks, vs)
             return out
@@ -110,23 +116,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_logits(self, seqs: list[SeqInput]) -> torch.Tensor:
-        """Logits [B, vocab] (fp32) for one new token per sequence, attending to its whole paged KV history."""
+        """Logits [B, vocab] (fp32) for one new token per sequence, attending to its whole paged KV history.
+        Keys are gathered per length group (see group_by_length), padded and masked, then one SDPA call per group."""
         self._check(seqs)
         if any(len(s.token_ids) != 1 for s in seqs):
             raise ValueError("decode takes exactly one token per sequence")
-        kv = self.kv_cache
+        kv, lens = self.kv_cache, [s.start_pos + 1 for s in seqs]
         ids = self._tensor([s.token_ids[0] for s in seqs])
         positions = self._tensor([s.start_pos for s in seqs])
         slots = torch.cat([kv.slot_mapping(s.block_table, s.start_pos, 1) for s in seqs]).to(self.device)
-        ctx_slots = torch.cat([kv.slot_mapping(s.block_table, 0, s.start_pos + 1) for s in seqs]).to(self.device)
-        seq_of_key = torch.repeat_interleave(
-            torch.arange(len(seqs)), torch.tensor([s.start_pos + 1 for s in seqs])
-        ).to(self.device)
+        groups = []  # (sequence indices, padded slots [b, L], key mask [b, 1, 1, L])
+        for g in group_by_length(lens):
+            ctx = pad_sequence([kv.slot_mapping(seqs[i].block_table, 0, lens[i]) for i in g], batch_first=True)
+            mask = torch.arange(ctx.shape[1]) < torch.tensor([lens[i] for i in g])[:, None]
+            groups.append((self._tensor(g), ctx.to(self.device), mask[:, None, None, :].to(self.device)))
 
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kv.write_slots(layer, slots, k, v)
-            ks, vs = kv.gather_slots(layer, ctx_slots)
-            return varlen_decode_attention(q, ks, vs, seq_of_key)
+            out = torch.empty_like(q)
+            for idx, ctx, mask in groups:
+                ks, vs = (repeat_kv(x, q.shape[1]).transpose(1, 2) for x in kv.gather_slots(layer, ctx))
+                out[idx] = F.scaled_dot_product_attention(q[idx][:, :, None], ks, vs, attn_mask=mask)[:, :, 0]
+            return out
 
         return self.model.compute_logits(self.model(ids, positions, attn))
 
