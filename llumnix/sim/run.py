@@ -26,36 +26,28 @@ def requests_from_trace(df: pd.DataFrame) -> list[Request]:
     ]
 
 
+MIGRATION_COLUMNS = (
+    "migration_id", "request_id", "src", "dst", "start_s", "end_s", "stages", "blocks", "downtime_s", "committed",
+    "abort_reason",
+)
+
+
 def migration_table(result: SimResult) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "migration_id": m.migration_id,
-                "request_id": m.request.request_id,
-                "src": m.src.instance_id,
-                "dst": m.dst.instance_id,
-                "start_s": m.start_s,
-                "end_s": m.end_s,
-                "stages": len(m.stages),
-                "blocks": m.bytes_blocks,
-                "downtime_s": m.downtime_s,
-                "committed": m.phase is MigrationPhase.COMMITTED,
-                "abort_reason": m.abort_reason or "",
-            }
-            for m in result.migrations
-        ],
-        columns=[
-            "migration_id", "request_id", "src", "dst", "start_s", "end_s", "stages", "blocks", "downtime_s",
-            "committed", "abort_reason",
-        ],
-    )
+    rows = [
+        (
+            m.migration_id, m.request.request_id, m.src.instance_id, m.dst.instance_id, m.start_s, m.end_s,
+            len(m.stages), m.bytes_blocks, m.downtime_s, m.phase is MigrationPhase.COMMITTED, m.abort_reason or "",
+        )
+        for m in result.migrations
+    ]
+    return pd.DataFrame.from_records(rows, columns=list(MIGRATION_COLUMNS))
 
 
 def migration_summary(mig: pd.DataFrame, kv_bytes_per_block: int) -> dict:
-    done = mig[mig["committed"]]
+    done = mig.loc[mig["committed"].astype(bool)]
     return {
         "migration_attempts": int(len(mig)),
-        "migration_aborts": int((~mig["committed"]).sum()),
+        "migration_aborts": int(len(mig) - len(done)),
         "migration_downtime_mean_s": float(done["downtime_s"].mean()) if len(done) else 0.0,
         "migration_downtime_p99_s": float(done["downtime_s"].quantile(0.99)) if len(done) else 0.0,
         "migration_bytes": int(done["blocks"].sum()) * kv_bytes_per_block,
