@@ -75,7 +75,9 @@ class ClaimSpec(_Strict):
     baseline: str | None = None
     system: str | None = None
     where: dict[str, list[Any]] = Field(default_factory=dict, description="Keep rows whose column is in the list.")
-    pair_on: list[str] | None = Field(None, description="Columns that identify a point (default: trace, rate, sweep_value).")
+    pair_on: list[str] | None = Field(
+        None, description="Columns that identify a point (default: trace, rate, sweep_value)."
+    )
     over: Literal["max", "mean", "min"] = "max"
     paper: float | None = Field(description="The paper's number (null for a qualitative claim).")
     paper_text: str

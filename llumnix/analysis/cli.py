@@ -30,17 +30,28 @@ def _load(path: Path):
 @click.command(context_settings=CONTEXT)
 @_experiment_option
 @_scale_option
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              help="Directory that holds results/runs/ (the workflow's working directory).")
-@click.option("--measurements", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Measurement experiments: the CSV of measurements to normalise instead of simulation runs.")
-@click.option("--timeline", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the fragmentation-over-time table of every run (Fig 12) to this CSV.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output CSV: one row per run with its wildcards, trace and system options and summary keys.")
-def aggregate(experiment_path, scale, root, measurements, timeline, output) -> None:
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Directory that holds results/runs/ (the workflow's working directory).",
+)
+@click.option(
+    "--measurements",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Measurement experiments: the CSV of measurements to normalise instead of simulation runs.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output CSV: one row per run with its wildcards, trace and system options and summary keys.",
+)
+def aggregate(experiment_path, scale, root, measurements, output) -> None:
     """Collect an experiment's runs (summary.json of each) into one table."""
-    from llumnix.analysis.aggregate import aggregate_runs, fragmentation_timeline, load_measurements
+    from llumnix.analysis.aggregate import aggregate_runs, load_measurements
 
     exp = _load(experiment_path)
     try:
@@ -55,21 +66,60 @@ def aggregate(experiment_path, scale, root, measurements, timeline, output) -> N
     output.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(output, index=False)
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
-    if timeline is not None:
-        tl = fragmentation_timeline(exp, scale, root)
-        timeline.parent.mkdir(parents=True, exist_ok=True)
-        tl.to_csv(timeline, index=False)
-        click.echo(f"wrote {len(tl)} rows to {timeline}", err=True)
 
 
 @click.command(context_settings=CONTEXT)
 @_experiment_option
-@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="The experiment's data.csv (from `llumnix aggregate`).")
-@click.option("--timeline", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Fragmentation timeline CSV (timeline figures only).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Figure path; written as both .pdf and .png (the suffix given is replaced).")
+@_scale_option
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Directory that holds results/runs/ (the workflow's working directory).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output CSV: the cluster's fragmentation and free blocks at every sample of every run.",
+)
+def timeline(experiment_path, scale, root, output) -> None:
+    """Collect the fragmentation-over-time timelines of an experiment's runs (Fig 12)."""
+    from llumnix.analysis.aggregate import fragmentation_timeline
+
+    exp = _load(experiment_path)
+    try:
+        tl = fragmentation_timeline(exp, scale, root)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise click.ClickException(f"{exp.name}: {e}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tl.to_csv(output, index=False)
+    click.echo(f"wrote {len(tl)} rows to {output}", err=True)
+
+
+@click.command(context_settings=CONTEXT)
+@_experiment_option
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The experiment's data.csv (from `llumnix aggregate`).",
+)
+@click.option(
+    "--timeline",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Fragmentation timeline CSV (timeline figures only).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Figure path; written as both .pdf and .png (the suffix given is replaced).",
+)
 def plot(experiment_path, data_path, timeline, output) -> None:
     """Draw an experiment's figure from its aggregated data."""
     import pandas as pd
@@ -87,14 +137,34 @@ def plot(experiment_path, data_path, timeline, output) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--claims", "claims_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=Path("experiments/claims.yaml"), help="Claims and their tolerances.")
-@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              help="Directory holding <experiment>/data.csv.")
-@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("results/claims.md"), help="Markdown table to write.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("results/claims.csv"), help="CSV table to write.")
+@click.option(
+    "--claims",
+    "claims_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=Path("experiments/claims.yaml"),
+    help="Claims and their tolerances.",
+)
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results"),
+    help="Directory holding <experiment>/data.csv.",
+)
+@click.option(
+    "--markdown",
+    "md_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("results/claims.md"),
+    help="Markdown table to write.",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("results/claims.csv"),
+    help="CSV table to write.",
+)
 def claims(claims_path, results_dir, md_path, csv_path) -> None:
     """Compute every claim of the paper from the aggregated data and judge it against its tolerances."""
     from llumnix.analysis.claims import claims_table, load_claims, read_experiment_data, render_markdown
@@ -140,4 +210,4 @@ def experiments(directory, scale) -> None:
     click.echo(f"{len(specs)} claims", err=True)
 
 
-COMMANDS: list[click.Command] = [aggregate, plot, claims, experiments]
+COMMANDS: list[click.Command] = [aggregate, timeline, plot, claims, experiments]

@@ -113,7 +113,9 @@ class ScaleSpec(_Strict):
 
     num_requests: PositiveInt
     seeds: PositiveInt = Field(1, description="Number of seeds: runs use seeds 0 .. seeds-1.")
-    rates: Literal["all", "extremes"] = Field("all", description="'extremes': only each trace's lightest and heaviest rate.")
+    rates: Literal["all", "extremes"] = Field(
+        "all", description="'extremes': only each trace's lightest and heaviest rate."
+    )
     traces: list[str] | None = Field(None, description="Subset of the traces (default: all).")
     sweep_values: list[float] | None = Field(None, description="Subset of the sweep's values (default: all).")
 
@@ -130,6 +132,7 @@ class FigureSpec(_Strict):
     row_prefixes: list[str] = Field(
         default_factory=list, description="'lines': one row per prefix of the metric columns (e.g. high_, normal_)."
     )
+    log_metrics: list[str] = Field(default_factory=list, description="'lines': metrics drawn on a log y axis.")
     x: str | None = Field(None, description="'tradeoff' / 'bench': x column.")
     y: str | None = Field(None, description="'tradeoff' / 'bench': y column.")
     hue: str | None = Field(None, description="'bench': the column that names each line.")
@@ -148,8 +151,12 @@ class Experiment(_Strict):
     systems: dict[str, SystemSpec] = Field(default_factory=dict)
     sweep: SweepSpec | None = None
     scales: dict[str, ScaleSpec] = Field(default_factory=dict)
-    measurements: str | None = Field(None, description="measurement kind: the CSV of measurements, relative to the workdir.")
-    pending: str | None = Field(None, description="measurement kind: what produces the measurements (shown when absent).")
+    measurements: str | None = Field(
+        None, description="measurement kind: the CSV of measurements, relative to the workdir."
+    )
+    pending: str | None = Field(
+        None, description="measurement kind: what produces the measurements (shown when absent)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Experiment:
@@ -165,11 +172,15 @@ class Experiment(_Strict):
             raise ValueError("a simulation experiment needs at least one trace and one system")
         missing = [s for s in REQUIRED_SCALES if s not in self.scales]
         if missing:
-            raise ValueError(f"scales: missing {', '.join(missing)} (every experiment defines {', '.join(REQUIRED_SCALES)})")
+            raise ValueError(
+                f"scales: missing {', '.join(missing)} (every experiment defines {', '.join(REQUIRED_SCALES)})"
+            )
         for scale_name, scale in self.scales.items():
             unknown = sorted(set(scale.traces or ()) - set(self.traces))
             if unknown:
-                raise ValueError(f"scales.{scale_name}.traces: unknown trace(s) {unknown}; known: {sorted(self.traces)}")
+                raise ValueError(
+                    f"scales.{scale_name}.traces: unknown trace(s) {unknown}; known: {sorted(self.traces)}"
+                )
             if scale.sweep_values is not None:
                 if self.sweep is None:
                     raise ValueError(f"scales.{scale_name}.sweep_values given but the experiment has no sweep")

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from llumnix.analysis.experiments import Experiment  # noqa: E402
 
@@ -31,6 +32,7 @@ METRIC_LABELS = {
     "migrations": "Migrations",
 }
 ROW_PREFIX_LABELS = {"high_": "High priority", "normal_": "Normal priority"}
+SMOOTH_S = 30.0  # Fig 12: window of the rolling mean drawn over the raw samples
 X_LABELS = {"rate": "Request rate (req/s)", "cv": "CV of inter-arrival times"}
 
 
@@ -60,13 +62,20 @@ def scale_note(exp: Experiment, data: pd.DataFrame) -> str:
         if spec is not None and spec.traces is not None:
             text += f"; traces {', '.join(spec.traces)} only"
         notes.append(text)
-    return "; ".join(notes) + f". Simulated with profile {exp.profile} (reconstructed), {exp.instances} instances."
+    autoscaled = any(s.autoscale is not None for s in exp.systems.values())
+    cluster = f"auto-scaled from {exp.instances} instances" if autoscaled else f"{exp.instances} instances"
+    return "; ".join(notes) + f". Simulated with profile {exp.profile} (reconstructed), {cluster}."
 
 
 def _system_order(exp: Experiment, data: pd.DataFrame) -> list[str]:
     labels = [s.label for s in exp.systems.values()]
     present = set(data["system_label"])
     return [label for label in labels if label in present]
+
+
+def _group_label(exp: Experiment, group: str) -> str:
+    trace = exp.traces.get(group)
+    return trace.label or group if trace is not None and trace.group is None else group
 
 
 def _x_for(group: pd.DataFrame) -> str:
@@ -110,16 +119,21 @@ def plot_lines(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Path]:
                 data=part, x=x, y=column, hue="system_label", hue_order=order, style="system_label",
                 style_order=order, markers=True, dashes=False, errorbar=_min_max, ax=ax, legend=(i == 0 and j == 0),
             )  # fmt: skip
-            ax.set_ylim(bottom=0)
+            if metric in exp.figure.log_metrics:
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.set_ylim(bottom=0)
             ax.set_ylabel("")
             ax.set_xlabel(X_LABELS.get(x, x) if i == len(rows) - 1 or len(groups) > 1 else "")
             ax.set_xticks(sorted(part[x].unique()))
             ax.grid(True, alpha=0.3)
             if i == 0:
-                ax.set_title(metric_label(metric), fontsize=10)
+                log = " [log]" if metric in exp.figure.log_metrics else ""
+                ax.set_title(metric_label(metric) + log, fontsize=10)
             if j == 0:
-                row_name = " / ".join(n for n in (group if len(groups) > 1 else "", ROW_PREFIX_LABELS.get(prefix, prefix)) if n)
-                ax.set_ylabel(row_name or group)
+                names = (_group_label(exp, group) if len(groups) > 1 else "", ROW_PREFIX_LABELS.get(prefix, prefix))
+                ax.set_ylabel(" / ".join(n for n in names if n) or _group_label(exp, group))
     handles, labels = axes[0][0].get_legend_handles_labels()
     if axes[0][0].get_legend() is not None:
         axes[0][0].get_legend().remove()
@@ -128,25 +142,36 @@ def plot_lines(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def plot_timeline(exp: Experiment, data: pd.DataFrame, timeline: pd.DataFrame, out: Path) -> list[Path]:
-    """Fig 12: the cluster's fragmentation over time, one line per system (first seed), with each run's mean."""
+    """Fig 12: the cluster's fragmentation over time, one line per system (first seed): each sample faintly, a
+    rolling mean over ``SMOOTH_S`` seconds on top; the legend gives each system's time-averaged value."""
     order = _system_order(exp, data)
     seed = sorted(timeline["seed"].unique())[0]
-    part = timeline[timeline["seed"] == seed].copy()
+    part = timeline[timeline["seed"] == seed].sort_values("time_s").copy()
     part["fragmentation_pct"] = 100 * part["fragmentation"]
+    step = part["time_s"].diff().median()
+    window = max(1, int(round(SMOOTH_S / step))) if step and step > 0 else 1
+    part["smoothed_pct"] = part.groupby("system_label")["fragmentation_pct"].transform(
+        lambda s: s.rolling(window, min_periods=1, center=True).mean()
+    )
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    means = data.groupby("system_label")["fragmentation_mean"].mean()
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    sns.lineplot(data=part, x="time_s", y="fragmentation_pct", hue="system_label", hue_order=order, ax=ax, lw=0.8)
-    means = data.groupby("system_label")["fragmentation_mean"].agg(["mean", "min", "max"])
-    handles, labels = ax.get_legend_handles_labels()
-    labels = [
-        f"{lab} (mean {100 * means.loc[lab, 'mean']:.1f}% over seeds)" if lab in means.index else lab for lab in labels
-    ]
-    ax.legend(handles, labels, fontsize=8)
+    for label in order:
+        one = part[part["system_label"] == label]
+        ax.plot(one["time_s"], one["fragmentation_pct"], color=palette[label], lw=0.5, alpha=0.25)
+        mean = f" (time-averaged {100 * means[label]:.1f}%)" if label in means.index else ""
+        ax.plot(one["time_s"], one["smoothed_pct"], color=palette[label], lw=1.4, label=f"{label}{mean}")
+    ax.legend(fontsize=8)
     ax.set_xlabel("Time (s)")
     ax.set_ylabel("Fragmented free KV memory (%)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     trace = exp.traces[part["trace"].iloc[0]]
-    note = scale_note(exp, data) + f" Trace {trace.workload} at {part['rate'].iloc[0]:g} req/s, seed {seed}."
+    note = (
+        scale_note(exp, data)
+        + f" Trace {trace.workload} at {part['rate'].iloc[0]:g} req/s, seed {seed};"
+        + f" thick lines: {SMOOTH_S:g} s rolling mean."
+    )
     return _finish(fig, exp, note, out)
 
 
