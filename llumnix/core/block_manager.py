@@ -44,6 +44,11 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def tables(self) -> dict[Hashable, list[int]]:
+        """Every owner's block table (read-only use: the scheduler's hot path reads lengths from it)."""
+        return self._tables
+
     def table(self, owner: Hashable) -> list[int]:
         return self._tables.get(owner, [])
 

@@ -85,29 +85,31 @@ class Llumlet:
 
     def load(self) -> InstanceLoad:
         s = self.scheduler
+        bm = s.blocks
+        free = bm.num_free_blocks
         num_running = len(s.running) + len(s.frozen)
         denom = max(1, num_running + (1 if s.waiting else 0))
-        room = self.blocks.num_free_blocks - self.blocks.watermark_blocks - self._queued_blocks()
+        room = free - bm.watermark_blocks - self._queued_blocks()
         if self.draining:
             freeness = freeness_high = -math.inf
         else:
             freeness_high = room / denom
-            freeness = (room - self.priority_reserve_blocks()) / denom
+            freeness = (room - self.priority_reserve_blocks()) / denom if s.num_high else freeness_high
         cfg = self.config
         return InstanceLoad(
-            instance_id=self.instance_id,
-            num_running=num_running,
-            num_waiting=len(s.waiting),
-            num_free_blocks=self.blocks.num_free_blocks,
-            num_total_blocks=self.blocks.num_blocks,
-            num_high=s.num_high,
-            freeness=freeness,
-            freeness_high=freeness_high,
-            draining=self.draining,
-            migrations_out=self.migrations_out,
-            migrations_in=self.migrations_in,
-            can_migrate_out=self.migrations_out < cfg.max_migrations_out,
-            can_migrate_in=(not self.draining) and self.migrations_in < cfg.max_migrations_in,
+            self.instance_id,
+            num_running,
+            len(s.waiting),
+            free,
+            bm.num_blocks,
+            s.num_high,
+            freeness,
+            freeness_high,
+            self.draining,
+            self.migrations_out,
+            self.migrations_in,
+            self.migrations_out < cfg.max_migrations_out,
+            (not self.draining) and self.migrations_in < cfg.max_migrations_in,
         )
 
     # -- migration: source side ----------------------------------------------------------------------------------

@@ -50,14 +50,16 @@ class StepPlan:
     # For a prefill: tokens already in the KV cache (0 in vLLM 0.1.x; kept for prefix reuse).
     start_positions: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # For a decode: the KV tokens the step attends over (sum of sequence lengths); computed when None.
+    context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_tokens is None:
+            self.context_tokens = sum(r.seq_len for r in self.requests)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.prefill_tokens) if self.kind is StepKind.PREFILL else len(self.requests)
-
-    @property
-    def context_tokens(self) -> int:
-        return sum(r.seq_len for r in self.requests)
 
 
 def _order_key(r: Request, priorities: bool) -> tuple:
@@ -167,11 +169,18 @@ class LocalScheduler:
         bm = self.blocks
         bs = bm.block_size
         # Fast path (almost every step): the requests that cross a block boundary all get a block.
-        need = [r for r in self.running if bm.num_blocks_of(r.request_id) * bs < r.prompt_tokens + r.num_generated]
+        tables = bm.tables
+        need = []
+        context = 0
+        for r in self.running:
+            n = r.prompt_tokens + r.num_generated
+            context += n
+            if len(tables[r.request_id]) * bs < n:
+                need.append(r)
         if len(need) <= bm.num_free_blocks:
             for r in need:
                 bm.append_slot(r.request_id, r.seq_len)
-            return StepPlan(StepKind.DECODE, list(self.running))
+            return StepPlan(StepKind.DECODE, list(self.running), context_tokens=context)
         preempted: list[Request] = []
         queue = deque(self.running)
         kept: list[Request] = []
