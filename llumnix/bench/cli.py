@@ -2,6 +2,225 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    """'256,512,1k' -> (256, 512, 1024); None stays None."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            out.append(int(part.rstrip("k")) * scale)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not an integer (comma-separated integers, e.g. 256,512,1k)") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return tuple(out)
+
+
+def _device(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException("--device cuda asked for, but torch sees no CUDA device here")
+    return device
+
+
+def _progress():
+    from tqdm import tqdm
+
+    return tqdm if sys.stderr.isatty() else None
+
+
+def _command_line(name: str, params: dict) -> str:
+    """The command as a user would type it, for provenance (options in a fixed order, values quoted)."""
+    parts = ["llumnix", *name.split()]
+    for key, value in params.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+@click.group(context_settings=CONTEXT)
+def bench() -> None:
+    """Micro-benchmarks of the real engine (Fig 10 migration; decode step vs the bandwidth floor)."""
+
+
+@bench.command(context_settings=CONTEXT)
+@click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
+@click.option("--lengths", default="64,128,256,512,1024",
+              help="Comma-separated sequence lengths (prompt + output tokens of the migrated request).")
+@click.option("--num-blocks", type=int, default=None,
+              help="KV blocks of each instance (default: just enough for the longest length and the batch).")
+@click.option("--repeats", type=int, default=3, help="Measured repeats per length (medians are reported).")
+@click.option("--warmup", type=int, default=1, help="Discarded warm-up repeats per length.")
+@click.option("--batch", type=int, default=1,
+              help="Decode batch on the source: the migrated request plus batch-1 background requests "
+                   "(the destination holds batch-1 background requests too).")
+@click.option("--background-tokens", type=int, default=64, help="Prompt tokens of each background request.")
+@click.option("--output-tokens", type=int, default=8, help="Output tokens of the migrated request.")
+@click.option("--steps-before", type=int, default=2, help="Decode steps on the source before the migration starts.")
+@click.option("--steps-per-stage", type=int, default=1, help="Source decode steps at least per non-final stage.")
+@click.option("--migrations", type=int, default=1,
+              help="Live migrations per repeat: the request moves there and back this many times (more samples).")
+@click.option("--steps-between", type=int, default=2, help="Decode steps on the new owner between two migrations.")
+@click.option("--transports", default="device",
+              help="Comma-separated KV transports: device (within the GPU) and/or host (staged through pinned host "
+                   "memory, CUDA only).")
+@click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")
+@click.option("--threads", type=int, default=1,
+              help="torch intra-op threads on CPU (0: torch's default); 1 keeps timings stable on a busy machine.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output CSV, one row per (sequence length, transport).")
+def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch, background_tokens, output_tokens,
+              steps_before, steps_per_stage, migrations, steps_between, transports, seed, threads, output) -> None:
+    """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
+    from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
+
+    try:
+        cfg = MigrationBenchConfig(
+            device=_device(device), model=model, dtype=dtype, lengths=_ints(lengths), num_blocks=num_blocks,
+            repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
+            output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
+            migrations=migrations, steps_between=steps_between,
+            transports=tuple(t.strip() for t in transports.split(",") if t.strip()), seed=seed,
+            cpu_threads=threads or None)
+        df = run_migration_bench(cfg, progress=_progress())
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    cols = ["transport", "seq_len", "recompute_s", "blocking_copy_s", "downtime_s", "stages", "decode_step_s",
+            "decode_step_migrating_s", "token_identical"]
+    click.echo(df[cols].to_string(index=False), err=True)
+    click.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
+@bench.command("decode-floor", context_settings=CONTEXT)
+@click.option("--device", default="cuda", help="torch device: cpu or cuda (cuda:N).")
+@click.option("--model", default="llama-7b", help="Model preset; random weights.")
+@click.option("--dtype", type=DTYPES, default="bfloat16", help="Weights and KV cache dtype.")
+@click.option("--batch", type=int, default=32, help="Sequences in the decode step.")
+@click.option("--context", "context_tokens", type=int, default=1024, help="Context tokens of each sequence.")
+@click.option("--repeats", type=int, default=10, help="Timed steps (median reported).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output JSON with the step time, the floor and their ratio.")
+def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, output) -> None:
+    """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
+    from llumnix.bench.profiler import decode_floor
+
+    result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats)
+    result["command"] = _command_line("bench decode-floor", {
+        "device": device, "model": model, "dtype": dtype, "batch": batch, "context": context_tokens,
+        "repeats": repeats, "output": output})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"decode step {result['decode_step_s'] * 1e3:.2f} ms vs floor {result['floor_s'] * 1e3:.2f} ms "
+               f"({result['step_over_floor']:.1f}x); wrote {output}", err=True)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
+@click.option("--num-blocks", type=int, default=792,
+              help="KV blocks of the instance, the profile's total_blocks (792 = LLaMA-7B on the paper's A10).")
+@click.option("--name", default=None, help="Profile name (default: the output file's stem).")
+@click.option("--prefill-lengths", default=None, help="Prompt lengths of the prefill grid (default: by device).")
+@click.option("--prefill-batches", default=None, help="Batch sizes of the prefill grid (default: by device).")
+@click.option("--decode-batches", default=None, help="Batch sizes of the decode grid (default: by device).")
+@click.option("--decode-contexts", default=None,
+              help="Total context tokens of the decode grid (default: by device; each batch also gets its largest "
+                   "context that fits the pool).")
+@click.option("--copy-blocks", default=None, help="Block counts of the KV copy sweep (default: by device).")
+@click.option("--transport", type=click.Choice(["device", "host"]), default="device",
+              help="How migration copies KV: within the device, or staged through pinned host memory (CUDA).")
+@click.option("--repeats", type=int, default=3, help="Timed repeats per point (median).")
+@click.option("--warmup", type=int, default=1, help="Warm-up runs per point.")
+@click.option("--max-batched-tokens", type=int, default=None,
+              help="Profile's max_batched_tokens (default: the pool's capacity in tokens).")
+@click.option("--seed", type=int, default=0, help="Seed of the weights, KV contents and tokens.")
+@click.option("--threads", type=int, default=1,
+              help="torch intra-op threads on CPU (0: torch's default); 1 keeps timings stable on a busy machine.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output profile JSON (loadable with Profile.load and `llumnix simulate --profile`).")
+def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_batches, decode_batches,
+            decode_contexts, copy_blocks, transport, repeats, warmup, max_batched_tokens, seed, threads,
+            output) -> None:
+    """Measure a step-time profile of the real engine (prefill, decode, KV copies) for the simulator."""
+    from llumnix.bench.profiler import ProfileConfig, measure_profile
+
+    params = dict(device=device, model=model, dtype=dtype, num_blocks=num_blocks, name=name,
+                  prefill_lengths=prefill_lengths, prefill_batches=prefill_batches, decode_batches=decode_batches,
+                  decode_contexts=decode_contexts, copy_blocks=copy_blocks, transport=transport, repeats=repeats,
+                  warmup=warmup, max_batched_tokens=max_batched_tokens, seed=seed,
+                  threads=threads if device == "cpu" else None, output=output)
+    try:
+        cfg = ProfileConfig(
+            device=_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
+            prefill_lengths=_ints(prefill_lengths), prefill_batches=_ints(prefill_batches),
+            decode_batches=_ints(decode_batches), decode_contexts=_ints(decode_contexts),
+            copy_blocks=_ints(copy_blocks), transport=transport, repeats=repeats, warmup=warmup,
+            max_batched_tokens=max_batched_tokens, seed=seed, cpu_threads=threads or None)
+        prof = measure_profile(cfg, _command_line("profile", params), progress=_progress())
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    prof.save(output)
+    p, d = prof.prefill_fit, prof.decode_fit
+    click.echo(f"{len(prof.prefill)} prefill / {len(prof.decode)} decode points; prefill {p.fixed_s * 1e3:.2f} ms + "
+               f"{p.per_token_s * 1e6:.2f} us/token; decode {d.fixed_s * 1e3:.2f} ms + {d.per_seq_s * 1e6:.1f} us/seq + "
+               f"{d.per_context_token_s * 1e9:.1f} ns/context token; migration "
+               f"{prof.migration_bandwidth_bytes_per_s / 1e9:.1f} GB/s; wrote {output}", err=True)
+
+
+@click.command("plot-migration", context_settings=CONTEXT)
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="CSV written by `llumnix bench migration`.")
+@click.option("-o", "--output", "out_prefix", type=click.Path(path_type=Path), required=True,
+              help="Output prefix: writes PREFIX.png and PREFIX.pdf.")
+@click.option("--measurements", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the long table (model, seq_len, method, downtime_ms, decode_slowdown) here.")
+def plot_migration_cmd(csv_path, out_prefix, measurements) -> None:
+    """Draw Fig 10 (migration cost by sequence length, decode step during migration) from a bench CSV."""
+    import pandas as pd
+
+    from llumnix.bench.migration import measurements_table, plot_migration
+
+    paths = plot_migration(csv_path, out_prefix)
+    if measurements is not None:
+        measurements.parent.mkdir(parents=True, exist_ok=True)
+        measurements_table(pd.read_csv(csv_path)).to_csv(measurements, index=False)
+        paths.append(measurements)
+    click.echo("wrote " + ", ".join(map(str, paths)), err=True)
+
+
+COMMANDS: list[click.Command] = [bench, profile, plot_migration_cmd]
+
+
+if __name__ == "__main__":  # `python -m llumnix.bench.cli bench migration ...`: these commands without the rest of the CLI
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    click.Group("llumnix", commands=COMMANDS, context_settings=CONTEXT)()

@@ -87,6 +87,10 @@ class EngineInstance:
         return done
 
 
+# Starts one stage's KV copy from src to dst; the returned poll is True once the copy has landed.
+StageTransfer = Callable[["EngineInstance", "EngineInstance", Stage], Callable[[], bool]]
+
+
 def copy_stage(src: EngineInstance, dst: EngineInstance, stage: Stage) -> int:
     """Move one stage's KV blocks between two executors in this process; return the blocks copied."""
     if stage.src_blocks:
@@ -102,23 +106,36 @@ def migrate_in_process(
     config: MigrationConfig | None = None,
     steps_per_stage: int = 1,
     on_stage: Callable[[Stage, float], None] | None = None,
+    transfer: StageTransfer | None = None,
 ) -> Migration:
     """Live-migrate ``req`` from ``src`` to ``dst`` (same process). Between stage copies the source keeps stepping
     (``steps_per_stage`` steps), so new blocks appear and are copied by the next stage, as on a real cluster where the
-    copy runs alongside decoding. The downtime is the stop-and-copy stage, measured on the wall clock."""
+    copy runs alongside decoding. The downtime is the stop-and-copy stage, measured on the wall clock.
+
+    ``transfer`` starts a stage's copy and returns a poll that says when it has landed; with an asynchronous one (a
+    side CUDA stream) the source keeps stepping until the copy is done, at least ``steps_per_stage`` steps. The
+    default copies synchronously (``copy_stage``)."""
     mig = Migration(mig_id, req, src.llumlet, dst.llumlet, config or MigrationConfig())
+    start_copy = transfer or _sync_transfer
     stage = mig.start(src.clock())
     while stage is not None:
         t0 = src.clock()
-        copy_stage(src, dst, stage)
+        copied = start_copy(src, dst, stage)
         if not stage.final:
-            for _ in range(steps_per_stage):
+            steps = 0
+            while steps < steps_per_stage or not copied():
                 src.step()
+                steps += 1
         _sync(src, dst)
         if on_stage is not None:
             on_stage(stage, src.clock() - t0)
         stage = mig.end_stage(src.clock())
     return mig
+
+
+def _sync_transfer(src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
+    copy_stage(src, dst, stage)
+    return lambda: True
 
 
 def _sync(*instances: EngineInstance) -> None:
@@ -128,4 +145,4 @@ def _sync(*instances: EngineInstance) -> None:
             sync()
 
 
-__all__ = ["EngineInstance", "StepPlan", "copy_stage", "migrate_in_process"]
+__all__ = ["EngineInstance", "StageTransfer", "StepPlan", "copy_stage", "migrate_in_process"]

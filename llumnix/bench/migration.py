@@ -1,0 +1,599 @@
+"""Fig 10: the cost of moving a running request between two real engine instances, by sequence length.
+
+Two ``EngineInstance`` objects around ``TorchExecutor``s with the same weights share one process and one device. For
+each sequence length the benchmark measures, on the same request:
+
+- ``recompute_s``: prefill of the request's whole sequence (migration by recompute pays this);
+- ``blocking_copy_s``: the request stopped and all its KV blocks copied to the destination in one go;
+- ``downtime_s``: live multi-stage migration (``migrate_in_process``): the stop-and-copy stage, freeze to commit;
+- ``decode_step_s`` / ``decode_step_migrating_s``: the source's decode step without / while a migration is in flight;
+- ``token_identical``: the migrated request's whole output equals the same request's output without migration.
+
+A request of ``seq_len`` tokens has a prompt of ``seq_len - output_tokens`` tokens, so its whole sequence fits the
+model's position limit; it migrates after ``steps_before`` decode steps, holding ``kv_tokens`` tokens of KV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llumnix.core.block_manager import blocks_for
+from llumnix.core.local_scheduler import StepKind
+from llumnix.core.migration import MigrationConfig, MigrationPhase, Stage
+from llumnix.core.request import Request
+from llumnix.engine.executor import TorchExecutor
+from llumnix.engine.kv_cache import KVCachePool
+from llumnix.runtime.instance import EngineInstance, migrate_in_process
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("device", "host")
+TRANSPORT_NOTES = {
+    "device": "KV gathered and scattered within the one device",
+    "host": "KV staged through pinned host memory (device->host->device), the PCIe legs of a cross-GPU migration",
+}
+
+
+@dataclass(frozen=True)
+class MigrationBenchConfig:
+    device: str = "cpu"
+    model: str = "tiny"
+    dtype: str = "float32"
+    lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    num_blocks: int | None = None  # per instance; None sizes the pool for the longest length
+    block_size: int = 16
+    repeats: int = 3
+    warmup: int = 1  # discarded repeats per length (kernel selection, allocator growth, pinned buffers)
+    batch: int = 1  # decode batch on the source: the migrated request plus batch - 1 background requests
+    background_tokens: int = 64
+    output_tokens: int = 8
+    steps_before: int = 2  # decode steps of the request on the source before its migration starts
+    steps_per_stage: int = 1
+    migrations: int = 1  # per repeat: the request migrates there and back this many times (more samples)
+    steps_between: int = 2  # decode steps on the new owner before it migrates the request on
+    last_stage_max_blocks: int = 2
+    transports: tuple[str, ...] = ("device",)
+    seed: int = 0
+    cpu_threads: int | None = 1  # torch intra-op threads on CPU; 1 keeps timings stable on a shared, busy machine
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) <= self.output_tokens:
+            raise ValueError(f"every length must exceed --output-tokens ({self.output_tokens}), got {self.lengths}")
+        for name in ("repeats", "batch", "background_tokens", "output_tokens", "steps_per_stage"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.steps_before < 0:
+            raise ValueError("warmup and steps_before must be >= 0")
+        if self.migrations < 1 or self.steps_between < 0:
+            raise ValueError("migrations must be >= 1 and steps_between >= 0")
+        if self.min_output_tokens > self.output_tokens:
+            raise ValueError(f"output_tokens ({self.output_tokens}) must be at least {self.min_output_tokens} so the "
+                             f"request still decodes after {self.migrations} migration(s)")
+        bad = [t for t in self.transports if t not in TRANSPORTS]
+        if bad or not self.transports:
+            raise ValueError(f"transports must be among {TRANSPORTS}, got {self.transports}")
+        if "host" in self.transports and not self.device.startswith("cuda"):
+            raise ValueError("the host transport stages a GPU's KV through pinned host memory: it needs --device cuda")
+        if self.num_blocks is not None and self.num_blocks < self.required_blocks:
+            raise ValueError(f"--num-blocks {self.num_blocks} is too small: lengths up to {max(self.lengths)} with "
+                             f"batch {self.batch} need {self.required_blocks} blocks per instance")
+
+    @property
+    def min_output_tokens(self) -> int:
+        return 1 + self.steps_before + self.migrations * (self.steps_per_stage + self.steps_between) + 2
+
+    @property
+    def background_output_tokens(self) -> int:
+        # Background requests outlive the migrated one, so the batch keeps its size on both instances.
+        return self.output_tokens + 4
+
+    @property
+    def required_blocks(self) -> int:
+        bs = self.block_size
+        need = blocks_for(max(self.lengths) + 1, bs)
+        need += (self.batch - 1) * blocks_for(self.background_tokens + self.background_output_tokens + 1, bs)
+        return int(np.ceil((need + 2) / 0.99)) + 1  # + the 1% admission watermark
+
+    @property
+    def pool_blocks(self) -> int:
+        return self.num_blocks if self.num_blocks is not None else self.required_blocks
+
+
+# -- KV transfer between two executors in one process ----------------------------------------------------------------
+class KVTransfer:
+    """Copies KV blocks from one paged pool to another of the same geometry; usable as ``migrate_in_process``'s
+    transfer.
+
+    On CUDA the copy is issued on a side stream (after the work already queued on the current stream, so the source's
+    last writes land first) and returns at once; the poll it returns says when the copy has landed, so decode steps on
+    the default stream overlap it. ``host`` stages the payload through a reused pinned host buffer. On CPU the copy is
+    synchronous.
+    """
+
+    def __init__(self, src: KVCachePool, dst: KVCachePool, mode: str = "device", chunk_blocks: int = 32) -> None:
+        import torch
+
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {mode!r}")
+        if src.cache.shape[:2] != dst.cache.shape[:2] or src.cache.shape[3:] != dst.cache.shape[3:]:
+            raise ValueError(f"pools differ in geometry: {tuple(src.cache.shape)} vs {tuple(dst.cache.shape)}")
+        self.src, self.dst, self.mode = src, dst, mode
+        self.torch = torch
+        self.device = src.device
+        self.cuda = self.device.type == "cuda"
+        if mode == "host" and not self.cuda:
+            raise ValueError("the host transport needs a CUDA device")
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # The host path moves this many blocks per device->host->device leg, so the decode steps' own small copies
+        # queue behind one chunk, not behind the whole request's KV.
+        self.chunk_blocks = chunk_blocks
+        self._staging = None  # flat pinned host buffer, grown on demand
+
+    def __call__(self, src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
+        return self.copy(stage.src_blocks, stage.dst_blocks)
+
+    def copy(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Callable[[], bool]:
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
+        if not src_blocks:
+            return lambda: True
+        if not self.cuda:
+            self.dst.write_blocks(list(dst_blocks), self.src.read_blocks(list(src_blocks)))
+            return lambda: True
+        torch = self.torch
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            src_idx = torch.tensor(list(src_blocks), dtype=torch.long, device=self.device)
+            dst_idx = torch.tensor(list(dst_blocks), dtype=torch.long, device=self.device)
+            if self.mode == "device":
+                self.dst.cache.index_copy_(2, dst_idx, self.src.cache.index_select(2, src_idx))
+            else:
+                per_block = self.src.cache[:, :, 0].numel()
+                staging = self._staging_flat(len(src_blocks) * per_block)
+                for a in range(0, len(src_blocks), self.chunk_blocks):
+                    b = min(len(src_blocks), a + self.chunk_blocks)
+                    payload = self.src.cache.index_select(2, src_idx[a:b])
+                    host = staging[a * per_block : b * per_block].view(payload.shape)
+                    host.copy_(payload, non_blocking=True)
+                    self.dst.cache.index_copy_(2, dst_idx[a:b], host.to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done.query
+
+    def _staging_flat(self, numel: int):
+        if self._staging is None or self._staging.numel() < numel:
+            self._staging = None
+            self._staging = self.torch.empty(numel, dtype=self.src.dtype, pin_memory=True)
+        return self._staging
+
+    def blocking_copy_s(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> float:
+        """Wall time of copying these blocks in one go, synchronised."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        self.copy(src_blocks, dst_blocks)
+        self.synchronize()
+        return time.perf_counter() - t0
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+
+# -- one repeat ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Reference:
+    tokens: list[int]
+    decode_step_s: float
+
+
+@dataclass
+class _MigrationRun:
+    tokens: list[int]
+    kv_tokens: int  # at the first migration
+    blocking_copy_s: float
+    downtimes_s: list[float]  # one per committed migration
+    stages: list[int]
+    migrated_blocks: list[int]
+    migrating_step_s: float  # wall time of the non-final stages per source step, over all migrations
+    committed: bool  # every migration committed
+    kv_identical: bool | None = None  # destination blocks == source blocks at every commit (checked when asked)
+
+
+@dataclass
+class _Bench:
+    cfg: MigrationBenchConfig
+    src: EngineInstance
+    dst: EngineInstance
+    transfers: dict[str, KVTransfer]
+    vocab_size: int
+    next_id: int = 0
+    next_mig_id: int = 0
+    prompts: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+
+    def prompt(self, length: int, index: int) -> list[int]:
+        """Deterministic prompt tokens: index 0 is the migrated request, 1.. the background requests."""
+        key = (length, index)
+        if key not in self.prompts:
+            rng = np.random.default_rng([self.cfg.seed, length, index])
+            n = length - self.cfg.output_tokens if index == 0 else self.cfg.background_tokens
+            self.prompts[key] = rng.integers(0, self.vocab_size, n).tolist()
+        return self.prompts[key]
+
+    def request(self, prompt: list[int], output_tokens: int) -> Request:
+        self.next_id += 1
+        return Request(self.next_id, 0.0, len(prompt), output_tokens, prompt_token_ids=list(prompt))
+
+    def add_batch(self, inst: EngineInstance, length: int, with_target: bool) -> Request | None:
+        cfg = self.cfg
+        target = self.request(self.prompt(length, 0), cfg.output_tokens) if with_target else None
+        if target is not None:
+            inst.add_request(target)
+        for i in range(1, cfg.batch):
+            inst.add_request(self.request(self.prompt(length, i), cfg.background_output_tokens))
+        return target
+
+    def reference(self, length: int) -> _Reference:
+        src = self.src
+        target = self.add_batch(src, length, with_target=True)
+        first = len(src.steps)
+        while not target.finished:
+            src.step()
+        decode = [s.duration_s for s in src.steps[first:] if s.kind is StepKind.DECODE]
+        src.run_until_idle()
+        return _Reference(list(target.output_token_ids), statistics.fmean(decode))
+
+    def recompute_s(self, prompt: list[int]) -> float:
+        """Prefill of the whole sequence on the (idle) destination, in scratch blocks."""
+        from llumnix.engine.runner import SeqInput
+
+        dst = self.dst
+        owner = ("recompute", self.next_id)
+        table = dst.blocks.allocate(owner, len(prompt))
+        try:
+            dst.executor.synchronize()
+            t0 = time.perf_counter()
+            dst.executor.runner.prefill([SeqInput(list(prompt), 0, table)])
+            dst.executor.synchronize()
+            return time.perf_counter() - t0
+        finally:
+            dst.blocks.free(owner)
+
+    def migration(self, length: int, transport: str, verify_kv: bool = False) -> _MigrationRun:
+        """The request decodes on the source, is copied once in blocking mode (timed, then discarded), and migrates
+        live ``cfg.migrations`` times, there and back, then finishes wherever it ended up. ``verify_kv`` compares,
+        bit for bit, all the request's KV blocks on both sides before each commit (inside the downtime: untimed
+        runs only)."""
+        cfg, src, dst = self.cfg, self.src, self.dst
+        forward, backward = self.transfers[transport]
+        target = self.add_batch(src, length, with_target=True)
+        self.add_batch(dst, length, with_target=False)
+        while target.num_generated < 1 + cfg.steps_before:
+            src.step()
+        while dst.scheduler.waiting:
+            dst.step()
+        kv_tokens = target.seq_len
+
+        # Blocking copy: the request takes no step while all its blocks move to scratch blocks on the destination.
+        owner = ("blocking-copy", target.request_id)
+        src_blocks = src.blocks.table(target.request_id)
+        scratch = dst.blocks.allocate_blocks(owner, len(src_blocks))
+        try:
+            blocking_s = forward.blocking_copy_s(src_blocks, scratch)
+        finally:
+            dst.blocks.free(owner)
+
+        downtimes, stages, blocks = [], [], []
+        staged_s, staged_steps = 0.0, 0
+        here, there = src, dst
+        committed = True
+        kv_identical = True if verify_kv else None
+        for k in range(cfg.migrations):
+            if k:
+                for _ in range(cfg.steps_between):
+                    here.step()
+            stage_log: list[tuple[bool, float, int]] = []  # (final, seconds, source steps during the stage)
+            seen = [len(here.steps)]
+            moved: tuple[list[int], list[int]] = ([], [])
+            transfer = forward if here is src else backward
+
+            def on_stage(stage: Stage, elapsed_s: float, here=here, seen=seen, stage_log=stage_log, moved=moved,
+                         transfer=transfer) -> None:
+                nonlocal kv_identical
+                stage_log.append((stage.final, elapsed_s, len(here.steps) - seen[0]))
+                seen[0] = len(here.steps)
+                moved[0].extend(stage.src_blocks)
+                moved[1].extend(stage.dst_blocks)
+                if verify_kv and stage.final:
+                    same = transfer.src.read_blocks(moved[0]).equal(transfer.dst.read_blocks(moved[1]))
+                    kv_identical = kv_identical and same
+
+            self.next_mig_id += 1
+            mig = migrate_in_process(
+                self.next_mig_id, target, here, there,
+                MigrationConfig(last_stage_max_blocks=cfg.last_stage_max_blocks),
+                steps_per_stage=cfg.steps_per_stage, on_stage=on_stage, transfer=transfer,
+            )
+            if mig.phase is not MigrationPhase.COMMITTED:
+                log.warning("migration of %d tokens aborted: %s", target.seq_len, mig.abort_reason)
+                committed = False
+                break
+            downtimes.append(mig.downtime_s)
+            stages.append(len(mig.stages))
+            blocks.append(mig.bytes_blocks)
+            for final, sec, n in stage_log:
+                if not final and n > 0:
+                    staged_s += sec
+                    staged_steps += n
+            here, there = there, here
+        while not target.finished:
+            here.step()
+        src.run_until_idle()
+        dst.run_until_idle()
+        return _MigrationRun(
+            tokens=list(target.output_token_ids),
+            kv_tokens=kv_tokens,
+            blocking_copy_s=blocking_s,
+            downtimes_s=downtimes,
+            stages=stages,
+            migrated_blocks=blocks,
+            migrating_step_s=staged_s / staged_steps if staged_steps else float("nan"),
+            committed=committed,
+            kv_identical=kv_identical,
+        )
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torch_threads(device: str, threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch intra-op threads when on CPU (restored afterwards). On a CPU shared with other
+    jobs, several OpenMP threads spin-wait on each other and a 2 ms step can take 200 ms; one thread stays stable."""
+    import torch
+
+    if device.startswith("cuda") or threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu} ({torch.get_num_threads()} torch threads)"
+
+
+def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
+    if cfg.device.startswith("cuda"):
+        overlap = ("stage copies run on a side CUDA stream overlapping the source's decode steps (the source keeps "
+                   "stepping until a stage's copy lands)")
+        identity = ("token_identical / kv_identical: an untimed rerun with and without migration under torch "
+                    "deterministic algorithms (kv: every block bit-equal on both sides at each commit); "
+                    "token_identical_timed: every timed repeat with default kernels")
+    else:
+        overlap = "stage copies run sequentially between decode steps (CPU: no overlap)"
+        identity = ("token_identical / kv_identical: an untimed rerun with and without migration (kv: every block "
+                    "bit-equal on both sides at each commit); token_identical_timed: every timed repeat")
+    return (f"{overlap}; {TRANSPORT_NOTES[transport]}; decode_step_migrating_s = wall time of the non-final stages "
+            f"(copy + source steps + sync) per source step; downtime = freeze to commit of the stop-and-copy stage; "
+            f"{cfg.migrations} migration(s) per repeat, there and back; {cfg.batch - 1} background requests of "
+            f"{cfg.background_tokens} prompt tokens on each instance; {identity}")
+
+
+def run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable], Iterable] | None = None) -> pd.DataFrame:
+    """Run the benchmark; one row per (sequence length, transport), medians over ``cfg.repeats``."""
+    with torch_threads(cfg.device, cfg.cpu_threads):
+        return _run_migration_bench(cfg, progress)
+
+
+def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable], Iterable] | None) -> pd.DataFrame:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    executors = [
+        TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        for _ in range(2)
+    ]
+    src_w, dst_w = (dict(e.runner.model.named_parameters()) for e in executors)
+    if not all(torch.equal(src_w[k], dst_w[k]) for k in src_w):
+        raise RuntimeError("the two instances' weights differ although built from the same seed")
+    del src_w, dst_w
+    src, dst = (EngineInstance(i, e) for i, e in enumerate(executors))
+    pools = [e.runner.kv_cache for e in executors]
+    transfers = {t: (KVTransfer(pools[0], pools[1], t), KVTransfer(pools[1], pools[0], t)) for t in cfg.transports}
+    bench = _Bench(cfg, src, dst, transfers, executors[0].vocab_size)
+    kv_bytes_per_token = executors[0].runner.config.kv_bytes_per_token(getattr(torch, cfg.dtype))
+    cuda = cfg.device.startswith("cuda")
+
+    rows = []
+    lengths = sorted(cfg.lengths)
+    # One untimed round first: module loads, kernel selection and allocator growth stay out of the first length.
+    bench.reference(lengths[0])
+    for t in cfg.transports:
+        bench.migration(lengths[0], t)
+    for length in progress(lengths) if progress else lengths:
+        samples: dict[str, list[_MigrationRun]] = {t: [] for t in cfg.transports}
+        refs: list[_Reference] = []
+        recompute: list[float] = []
+        identical_timed = dict.fromkeys(cfg.transports, True)
+        for rep in range(cfg.warmup + cfg.repeats):
+            ref = bench.reference(length)
+            runs = {t: bench.migration(length, t) for t in cfg.transports}
+            for t, run in runs.items():
+                identical_timed[t] &= run.committed and run.tokens == ref.tokens
+            kv_tokens = runs[cfg.transports[0]].kv_tokens
+            prompt = bench.prompt(length, 0)
+            rec = bench.recompute_s(prompt + ref.tokens[: kv_tokens - len(prompt)])  # its sequence when it migrated
+            if rep < cfg.warmup:
+                continue
+            refs.append(ref)
+            recompute.append(rec)
+            for t, run in runs.items():
+                samples[t].append(run)
+        stable = all(r.tokens == refs[0].tokens for r in refs)  # the baseline gives the same tokens every repeat
+        # The identity check: an untimed rerun with and without migration that also compares the KV bits on both
+        # sides at every commit. On CUDA it runs under deterministic kernels: the default index_add_ (decode
+        # attention) sums with atomics, so bits can differ run to run and a near-tie in greedy sampling then flips a
+        # token with or without migration.
+        with deterministic_kernels() if cuda else contextlib.nullcontext():
+            ref = bench.reference(length)
+            checks = {t: bench.migration(length, t, verify_kv=True) for t in cfg.transports}
+        identical = {t: run.committed and run.tokens == ref.tokens for t, run in checks.items()}
+        for t in cfg.transports:
+            runs = samples[t]
+            downtimes = [d for r in runs for d in r.downtimes_s]
+            step_s = statistics.median(r.decode_step_s for r in refs)
+            migrating_s = float(np.nanmedian([r.migrating_step_s for r in runs]))
+            rows.append({
+                "device": cfg.device,
+                "device_name": device_name(cfg.device),
+                "model": cfg.model,
+                "dtype": cfg.dtype,
+                "torch_version": torch.__version__,
+                "cuda_version": torch.version.cuda or "",
+                "transport": t,
+                "batch": cfg.batch,
+                "seq_len": length,
+                "kv_tokens": runs[0].kv_tokens,
+                "kv_bytes": runs[0].kv_tokens * kv_bytes_per_token,
+                "repeats": cfg.repeats,
+                "migrations": len(downtimes),
+                "recompute_s": statistics.median(recompute),
+                "blocking_copy_s": statistics.median(r.blocking_copy_s for r in runs),
+                "downtime_s": statistics.median(downtimes) if downtimes else float("nan"),
+                "downtime_min_s": min(downtimes, default=float("nan")),
+                "downtime_max_s": max(downtimes, default=float("nan")),
+                "stages": int(statistics.median(n for r in runs for n in r.stages)) if downtimes else 0,
+                "migrated_blocks": int(statistics.median(r.migrated_blocks[0] for r in runs if r.migrated_blocks))
+                if downtimes else 0,
+                "decode_step_s": step_s,
+                "decode_step_migrating_s": migrating_s,
+                "decode_slowdown": migrating_s / step_s - 1.0,
+                "token_identical": identical[t],
+                "kv_identical": bool(checks[t].kv_identical),
+                "token_identical_timed": identical_timed[t],
+                "reference_stable": stable,
+                "notes": _notes(cfg, t),
+            })
+            log.info("seq_len %d %s: recompute %.1f ms, blocking copy %.1f ms, downtime %.2f ms, identical %s "
+                     "(timed runs %s)", length, t, rows[-1]["recompute_s"] * 1e3, rows[-1]["blocking_copy_s"] * 1e3,
+                     rows[-1]["downtime_s"] * 1e3, identical[t], identical_timed[t])
+    return pd.DataFrame(rows)
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """torch's deterministic algorithms (warn-only, warnings silenced, uninitialised memory left alone), restored."""
+    import warnings
+
+    import torch
+    import torch.utils.deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.utils.deterministic.fill_uninitialized_memory = fill_before
+
+
+# -- tables and figure -----------------------------------------------------------------------------------------------
+METHOD_COLUMNS = {"recompute": "recompute_s", "blocking-copy": "blocking_copy_s", "llumnix": "downtime_s"}
+
+
+def measurements_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Long format for the workflow's Fig 10 experiment: model, seq_len, method, downtime_ms, decode_slowdown.
+
+    ``recompute`` appears once per length; the copy methods once per transport (the host transport is suffixed)."""
+    rows = []
+    for _, r in df.iterrows():
+        suffix = "" if r["transport"] == "device" else f" ({r['transport']})"
+        for method, col in METHOD_COLUMNS.items():
+            if method == "recompute" and suffix:
+                continue
+            rows.append({
+                "model": r["model"], "device_name": r["device_name"], "dtype": r["dtype"], "seq_len": r["seq_len"],
+                "method": method + ("" if method == "recompute" else suffix), "downtime_ms": r[col] * 1e3,
+                "decode_slowdown": r["decode_slowdown"] if method == "llumnix" else float("nan"),
+            })
+    return pd.DataFrame(rows)
+
+
+def plot_migration(csv: Path | str, out_prefix: Path | str) -> list[Path]:
+    """Fig 10's layout: (a) recompute, blocking copy and live-migration downtime against sequence length (log y);
+    (b) the source's decode step without and during a migration. Writes ``out_prefix``.png and .pdf."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = pd.read_csv(csv)
+    long = measurements_table(df)
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.3, 1]})
+    order = [str(x) for x in sorted(df["seq_len"].unique())]
+    long["seq_len"] = long["seq_len"].astype(str)
+    sns.barplot(data=long, x="seq_len", y="downtime_ms", hue="method", order=order, ax=ax_t)
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("sequence length (tokens)")
+    ax_t.set_ylabel("request stall (ms, log)")
+    ax_t.set_title("(a) migration cost: recompute vs blocking copy vs live migration")
+    ax_t.legend(fontsize=7, title=None)
+
+    device = df[df["transport"] == df["transport"].iloc[0]]
+    steps = pd.concat([
+        pd.DataFrame({"seq_len": device["seq_len"].astype(str), "decode step": "normal",
+                      "ms": device["decode_step_s"] * 1e3}),
+        pd.DataFrame({"seq_len": device["seq_len"].astype(str), "decode step": "during migration",
+                      "ms": device["decode_step_migrating_s"] * 1e3}),
+    ])
+    sns.barplot(data=steps, x="seq_len", y="ms", hue="decode step", order=order, ax=ax_d)
+    for i, (_, r) in enumerate(device.sort_values("seq_len").iterrows()):
+        ax_d.annotate(f"{r['decode_slowdown']:+.0%}", (i, r["decode_step_migrating_s"] * 1e3), ha="center",
+                      va="bottom", fontsize=7)
+    ax_d.set_xlabel("sequence length (tokens)")
+    ax_d.set_ylabel("decode step (ms)")
+    ax_d.set_title(f"(b) decode step, batch {int(device['batch'].iloc[0])} ({device['transport'].iloc[0]} transport)")
+    ax_d.legend(fontsize=7, title=None)
+    first = df.iloc[0]
+    checks = [f"token-identical in {int(df['token_identical'].sum())}/{len(df)} rows"]
+    if "kv_identical" in df:
+        checks.append(f"KV bit-identical in {int(df['kv_identical'].sum())}/{len(df)}")
+    fig.suptitle(f"{first['model']} {first['dtype']} on {first['device_name']} (torch {first['torch_version']}); "
+                 + ", ".join(checks), fontsize=9)
+    fig.tight_layout()
+    paths = [Path(f"{out_prefix}.png"), Path(f"{out_prefix}.pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths

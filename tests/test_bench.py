@@ -1,0 +1,221 @@
+"""The Fig 10 migration benchmark and the step-time profiler on the tiny model (CPU); the CUDA paths are run on a GPU
+machine (results/fig10/README.md) and skipped here with a reason."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from llumnix.bench.cli import COMMANDS
+from llumnix.bench.migration import KVTransfer, MigrationBenchConfig, measurements_table, run_migration_bench
+from llumnix.bench.profiler import ProfileConfig, decode_grid, measure_profile, prefill_grid
+from llumnix.core.request import Request
+from llumnix.engine.executor import TorchExecutor
+from llumnix.engine.kv_cache import KVCachePool
+from llumnix.profiles import Profile
+from llumnix.runtime.instance import EngineInstance, migrate_in_process
+from llumnix.sim import SimConfig, simulate
+
+TIME_COLUMNS = ["recompute_s", "blocking_copy_s", "downtime_s", "decode_step_s", "decode_step_migrating_s"]
+SMALL_GRID = dict(prefill_lengths=(32, 128), prefill_batches=(1, 4), decode_batches=(1, 8), decode_contexts=(64, 512),
+                  copy_blocks=(1, 8, 32), repeats=1, warmup=0)
+
+
+def cli(*args):
+    from llumnix.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def bench_df():
+    return run_migration_bench(MigrationBenchConfig(lengths=(48, 96, 200), repeats=2, warmup=0))
+
+
+def test_migration_bench_rows_token_identical_with_positive_times(bench_df):
+    assert list(bench_df["seq_len"]) == [48, 96, 200]
+    assert bench_df["token_identical"].all() and bench_df["reference_stable"].all()
+    assert bench_df["kv_identical"].all() and bench_df["token_identical_timed"].all()
+    assert (bench_df["migrations"] == 2).all()  # one per repeat
+    assert (bench_df[TIME_COLUMNS] > 0).all().all()
+    assert (bench_df["stages"] >= 2).all()  # a bulk stage while decoding, then the stop-and-copy
+    assert (bench_df["kv_tokens"] < bench_df["seq_len"]).all()
+    for col in ("device_name", "model", "dtype", "torch_version", "notes"):
+        assert bench_df[col].astype(bool).all()
+    assert "sequentially" in bench_df["notes"].iloc[0]  # CPU: no copy/decode overlap, and the CSV says so
+    # Recompute grows with length; live migration's stop-and-copy stays a couple of blocks.
+    assert bench_df["recompute_s"].iloc[-1] > bench_df["recompute_s"].iloc[0]
+    assert (bench_df["migrated_blocks"] >= bench_df["kv_tokens"] // 16).all()
+
+
+def test_migration_bench_with_background_batch_there_and_back():
+    cfg = MigrationBenchConfig(lengths=(80,), batch=3, repeats=1, warmup=0, steps_per_stage=2, migrations=3,
+                               output_tokens=24)
+    df = run_migration_bench(cfg)
+    assert df["token_identical"].all() and df["token_identical_timed"].all()
+    assert df["batch"].iloc[0] == 3 and df["migrations"].iloc[0] == 3
+
+
+def test_migration_token_identical_under_deterministic_kernels():
+    """The CUDA identity check's mode (deterministic algorithms) runs the same code; here on CPU."""
+    import llumnix.bench.migration as m
+
+    cfg = MigrationBenchConfig(lengths=(64,), repeats=1, warmup=0, migrations=2, output_tokens=16)
+    executors = [TorchExecutor("tiny", cfg.pool_blocks) for _ in range(2)]
+    pools = [e.runner.kv_cache for e in executors]
+    bench = m._Bench(cfg, *(EngineInstance(i, e) for i, e in enumerate(executors)),
+                     {"device": (KVTransfer(pools[0], pools[1]), KVTransfer(pools[1], pools[0]))}, 1024)
+    with m.deterministic_kernels():
+        assert torch.are_deterministic_algorithms_enabled()
+        ref = bench.reference(64)
+        run = bench.migration(64, "device", verify_kv=True)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert run.committed and len(run.downtimes_s) == 2 and run.tokens == ref.tokens and run.kv_identical
+
+
+def test_measurements_table_long_format(bench_df):
+    long = measurements_table(bench_df)
+    assert set(long["method"]) == {"recompute", "blocking-copy", "llumnix"}
+    assert len(long) == 3 * len(bench_df)
+    assert long.loc[long["method"] == "llumnix", "decode_slowdown"].notna().all()
+
+
+def test_bench_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="exceed --output-tokens"):
+        MigrationBenchConfig(lengths=(8,))
+    with pytest.raises(ValueError, match="too small"):
+        MigrationBenchConfig(lengths=(1024,), num_blocks=10)
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        MigrationBenchConfig(transports=("host",))
+    with pytest.raises(ValueError, match="must be at least"):
+        MigrationBenchConfig(migrations=4, output_tokens=8)
+
+
+def test_kv_transfer_copies_blocks_exactly():
+    kw = dict(num_kv_heads=2, head_dim=8)
+    src, dst = KVCachePool(2, 10, 4, **kw), KVCachePool(2, 6, 4, **kw)
+    src.cache.normal_()
+    transfer = KVTransfer(src, dst)
+    assert transfer.copy([7, 2, 5], [0, 4, 1])() is True
+    torch.testing.assert_close(dst.read_blocks([0, 4, 1]), src.read_blocks([7, 2, 5]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="destination blocks"):
+        transfer.copy([1, 2], [3])
+
+
+def test_migrate_in_process_keeps_stepping_until_an_async_copy_lands():
+    """A transfer whose copy lands late: the source keeps decoding meanwhile, and the output is still exact."""
+    src, dst = (EngineInstance(i, TorchExecutor("tiny", 64)) for i in range(2))
+    ref_inst = EngineInstance(2, TorchExecutor("tiny", 64))
+    prompt = list(range(100, 160))
+    ref = Request(1, 0.0, 60, 30, prompt_token_ids=list(prompt))
+    ref_inst.add_request(ref)
+    ref_inst.run_until_idle()
+
+    req = Request(2, 0.0, 60, 30, prompt_token_ids=list(prompt))
+    src.add_request(req)
+    for _ in range(3):
+        src.step()
+    polls = {"left": 0}
+
+    def late_transfer(s, d, stage):
+        d.executor.write_blocks(stage.dst_blocks, s.executor.read_blocks(stage.src_blocks))
+        polls["left"] = 0 if stage.final else 4
+
+        def done():
+            polls["left"] -= 1
+            return polls["left"] < 0
+
+        return done
+
+    before = len(src.steps)
+    mig = migrate_in_process(1, req, src, dst, transfer=late_transfer)
+    assert mig.stages[-1].final and len(src.steps) - before >= 4
+    dst.run_until_idle()
+    assert req.output_token_ids == ref.output_token_ids
+
+
+def test_kv_check_catches_a_corrupted_copy():
+    import llumnix.bench.migration as m
+
+    class Corrupting(KVTransfer):
+        def copy(self, src_blocks, dst_blocks):
+            done = super().copy(src_blocks, dst_blocks)
+            if dst_blocks:
+                self.dst.cache[:, :, dst_blocks[0], 0] += 1.0
+            return done
+
+    cfg = MigrationBenchConfig(lengths=(64,), repeats=1, warmup=0)
+    executors = [TorchExecutor("tiny", cfg.pool_blocks) for _ in range(2)]
+    pools = [e.runner.kv_cache for e in executors]
+    bench = m._Bench(cfg, *(EngineInstance(i, e) for i, e in enumerate(executors)),
+                     {"device": (Corrupting(pools[0], pools[1]), KVTransfer(pools[1], pools[0]))}, 1024)
+    assert bench.migration(64, "device", verify_kv=True).kv_identical is False
+
+
+def test_profile_grids_fit_the_pool():
+    cfg = ProfileConfig(num_blocks=100, max_batched_tokens=1000)
+    for b, n in prefill_grid(cfg, max_position=8192):
+        assert b * n <= 1000 and b * -(-n // 16) <= 100
+    points = decode_grid(cfg, max_position=8192)
+    assert {b for b, _ in points} == {b for b in (1, 2, 4, 8, 16, 32, 64)}
+    for b, total in points:
+        assert b <= total <= 100 * 16
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    cfg = ProfileConfig(name="test-tiny", num_blocks=128, **SMALL_GRID)
+    path = measure_profile(cfg, command="pytest").save(tmp_path_factory.mktemp("prof") / "test-tiny.json")
+    return path
+
+
+def test_profiler_writes_a_loadable_measured_profile(tiny_profile):
+    prof = Profile.load(tiny_profile)
+    assert prof.reconstructed is False and prof.provenance.startswith("measured: pytest, ")
+    assert prof.total_blocks == 128 and prof.kv_bytes_per_token == 2 * 4 * 2 * 64 * 4
+    assert len(prof.prefill) >= 3 and len(prof.decode) >= 4 and len(prof.blocking_copy) == 3
+    assert prof.migration_bandwidth_bytes_per_s > 0 and prof.step_overhead_s > 0
+    assert prof.prefill_time_s([128]) > 0 and prof.decode_time_s(8, 512) > 0
+
+
+def test_simulator_runs_on_a_measured_profile(tiny_profile):
+    prof = Profile.load(tiny_profile)
+    reqs = [Request(i, 0.01 * i, 20 + 7 * i, 5 + i % 4) for i in range(12)]
+    res = simulate(reqs, prof, SimConfig(num_instances=2))
+    assert len(res.requests) == 12 and all(r.finished for r in res.requests)
+
+
+def test_packaged_cpu_tiny_profile_is_measured():
+    prof = Profile.load("cpu-tiny")
+    assert prof.reconstructed is False and prof.provenance.startswith("measured: llumnix profile")
+    assert prof.total_blocks == 792
+
+
+def test_cli_bench_profile_and_plot(tmp_path):
+    assert {c.name for c in COMMANDS} >= {"bench", "profile", "plot-migration"}
+    csv = tmp_path / "fig10.csv"
+    cli("bench", "migration", "--lengths", "48,96", "--repeats", "1", "--warmup", "0", "-o", csv)
+    df = pd.read_csv(csv)
+    assert len(df) == 2 and df["token_identical"].all()
+    cli("plot-migration", "--csv", csv, "-o", tmp_path / "fig10", "--measurements", tmp_path / "long.csv")
+    assert (tmp_path / "fig10.png").stat().st_size > 0 and (tmp_path / "fig10.pdf").stat().st_size > 0
+    assert set(pd.read_csv(tmp_path / "long.csv")["method"]) == {"recompute", "blocking-copy", "llumnix"}
+
+    out = tmp_path / "p.json"
+    cli("profile", "--num-blocks", "64", "--prefill-lengths", "32,64", "--prefill-batches", "1,2",
+        "--decode-batches", "1,4", "--decode-contexts", "64", "--copy-blocks", "1,4", "--repeats", "1", "-o", out)
+    data = json.loads(out.read_text())
+    assert data["name"] == "p" and data["provenance"].startswith("measured: llumnix profile --device cpu")
+    assert Profile.load(out).total_blocks == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_cuda_side_stream_transfers_token_identical():
+    df = run_migration_bench(MigrationBenchConfig(device="cuda", lengths=(64, 256), repeats=1,
+                                                  transports=("device", "host")))
+    assert df["token_identical"].all()
