@@ -1,7 +1,171 @@
-"""Click commands of this subpackage, registered on the ``llumnix`` group by ``llumnix.cli``."""
+"""Click commands of this subpackage, registered on the ``llumnix`` group by ``llumnix.cli``:
+``serve`` (the Ray cluster + HTTP frontend), ``replay`` (a trace against a frontend) and ``bench scheduler`` (Fig 16).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
+from click.core import ParameterSource
 
 COMMANDS: list[click.Command] = []
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _explicit(ctx: click.Context, names: list[str]) -> dict:
+    """The options the user set on the command line (they override the YAML file)."""
+    return {
+        name: ctx.params[name]
+        for name in names
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+
+
+# -- serve --------------------------------------------------------------------------------------------------------
+SERVE_FIELDS = [
+    "address", "backend", "model", "profile", "speed", "instances", "policy", "host", "port", "num_blocks",
+    "block_size", "device", "dtype", "seed", "torch_threads", "migration_threshold", "pairing_interval_s",
+    "last_stage_blocks", "max_num_seqs", "max_batched_tokens", "priorities", "num_cpus_per_instance",
+    "num_gpus_per_instance",
+]
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML file of settings (same names as the flags, with underscores); flags given here win.")
+@click.option("--address", default=None, help="Ray cluster to join, e.g. 'auto' or 'HOST:6379' (default: start one).")
+@click.option("--backend", type=click.Choice(["torch", "profile"]), default="torch",
+              help="torch: the paged-KV LLaMA model; profile: steps only sleep for profiled times.")
+@click.option("--model", default="tiny", help="Model preset of the torch backend (random weights).")
+@click.option("--profile", default="a10-llama-7b", help="Step-time profile of the profile backend (name or JSON).")
+@click.option("--speed", type=float, default=1.0, help="Profile backend: run steps this many times faster.")
+@click.option("--instances", type=int, default=2, help="Number of instance actors.")
+@click.option("--policy", type=click.Choice(["round-robin", "infaas++", "llumnix"]), default="llumnix",
+              help="Dispatch / migration system (the same policies as the simulator).")
+@click.option("--host", default="127.0.0.1", help="HTTP bind address.")
+@click.option("--port", type=int, default=8000, help="HTTP port.")
+@click.option("--num-blocks", type=int, default=None,
+              help="KV blocks per instance (default: 256 for torch, the profile's own for profile).")
+@click.option("--block-size", type=int, default=16, help="Tokens per KV block.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Torch backend device.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              help="Torch backend dtype.")
+@click.option("--seed", type=int, default=0, help="Weight seed (every instance serves the same weights).")
+@click.option("--torch-threads", type=int, default=1, help="Intra-op CPU threads of each instance's torch.")
+@click.option("--migration-threshold", type=float, default=3.0,
+              help="Freeness below which an instance is a migration source and above which a destination.")
+@click.option("--no-migration", is_flag=True, help="Disable migration (llumnix policy: dispatch only).")
+@click.option("--pairing-interval", "pairing_interval_s", type=float, default=0.1,
+              help="Seconds between migration pairing rounds.")
+@click.option("--last-stage-blocks", type=int, default=2, help="Blocks left at which a migration stops and copies.")
+@click.option("--max-num-seqs", type=int, default=256, help="Most running sequences per instance.")
+@click.option("--max-batched-tokens", type=int, default=12_288, help="Most prompt tokens in one prefill step.")
+@click.option("--priorities", is_flag=True, help="Honour request priorities (the 'priority' request field).")
+@click.option("--num-cpus-per-instance", type=float, default=1.0, help="Ray CPUs reserved by each instance actor.")
+@click.option("--num-gpus-per-instance", type=float, default=None,
+              help="Ray GPUs per instance actor, fractions allowed (default: 1 with --device cuda, else 0).")
+@click.pass_context
+def serve(ctx: click.Context, config_path: Path | None, no_migration: bool, **_: object) -> None:
+    """Serve an OpenAI-style completions API from a Ray cluster of engine instances with live migration."""
+    from llumnix.runtime.frontend import serve as run
+    from llumnix.runtime.serve_config import ServeConfigError, build_serve_config, load_yaml
+
+    overrides = _explicit(ctx, SERVE_FIELDS)
+    if no_migration:
+        overrides["migration"] = False
+    try:
+        file_values = load_yaml(config_path) if config_path else {}
+        config = build_serve_config(file_values, overrides)
+    except ServeConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"llumnix serve: {config.instances} x {config.instance.backend} instances, policy {config.policy}, "
+               f"http://{config.host}:{config.port}", err=True)
+    run(config)
+
+
+COMMANDS.append(serve)
+
+
+# -- replay -------------------------------------------------------------------------------------------------------
+@click.command(context_settings=CONTEXT)
+@click.option("--url", required=True, help="Frontend base URL, e.g. http://127.0.0.1:8000.")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Trace file written by `llumnix trace` (CSV or Parquet).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory for requests.parquet, instances.parquet, migrations.parquet, summary.json.")
+@click.option("--time-scale", type=float, default=1.0,
+              help="Multiply the trace's arrival times by this (0.5 replays twice as fast).")
+@click.option("--seed", type=int, default=0, help="Seed of the random prompt token ids.")
+@click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance load samples.")
+@click.option("--request-timeout", type=float, default=3600.0, help="Seconds one request may take before it fails.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout, progress) -> None:
+    """Send a trace's requests to a frontend at their arrival times; write the same tables as `llumnix simulate`."""
+    from llumnix.runtime.replay import run_replay
+
+    try:
+        summary = run_replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout,
+                             progress=progress and sys.stderr.isatty())
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    keys = ("requests", "finished", "errors", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s",
+            "migrations", "preemptions")
+    click.echo(json.dumps({k: summary.get(k) for k in keys}), err=True)
+    if summary["finished"] < summary["requests"]:
+        raise click.ClickException(f"{summary['requests'] - summary['finished']} requests did not finish")
+
+
+COMMANDS.append(replay)
+
+
+# -- bench scheduler ----------------------------------------------------------------------------------------------
+@click.command("scheduler", context_settings=CONTEXT)
+@click.option("--instances", default="16,64,256", help="Comma-separated instance counts.")
+@click.option("--designs", default="llumlet,centralized",
+              help="Comma-separated designs: llumlet (asynchronous load reports), centralized (synchronous consults).")
+@click.option("--requests", "num_requests", type=int, default=None,
+              help="Requests per run (default: 8 per instance).")
+@click.option("--rate-per-instance", type=float, default=1.0, help="Arrival rate per instance, requests/s of real time.")
+@click.option("--speed", type=float, default=1.0, help="Steps run this many times faster than the profile says.")
+@click.option("--profile", default="a10-llama-7b", help="Step-time profile (name or JSON path).")
+@click.option("--max-wall", "max_wall_s", type=float, default=120.0, help="Stop a run after this many seconds.")
+@click.option("--seed", type=int, default=0, help="Seed of arrivals and lengths.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
+def bench_scheduler(instances, designs, num_requests, rate_per_instance, speed, profile, max_wall_s, seed,
+                    output) -> None:
+    """Fig 16: per-request dispatch latency and per-step scheduling stall, llumlet vs centralized scheduling."""
+    from llumnix.bench.scheduler import BenchConfig, run_benchmark
+
+    try:
+        counts = [int(x) for x in instances.split(",") if x.strip()]
+        design_list = [d.strip() for d in designs.split(",") if d.strip()]
+        config = BenchConfig(requests=num_requests, rate_per_instance=rate_per_instance, speed=speed,
+                             profile=profile, max_wall_s=max_wall_s, seed=seed)
+        df = run_benchmark(counts, design_list, config, progress=lambda msg: click.echo(msg, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    click.echo(df.to_string(index=False), err=True)
+
+
+def _bench_group() -> click.Command:
+    """``bench scheduler``: joins a ``bench`` group that llumnix.bench.cli already exports, else brings its own."""
+    try:
+        from llumnix.bench.cli import COMMANDS as BENCH_COMMANDS
+    except ImportError:
+        BENCH_COMMANDS = []
+    for command in BENCH_COMMANDS:
+        if isinstance(command, click.Group) and command.name == "bench":
+            command.add_command(bench_scheduler)
+            return command
+    group = click.Group("bench", help="Benchmarks of the real runtime.", context_settings=CONTEXT)
+    group.add_command(bench_scheduler)
+    COMMANDS.append(group)
+    return group
+
+
+_bench_group()

@@ -1,0 +1,296 @@
+"""Replay a trace against a serving frontend (``llumnix replay``) and write the same tables as ``llumnix simulate``.
+
+Each trace row becomes one streaming ``/v1/completions`` request sent at its arrival time (times ``time_scale``), with
+a prompt of ``prompt_tokens`` random token ids (seeded), ``max_tokens = output_tokens`` and ``ignore_eos``. The client
+records when it sent the request, when the first token arrived and when the last did; these client-side times are
+the latencies in ``requests.parquet`` / ``summary.json``. Engine-side events the server reports with the last chunk
+(preemptions, prefills, migrations; wall-clock seconds of the instance hosts) are put on the same time axis, which
+assumes the client's and the instances' clocks agree (one host, or NTP). Every ``sample_interval_s`` the replay also
+reads ``/admin/instances`` into ``instances.parquet`` (load per instance, and fragmentation as the simulator computes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llumnix.core.request import Request, RequestStatus
+from llumnix.metrics import request_table, summarize
+from llumnix.sim.run import write_outputs
+
+log = logging.getLogger(__name__)
+
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+def load_trace(path: Path) -> pd.DataFrame:
+    """A trace written by ``llumnix trace`` (CSV, or Parquet by suffix); ``request_id`` and ``priority`` optional."""
+    path = Path(path)
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: trace lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
+    if "request_id" not in df.columns:
+        df = df.assign(request_id=np.arange(len(df)))
+    if "priority" not in df.columns:
+        df = df.assign(priority=0)
+    if (df["prompt_tokens"] < 1).any() or (df["output_tokens"] < 1).any():
+        raise ValueError(f"{path}: prompt_tokens and output_tokens must be >= 1")
+    return df.sort_values(["arrival_s", "request_id"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class ReplayResult:
+    requests: list[Request]
+    samples: list[dict]
+    migrations: list[dict]
+    errors: list[str]
+    wall_s: float
+    max_send_lag_s: float
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def fragmentation(rows: list[dict]) -> float:
+    """The simulator's fragmentation of one sample: the share of the cluster's free blocks left idle while some queued
+    head-of-line request waits although the cluster as a whole, but no single instance, has room for it."""
+    live = [r for r in rows if r["alive"]]
+    if not live:
+        return 0.0
+    total = sum(r["total_blocks"] for r in live)
+    free = {r["instance_id"]: r["free_blocks"] - r["watermark_blocks"] for r in live}
+    cluster_free = sum(max(0, f) for f in free.values())
+    max_free = max(free.values())
+    fragmented = any(
+        r["waiting"] and not r["draining"] and free[r["instance_id"]] < (d := r["head_demand_blocks"])
+        and cluster_free >= d and max_free < d
+        for r in live
+    )
+    return cluster_free / total if fragmented and total else 0.0
+
+
+async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list[dict], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            rows = (await client.get(f"{url}/admin/instances", timeout=10.0)).json()
+        except Exception as e:  # a missed sample is not worth failing the replay for
+            log.debug("sample failed: %r", e)
+        else:
+            now = time.time() - t0
+            frag = fragmentation(rows)
+            for r in rows:
+                out.append(
+                    {
+                        "time_s": now,
+                        "instance_id": r["instance_id"],
+                        "alive": r["alive"],
+                        "running": r["running"],
+                        "waiting": r["waiting"],
+                        "used_blocks": r["total_blocks"] - r["free_blocks"],
+                        "free_blocks": r["free_blocks"],
+                        "freeness": r["freeness"] if math.isfinite(r["freeness"]) else float("nan"),
+                        "draining": r["draining"],
+                        "fragmentation": frag,
+                        "migration_bytes": r["migration_bytes"],
+                    }
+                )
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _one(client, url: str, req: Request, t0: float, send_at: float, result: ReplayResult, timeout_s: float):
+    await asyncio.sleep(max(0.0, t0 + send_at - time.time()))
+    sent = time.time()
+    result.max_send_lag_s = max(result.max_send_lag_s, sent - (t0 + send_at))
+    req.arrival_s = sent - t0
+    body = {
+        "prompt": req.prompt_token_ids,
+        "max_tokens": req.output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "priority": req.priority,
+    }
+    extra: dict[str, Any] | None = None
+    last = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout_s) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                result.errors.append(f"request {req.request_id}: HTTP {resp.status_code}: {text[:300]}")
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.errors.append(f"request {req.request_id}: {chunk['error'].get('message')}")
+                    return
+                now = time.time() - t0
+                ids = chunk["choices"][0]["token_ids"]
+                if ids and req.first_token_s is None:
+                    req.first_token_s = now
+                req.num_generated += len(ids)
+                req.output_token_ids.extend(ids)
+                last = now
+                extra = chunk.get("llumnix", extra)
+    except Exception as e:
+        result.errors.append(f"request {req.request_id}: {e!r}")
+        return
+    if req.num_generated == req.output_tokens and last is not None:
+        req.finish_s = last
+        req.status = RequestStatus.FINISHED
+    else:
+        result.errors.append(f"request {req.request_id}: got {req.num_generated} of {req.output_tokens} tokens")
+    if extra:
+        _apply_engine_timeline(req, extra, t0, result)
+
+
+def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result: ReplayResult) -> None:
+    req.instances = [int(i) for i in info.get("instances", [])]
+    req.preemptions_s = [t - t0 for t in info.get("preemptions_s", [])]
+    req.prefill_ends_s = [t - t0 for t in info.get("prefill_ends_s", [])]
+    records = []
+    for m in info.get("migration_records", []):
+        start, end, src, dst, downtime, stages, committed = m
+        records.append((start - t0, end - t0, int(src), int(dst), float(downtime), int(stages), bool(committed)))
+        result.migrations.append(
+            {
+                "request_id": req.request_id,
+                "src": int(src),
+                "dst": int(dst),
+                "start_s": start - t0,
+                "end_s": end - t0,
+                "stages": int(stages),
+                "downtime_s": float(downtime),
+                "committed": bool(committed),
+            }
+        )
+    req.migrations = records
+
+
+async def replay(
+    url: str,
+    trace: pd.DataFrame,
+    time_scale: float = 1.0,
+    seed: int = 0,
+    sample_interval_s: float = 1.0,
+    request_timeout_s: float = 3600.0,
+    progress=None,
+) -> ReplayResult:
+    import httpx
+
+    url = url.rstrip("/")
+    if time_scale <= 0:
+        raise ValueError(f"--time-scale must be > 0, got {time_scale}")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+        resp = await client.get(f"{url}/v1/models")
+        resp.raise_for_status()
+        model = resp.json()["data"][0]
+        vocab = int(model["vocab_size"])
+        rng = np.random.default_rng(seed)
+        requests = [
+            Request(
+                int(r.request_id), float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), int(r.priority),
+                prompt_token_ids=rng.integers(0, vocab, int(r.prompt_tokens)).tolist(),
+            )
+            for r in trace.itertuples(index=False)
+        ]
+        result = ReplayResult(requests, [], [], [], 0.0, 0.0, model)
+        t0 = time.time() + 0.2  # a little lead so the first sends are not late
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_loop(client, url, t0, sample_interval_s, result.samples, stop))
+
+        async def tracked(req: Request):
+            await _one(client, url, req, t0, req.arrival_s * time_scale, result, request_timeout_s)
+            if progress is not None:
+                progress(1)
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(tracked(r) for r in requests))
+        finally:
+            stop.set()
+            await sampler
+        result.wall_s = time.perf_counter() - started
+    return result
+
+
+def write_replay_outputs(result: ReplayResult, out_dir: Path, extra: dict[str, Any]) -> dict:
+    req_df = request_table(result.requests)
+    inst_df = pd.DataFrame(
+        result.samples,
+        columns=[
+            "time_s", "instance_id", "alive", "running", "waiting", "used_blocks", "free_blocks", "freeness",
+            "draining", "fragmentation", "migration_bytes",
+        ],
+    )
+    mig_df = pd.DataFrame(
+        result.migrations,
+        columns=["request_id", "src", "dst", "start_s", "end_s", "stages", "downtime_s", "committed"],
+    )
+    done = mig_df[mig_df["committed"].astype(bool)] if len(mig_df) else mig_df
+    last = inst_df[inst_df["time_s"] == inst_df["time_s"].max()] if len(inst_df) else inst_df
+    migrations = {
+        "migration_attempts": int(len(mig_df)),
+        "migration_aborts": int(len(mig_df) - len(done)),
+        "migration_downtime_mean_s": float(done["downtime_s"].mean()) if len(done) else 0.0,
+        "migration_downtime_p99_s": float(done["downtime_s"].quantile(0.99)) if len(done) else 0.0,
+        "migration_bytes": int(last["migration_bytes"].sum()) if len(last) else 0,
+    }
+    avg_instances = float(inst_df.groupby("time_s")["alive"].sum().mean()) if len(inst_df) else float("nan")
+    summary = summarize(
+        req_df,
+        inst_df,
+        avg_instances=avg_instances,
+        migrations=migrations,
+        extra={
+            **extra,
+            "runtime": "ray",
+            "model": result.model.get("id"),
+            "errors": len(result.errors),
+            "error_examples": result.errors[:5],
+            "wall_s": result.wall_s,
+            "max_send_lag_s": result.max_send_lag_s,
+        },
+    )
+    write_outputs(out_dir, req_df, inst_df, summary, migrations=mig_df)
+    return summary
+
+
+def run_replay(
+    url: str,
+    trace_path: Path,
+    out_dir: Path,
+    time_scale: float = 1.0,
+    seed: int = 0,
+    sample_interval_s: float = 1.0,
+    request_timeout_s: float = 3600.0,
+    progress: bool = False,
+) -> dict:
+    """The body of ``llumnix replay``."""
+    from tqdm.auto import tqdm
+
+    trace = load_trace(trace_path)
+    with tqdm(total=len(trace), desc="replaying", unit="req", disable=not progress, leave=False) as bar:
+        result = asyncio.run(
+            replay(url, trace, time_scale, seed, sample_interval_s, request_timeout_s, progress=bar.update)
+        )
+    extra = {"url": url, "trace": str(trace_path), "time_scale": time_scale, "seed": seed}
+    summary = write_replay_outputs(result, Path(out_dir), extra)
+    if result.errors:
+        log.warning("%d of %d requests failed, e.g. %s", len(result.errors), len(trace), result.errors[0])
+    return summary

@@ -1,0 +1,120 @@
+"""Configuration of the serving cluster (``llumnix serve``): a validated model loaded from YAML, overridden by flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llumnix.policies.system import SYSTEMS
+
+
+class ServeConfigError(ValueError):
+    """A config file or flag combination is invalid; the message names the field and the fix."""
+
+
+class InstanceSpec(BaseModel):
+    """What every instance actor builds: its executor, KV pool and scheduler limits (all instances are alike)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["torch", "profile"] = Field("torch", description="torch: the paged-KV LLaMA; profile: timed sleeps")
+    model: str = Field("tiny", description="model preset of the torch backend (llumnix.engine.model.PRESETS)")
+    profile: str = Field("a10-llama-7b", description="step-time profile of the profile backend (name or JSON path)")
+    speed: float = Field(1.0, gt=0, description="profile backend: steps run this many times faster than profiled")
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks per instance (torch default 256; profile: its own)")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend device")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch backend dtype")
+    seed: int = Field(0, description="weight seed: every instance uses the same one, so all serve the same model")
+    torch_threads: int = Field(1, ge=1, description="intra-op CPU threads of each instance's torch")
+    watermark: float = Field(0.01, ge=0, lt=1, description="fraction of KV blocks kept free when admitting prompts")
+    max_num_seqs: int = Field(256, ge=1, description="most running sequences per instance")
+    max_batched_tokens: int = Field(12_288, ge=1, description="most prompt tokens in one prefill step")
+    priorities: bool = Field(False, description="honour request priorities (headroom, queue jumping, no migration)")
+    last_stage_blocks: int = Field(2, ge=0, description="blocks left at which a migration stops and copies")
+    max_stages: int = Field(8, ge=1, description="most migration stages before the stop-and-copy stage is forced")
+
+    @model_validator(mode="after")
+    def _check(self) -> InstanceSpec:
+        if self.backend == "torch":
+            from llumnix.engine.model import PRESETS
+
+            if self.model not in PRESETS:
+                raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
+        if self.backend == "profile" and self.device != "cpu":
+            raise ValueError("the profile backend runs no model: leave device at cpu")
+        return self
+
+
+class ServeConfig(BaseModel):
+    """``llumnix serve``: one Ray actor per instance, a global scheduler and the HTTP frontend in this process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="Ray cluster to join (None: start a local one)")
+    instances: int = Field(2, ge=1, description="number of instance actors")
+    policy: str = Field("llumnix", description="round-robin, infaas++ or llumnix")
+    migration: bool = Field(True, description="migrate requests between instances (llumnix policy only)")
+    migration_threshold: float = Field(3.0, description="freeness below which an instance sends, above which it receives")
+    pairing_interval_s: float = Field(0.1, gt=0, description="seconds between migration pairing rounds")
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    num_cpus_per_instance: float = Field(1.0, ge=0, description="Ray CPUs reserved by each instance actor")
+    num_gpus_per_instance: float | None = Field(
+        None, ge=0, description="Ray GPUs of each instance actor, fractions allowed (default: 1 on cuda, else 0)"
+    )
+    poll_timeout_s: float = Field(0.5, gt=0, description="an idle instance reports its load at least this often")
+    startup_timeout_s: float = Field(600.0, gt=0, description="seconds the instance actors may take to start")
+    instance: InstanceSpec = Field(default_factory=InstanceSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.policy not in SYSTEMS:
+            raise ValueError(f"policy must be one of {', '.join(SYSTEMS)}, got {self.policy!r}")
+        return self
+
+    @property
+    def gpus_per_instance(self) -> float:
+        if self.num_gpus_per_instance is not None:
+            return self.num_gpus_per_instance
+        return 1.0 if self.instance.device == "cuda" else 0.0
+
+    @property
+    def migrates(self) -> bool:
+        return self.migration and self.policy == "llumnix"
+
+
+# Flags that belong to the instance spec rather than to the cluster (flat names on the command line and in YAML).
+INSTANCE_FIELDS = frozenset(InstanceSpec.model_fields)
+
+
+def build_serve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Merge a YAML mapping (flat, or with an ``instance:`` section) with flag overrides; flags win."""
+    merged: dict[str, Any] = {}
+    instance: dict[str, Any] = {}
+    for source in (file_values or {}, overrides or {}):
+        for key, value in source.items():
+            key = key.replace("-", "_")
+            if key == "instance":
+                if not isinstance(value, dict):
+                    raise ServeConfigError("'instance' must be a mapping of instance settings")
+                instance.update({k.replace("-", "_"): v for k, v in value.items()})
+            elif key in INSTANCE_FIELDS:
+                instance[key] = value
+            else:
+                merged[key] = value
+    try:
+        return ServeConfig(**merged, instance=InstanceSpec(**instance))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+        raise ServeConfigError(f"invalid serve config: {problems}") from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ServeConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
