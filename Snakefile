@@ -17,9 +17,11 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/bench.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets(EXPERIMENTS, with_claims=HAS_CLAIMS),
+        "results/figures/fig10-local.png",

@@ -80,6 +80,15 @@ def simulate_options(wildcards):
     return simulate_args(EXPERIMENTS[wildcards.experiment], wildcards.trace, wildcards.system, wildcards.seed)
 
 
+def local_bench_args():
+    """Fig 10 on this machine: the GPU setting when torch sees one, else the CPU tiny model."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "--device cuda --model llama-7b --dtype bfloat16 --lengths 256,512,1024,2048,4096,8192"
+    return "--device cpu --model tiny --lengths 64,128,256,512,1024 --repeats 3"
+
+
 def measurements_file(wildcards):
     return EXPERIMENTS[wildcards.experiment].measurements
 
