@@ -89,17 +89,25 @@ class Migration:
         self.src.migrating.add(self.request.request_id)
         return self._begin_stage(now)
 
+    def next_stage_extent(self, copied_blocks: int) -> tuple[int, bool]:
+        """Where the next stage ends (exclusive block index in the request's table) and whether it is the final
+        stop-and-copy, given ``copied_blocks`` already copied. Non-final stages copy only complete blocks: the last,
+        partial one still changes while the request decodes."""
+        req, src = self.request, self.src
+        num_blocks = src.blocks.num_blocks_of(req.request_id)
+        complete = min(num_blocks, src.kv_tokens_of(req) // src.blocks.block_size)
+        final = (
+            num_blocks - copied_blocks <= self.config.last_stage_max_blocks
+            or len(self.stages) + 1 >= self.config.max_stages
+        )
+        return (num_blocks if final else max(copied_blocks, complete)), final
+
     def _begin_stage(self, now: float) -> Stage | None:
         req = self.request
         if not self.src.is_migratable(req, self._preemptions_at_start):
             return self.abort(now, "request finished or was preempted on the source")
-        table = self.src.kv_blocks_of(req)
-        bs = self.src.blocks.block_size
-        complete = min(len(table), self.src.kv_tokens_of(req) // bs)
-        remaining = len(table) - self.copied_blocks
-        final = remaining <= self.config.last_stage_max_blocks or len(self.stages) + 1 >= self.config.max_stages
-        upto = len(table) if final else complete
-        src_blocks = table[self.copied_blocks : upto]
+        upto, final = self.next_stage_extent(self.copied_blocks)
+        src_blocks = self.src.kv_blocks_of(req)[self.copied_blocks : upto]
         dst_blocks = self.dst.pre_alloc(self.owner_key, len(src_blocks))
         if dst_blocks is None:
             return self.abort(now, "destination lacks free blocks")

@@ -193,18 +193,14 @@ class RemoteDestination:
 
 
 def stage_blocks_needed(mig: Migration, first: bool) -> int | None:
-    """How many blocks the next stage of ``mig`` will pre-allocate (the arithmetic of ``Migration._begin_stage``), or
-    None when the request has left the source's running / frozen sets (the stage will abort without asking)."""
-    req, src = mig.request, mig.src
-    sched = src.scheduler
+    """How many blocks the next stage of ``mig`` will pre-allocate, or None when the request has left the source's
+    running / frozen sets (the stage will abort without asking)."""
+    req, sched = mig.request, mig.src.scheduler
     if not (req.request_id in sched.frozen or any(r is req for r in sched.running)):
         return None
-    table = src.kv_blocks_of(req)
     copied = mig.copied_blocks + (0 if first else len(mig.stages[-1].src_blocks))
-    complete = min(len(table), src.kv_tokens_of(req) // src.blocks.block_size)
-    final = len(table) - copied <= mig.config.last_stage_max_blocks or len(mig.stages) + 1 >= mig.config.max_stages
-    upto = len(table) if final else complete
-    return max(0, upto - copied)
+    upto, _ = mig.next_stage_extent(copied)
+    return upto - copied
 
 
 @dataclass
