@@ -50,6 +50,8 @@ def test_llumnix_migrates_under_load_and_timelines_stay_continuous(a10):
     for m in committed:
         r = m.request
         assert m.stages[-1].final and m.downtime_s > 0
+        # downtime is exactly the stop-and-copy stage: the commit does not wait for the source's next step boundary
+        assert m.downtime_s == pytest.approx(a10.migration_stage_time_s(len(m.stages[-1].src_blocks)))
         assert m.downtime_s <= m.end_s - m.start_s
         assert r.instances[-1] != r.instances[0] or len(r.instances) > 2
         assert r.first_token_s <= m.start_s  # only requests with output migrate

@@ -273,6 +273,12 @@ class Simulator:
         if mig.done:
             self._after_stage(mig, None, now)
             return
+        if mig.stages[-1].final:
+            # COMMIT touches only the frozen request (not part of any step in flight): no need to wait for the
+            # source's step boundary, which would add up to a decode step to the downtime.
+            self._after_stage(mig, mig.end_stage(now), now)
+            return
+        # The next stage may freeze the request: that happens between the source's steps.
         self._at_boundary(src, now, lambda t: self._after_stage(mig, mig.end_stage(t), t))
 
     def _on_scale_tick(self, now: float, _: object) -> None:
