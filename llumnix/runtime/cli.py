@@ -29,7 +29,8 @@ SERVE_FIELDS = [
     "address", "backend", "model", "profile", "speed", "instances", "policy", "host", "port", "num_blocks",
     "block_size", "device", "dtype", "seed", "torch_threads", "migration_threshold", "pairing_interval_s",
     "last_stage_blocks", "max_num_seqs", "max_batched_tokens", "priorities", "num_cpus_per_instance",
-    "num_gpus_per_instance",
+    "num_gpus_per_instance", "autoscale", "scale_up", "scale_down", "min_instances", "max_instances",
+    "initial_instances", "scale_interval_s", "startup_delay_s",
 ]
 
 
@@ -42,7 +43,8 @@ SERVE_FIELDS = [
 @click.option("--model", default="tiny", help="Model preset of the torch backend (random weights).")
 @click.option("--profile", default="a10-llama-7b", help="Step-time profile of the profile backend (name or JSON).")
 @click.option("--speed", type=float, default=1.0, help="Profile backend: run steps this many times faster.")
-@click.option("--instances", type=int, default=2, help="Number of instance actors.")
+@click.option("--instances", type=int, default=2,
+              help="Number of instance actors (with --autoscale: the initial number unless --initial-instances).")
 @click.option("--policy", type=click.Choice(["round-robin", "infaas++", "llumnix"]), default="llumnix",
               help="Dispatch / migration system (the same policies as the simulator).")
 @click.option("--host", default="127.0.0.1", help="HTTP bind address.")
@@ -67,9 +69,28 @@ SERVE_FIELDS = [
 @click.option("--num-cpus-per-instance", type=float, default=1.0, help="Ray CPUs reserved by each instance actor.")
 @click.option("--num-gpus-per-instance", type=float, default=None,
               help="Ray GPUs per instance actor, fractions allowed (default: 1 with --device cuda, else 0).")
+@click.option("--autoscale", is_flag=True,
+              help="Auto-scale on the instances' average freeness (the simulator's scaler): start an instance below "
+                   "--scale-up, drain the least-loaded one above --scale-down (its requests migrate away or finish, "
+                   "queued ones are re-dispatched) and stop it once empty. Cost: /metrics llumnix_instance_seconds.")
+@click.option("--scale-up", type=float, default=10.0,
+              help="With --autoscale: start an instance when the average freeness drops below this.")
+@click.option("--scale-down", type=float, default=60.0,
+              help="With --autoscale: drain an instance when the average freeness exceeds this.")
+@click.option("--min-instances", type=int, default=1, help="With --autoscale: fewest instances.")
+@click.option("--max-instances", type=int, default=16,
+              help="With --autoscale: most instances (the Ray cluster must have the CPUs / GPUs for this many).")
+@click.option("--initial-instances", type=int, default=None,
+              help="With --autoscale: instances at start (default: --instances).")
+@click.option("--scale-interval", "scale_interval_s", type=float, default=10.0,
+              help="With --autoscale: seconds between scaling decisions.")
+@click.option("--startup-delay", "startup_delay_s", type=float, default=0.0,
+              help="Extra seconds a started instance waits, once its engine is up, before taking requests (emulates "
+                   "a model load; the simulator's --startup-delay).")
 @click.pass_context
 def serve(ctx: click.Context, config_path: Path | None, no_migration: bool, **_: object) -> None:
-    """Serve an OpenAI-style completions API from a Ray cluster of engine instances with live migration."""
+    """Serve an OpenAI-style completions API from a Ray cluster of engine instances with live migration and,
+    with --autoscale, the simulator's auto-scaling (cost in /metrics and GET /admin/scaling)."""
     from llumnix.runtime.frontend import serve as run
     from llumnix.runtime.serve_config import ServeConfigError, build_serve_config, load_yaml
 
@@ -81,8 +102,11 @@ def serve(ctx: click.Context, config_path: Path | None, no_migration: bool, **_:
         config = build_serve_config(file_values, overrides)
     except ServeConfigError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"llumnix serve: {config.instances} x {config.instance.backend} instances, policy {config.policy}, "
-               f"http://{config.host}:{config.port}", err=True)
+    scaling = (f" (autoscale {config.min_instances}-{config.max_instances}, freeness "
+               f"[{config.scale_up:g}, {config.scale_down:g}], every {config.scale_interval_s:g} s)"
+               if config.autoscale else "")
+    click.echo(f"llumnix serve: {config.initial_count} x {config.instance.backend} instances{scaling}, "
+               f"policy {config.policy}, http://{config.host}:{config.port}", err=True)
     run(config)
 
 
@@ -103,7 +127,8 @@ COMMANDS.append(serve)
 @click.option("--request-timeout", type=float, default=3600.0, help="Seconds one request may take before it fails.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout, progress) -> None:
-    """Send a trace's requests to a frontend at their arrival times; write the same tables as `llumnix simulate`."""
+    """Send a trace's requests to a frontend at their arrival times; write the same tables as `llumnix simulate`
+    (summary.json's avg_instances: the frontend's instance-seconds over the replay, as the simulator counts cost)."""
     from llumnix.runtime.replay import run_replay
 
     try:
@@ -112,7 +137,7 @@ def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     keys = ("requests", "finished", "errors", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s",
-            "migrations", "preemptions")
+            "migrations", "preemptions", "avg_instances")
     click.echo(json.dumps({k: summary.get(k) for k in keys}), err=True)
     if summary["finished"] < summary["requests"]:
         raise click.ClickException(f"{summary['requests'] - summary['finished']} requests did not finish")

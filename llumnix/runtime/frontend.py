@@ -9,8 +9,14 @@ Endpoints
 - ``GET /v1/models``: the model, its vocabulary size and the longest prompt + output a request may have.
 - ``GET /health``: 200 while at least one instance is alive, else 503.
 - ``GET /metrics``: Prometheus text: per instance running / waiting requests, free blocks, freeness, migrations
-  committed / aborted, steps; cluster counters; dispatch latency.
+  committed / aborted, steps; cluster counters; dispatch latency; ``llumnix_instances{state}`` (starting, serving,
+  draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
+- ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
+- ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
+  and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
+- ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
+  ``POST /admin/start-instance`` launches one more.
 
 Tokenisation is deliberately trivial (there is no trained tokenizer for random weights): text becomes its UTF-8 bytes,
 each byte ``b`` the token id ``b % vocab_size``; output text is the generated token ids written out, each preceded by a
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +101,12 @@ class MigrateRequest(BaseModel):
 
     request_id: str
     dst: StrictInt | None = None
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: StrictInt
 
 
 class BadRequest(Exception):
@@ -273,7 +286,28 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     @app.get("/admin/instances")
     async def admin_instances():
-        return manager.instance_rows()
+        # JSON has no infinities: a draining instance's freeness (-inf) and an unknown one (nan) become null.
+        return [
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            for row in manager.instance_rows()
+        ]
+
+    @app.get("/admin/scaling")
+    async def admin_scaling():
+        return manager.scaling_status()
+
+    @app.post("/admin/drain")
+    async def admin_drain(body: DrainRequest):
+        try:
+            result = await manager.drain(body.instance_id)
+        except KeyError as e:
+            return error_response(404, str(e.args[0]), "instance_id", kind="not_found")
+        return JSONResponse(status_code=200 if result.get("draining") else 409, content=result)
+
+    @app.post("/admin/start-instance")
+    async def admin_start_instance():
+        result = await manager.start_instance()
+        return JSONResponse(status_code=200 if result.get("started") else 503, content=result)
 
     return app
 
@@ -320,6 +354,17 @@ def prometheus_text(manager: ClusterManager) -> tuple[str, str]:
             for key, value in manager.counters.items():
                 yield CounterMetricFamily(f"llumnix_{key}", f"cluster total of {key.replace('_', ' ')}", value=value)
             yield GaugeMetricFamily("llumnix_requests_active", "requests not yet finished", value=len(manager.active))
+            status = manager.scaling_status()
+            fam = GaugeMetricFamily("llumnix_instances", "instance actors by state (their sum is the cost now)",
+                                    labels=["state"])
+            for state in ("starting", "serving", "draining"):
+                fam.add_metric([state], float(status[state]))
+            yield fam
+            yield CounterMetricFamily(
+                "llumnix_instance_seconds",
+                "instance time since the first launch (start-up included): its rate is the average number of instances",
+                value=status["instance_seconds"],
+            )
             for name, stats, doc in (
                 ("llumnix_dispatch_seconds", manager.dispatch_latency, "dispatch: policy choice + instance ack"),
                 ("llumnix_dispatch_decision_seconds", manager.decision_latency, "the dispatch policy's choice"),

@@ -12,7 +12,15 @@ not sent to one instance.
 
 Fault tolerance: when an instance actor dies (or its step fails), every unfinished request it held is dispatched again
 with the tokens already streamed appended to its prompt (recompute), under a new engine request id; late outputs of the
-old attempt are ignored. Auto-scaling is not implemented in this runtime yet (the simulator has it).
+old attempt are ignored.
+
+Auto-scaling (``autoscale``): every ``scale_interval_s`` the simulator's ``Scaler`` decides on the instances' loads and
+the number still starting. A started instance is a new actor; it takes requests once its engine is up and it has
+reported a load (plus ``startup_delay_s`` if set). A drained instance's llumlet reports freeness -inf, so dispatch skips
+it and the pairing policy migrates its running requests away; its queued requests come back (``InstanceActor.drain``)
+and are dispatched again. Once it holds nothing and no migration is in flight (``InstanceActor.retire``) its actor is
+stopped and it leaves dispatch and the metrics. Every instance's launch and stop times give the cost: instance-seconds,
+and their average over a window (``scaling_status``, ``/admin/scaling``).
 """
 
 from __future__ import annotations
@@ -158,6 +166,7 @@ class InstanceHandle:
     actor: Any
     info: dict[str, Any]
     alive: bool = True
+    draining: bool = False  # told to drain: leaves once empty
     load: InstanceLoad | None = None
     stats: InstanceStats | None = None
     num_received: int = 0
@@ -171,7 +180,22 @@ class InstanceHandle:
             return None
         while self.pending and self.pending[0][0] <= self.num_received:
             self.pending.popleft()
+        if self.draining:  # draining from the moment it was told, not from its next report
+            return replace(
+                self.load, draining=True, freeness=-math.inf, freeness_high=-math.inf, can_migrate_in=False
+            )
         return account_pending(self.load, [(b, h) for _, b, h in self.pending])
+
+
+@dataclass
+class InstanceSpan:
+    """When an instance actor was launched and stopped (None while it lives): the cost accounting."""
+
+    launch_s: float
+    stop_s: float | None = None
+
+    def seconds(self, now: float) -> float:
+        return max(0.0, (self.stop_s if self.stop_s is not None else now) - self.launch_s)
 
 
 class ClusterManager:
@@ -186,9 +210,18 @@ class ClusterManager:
                 migration_threshold=config.migration_threshold,
                 pairing_interval_s=config.pairing_interval_s,
                 priorities=config.instance.priorities,
+                autoscale=config.scaling_config(),
             )
         )
-        self.instances: dict[int, InstanceHandle] = {}
+        self.instances: dict[int, InstanceHandle] = {}  # ready instances (serving or draining) and failed ones
+        self.starting: dict[int, Any] = {}  # instance id -> actor, launched but not yet taking requests
+        self.retired: dict[int, InstanceHandle] = {}  # drained and stopped
+        self.spans: dict[int, InstanceSpan] = {}  # every instance ever launched
+        self.scale_events: deque = deque(maxlen=10_000)  # {"time_s", "instance_id", "event"}
+        self._instance_ids = itertools.count()
+        self._handed_back: set[int] = set()  # engine ids a drain handed back while their dispatch was in flight
+        self._info: dict[str, Any] | None = None
+        self.started_s = time.time()
         self.active: dict[str, ClientRequest] = {}
         self._by_engine: dict[int, ClientRequest] = {}
         self._client_ids = itertools.count()
@@ -206,53 +239,89 @@ class ClusterManager:
             "instance_failures": 0,
             "migrations_requested": 0,
             "migrations_started": 0,
+            "instances_started": 0,  # by the scaler, after the initial ones
+            "instance_start_failures": 0,
+            "instances_drained": 0,  # told to drain
+            "instances_stopped": 0,  # drained, empty and stopped
+            "requeued_on_drain": 0,  # queued requests a drained instance handed back
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         import ray
 
-        spec = self.config.instance
         self._check_resources(ray.cluster_resources())
-        actor_cls = ray.remote(InstanceActor)
-        actors = [
-            actor_cls.options(
-                num_cpus=self.config.num_cpus_per_instance,
-                num_gpus=self.config.gpus_per_instance,
-                max_concurrency=1000,
-            ).remote(i, spec)
-            for i in range(self.config.instances)
-        ]
+        self.started_s = time.time()  # the cost window opens with the first launch
+        ids = [next(self._instance_ids) for _ in range(self.config.initial_count)]
+        actors = [self._new_actor(i) for i in ids]
         try:
             infos = await asyncio.wait_for(
                 asyncio.gather(*(a.start.remote() for a in actors)), self.config.startup_timeout_s
             )
             reports = await asyncio.gather(*(a.poll.remote(0.0) for a in actors))
         except BaseException as e:
-            for a in actors:
+            for i, a in zip(ids, actors, strict=True):
                 with contextlib.suppress(Exception):
                     ray.kill(a, no_restart=True)
+                self._stopped(i)
             if isinstance(e, asyncio.TimeoutError):
                 raise RuntimeError(
                     f"the {len(actors)} instance actors did not start within {self.config.startup_timeout_s:.0f} s "
                     "(are the CPUs / GPUs they ask for free? see `ray status`)"
                 ) from None
             raise
-        for i, (actor, info, report) in enumerate(zip(actors, infos, reports, strict=True)):
-            inst = InstanceHandle(i, actor, info)
-            self.instances[i] = inst
-            self._apply_report(inst, report)
-            self.gs.dispatch.on_instance_added(i)
+        for i, actor, info, report in zip(ids, actors, infos, reports, strict=True):
+            self._add_instance(InstanceHandle(i, actor, info), report)
         self._running = True
         for inst in self.instances.values():
             self._spawn(self._poll_loop(inst))
         if self.gs.migrates:
             self._spawn(self._pairing_loop())
-        log.info("cluster up: %d instances, policy %s, migration %s", len(actors), self.config.policy, self.gs.migrates)
+        if self.gs.scaler is not None:
+            self._spawn(self._scale_loop())
+        log.info(
+            "cluster up: %d instances, policy %s, migration %s, autoscale %s",
+            len(actors), self.config.policy, self.gs.migrates, self.gs.scaler is not None,
+        )
+
+    def _new_actor(self, instance_id: int):
+        import ray
+
+        actor = (
+            ray.remote(InstanceActor)
+            .options(
+                num_cpus=self.config.num_cpus_per_instance,
+                num_gpus=self.config.gpus_per_instance,
+                max_concurrency=1000,
+            )
+            .remote(instance_id, self.config.instance)
+        )
+        self.spans[instance_id] = InstanceSpan(time.time())
+        self._event(instance_id, "launch")
+        return actor
+
+    def _add_instance(self, inst: InstanceHandle, report: Report) -> None:
+        """The instance takes requests from now on (it has reported a load)."""
+        self._info = self._info or inst.info
+        self.instances[inst.instance_id] = inst
+        self._apply_report(inst, report)
+        self.gs.dispatch.on_instance_added(inst.instance_id)
+        self._event(inst.instance_id, "ready")
+
+    def _event(self, instance_id: int, event: str) -> None:
+        self.scale_events.append({"time_s": time.time(), "instance_id": instance_id, "event": event})
+
+    def _stopped(self, instance_id: int) -> None:
+        span = self.spans.get(instance_id)
+        if span is not None and span.stop_s is None:
+            span.stop_s = time.time()
 
     def _check_resources(self, total: dict[str, float]) -> None:
-        """Fail fast (rather than wait forever for actors Ray cannot place) when the cluster is too small."""
-        n = self.config.instances
+        """Fail fast (rather than wait forever for actors Ray cannot place) when the cluster is too small; with
+        autoscale, for the most instances the scaler may run."""
+        scaling = self.config.autoscale
+        n = self.config.max_instances if scaling else self.config.instances
+        what, fewer = ("--max-instances", "a lower --max-instances") if scaling else ("instances", "fewer --instances")
         for resource, each, flag in (
             ("CPU", self.config.num_cpus_per_instance, "--num-cpus-per-instance"),
             ("GPU", self.config.gpus_per_instance, "--num-gpus-per-instance"),
@@ -260,8 +329,8 @@ class ClusterManager:
             need, have = n * each, total.get(resource, 0.0)
             if need > have + 1e-9:
                 raise RuntimeError(
-                    f"{n} instances x {each:g} {resource} = {need:g} {resource}, but the Ray cluster has {have:g}; "
-                    f"use fewer --instances or a smaller {flag}"
+                    f"{n} {what} x {each:g} {resource} = {need:g} {resource}, but the Ray cluster has {have:g}; "
+                    f"use {fewer} or a smaller {flag}"
                 )
 
     async def stop(self) -> None:
@@ -277,6 +346,12 @@ class ClusterManager:
             with contextlib.suppress(Exception):
                 ray.kill(inst.actor, no_restart=True)
             inst.alive = False
+            self._stopped(inst.instance_id)
+        for iid, actor in list(self.starting.items()):
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            self._stopped(iid)
+        self.starting.clear()
         for cr in self.active.values():
             if not cr.done:
                 cr.error = "server shutting down"
@@ -291,7 +366,9 @@ class ClusterManager:
     # -- facts for request validation ----------------------------------------------------------------------------
     @property
     def any_info(self) -> dict[str, Any]:
-        return next(iter(self.instances.values())).info
+        if self._info is None:
+            raise NoInstanceError("no instance has started yet")
+        return self._info
 
     @property
     def vocab_size(self) -> int:
@@ -345,7 +422,10 @@ class ClusterManager:
                     next(self._engine_ids), time.time(), len(ids), cr.max_tokens - len(cr.tokens), cr.priority,
                     prompt_token_ids=ids,
                 )
-                iid = self.gs.dispatch.choose(req, loads)
+                try:
+                    iid = self.gs.dispatch.choose(req, loads)
+                except RuntimeError as e:  # every ready instance is draining
+                    raise NoInstanceError(str(e)) from None
                 t_choice = time.perf_counter() - t0
                 inst = self.instances[iid]
                 inst.sent += 1
@@ -357,11 +437,21 @@ class ClusterManager:
                 cr.instances.append(iid)
                 self._by_engine[req.request_id] = cr
                 try:
-                    await inst.actor.add_request.remote(req)
+                    accepted = await inst.actor.add_request.remote(req)
                 except ray.exceptions.RayActorError as e:
-                    self._instance_failed(inst, f"actor died: {e}")
+                    self._instance_failed(inst, f"actor died: {e}")  # a no-op for a retired instance
+                    continue
+                if accepted is False:  # it started draining (or retired) since this request chose it
+                    if not (inst.draining or not inst.alive):
+                        raise NoInstanceError(f"instance {iid} refused the request")
                     continue
                 if not inst.alive:  # it died after taking the request (its failure skipped us: we were dispatching)
+                    continue
+                if req.request_id in self._handed_back:  # a drain took it back before this await returned
+                    self._handed_back.discard(req.request_id)
+                    self.counters["requeued_on_drain"] += 1
+                    self.counters["redispatched"] += 1
+                    cr.redispatches += 1
                     continue
                 self.decision_latency.observe(t_choice)
                 self.dispatch_latency.observe(time.perf_counter() - t0)
@@ -425,6 +515,16 @@ class ClusterManager:
             if report.failed:
                 self._instance_failed(inst, report.failed)
                 return
+            if inst.draining and self._looks_empty(inst):
+                try:
+                    final = await inst.actor.retire.remote()
+                except ray.exceptions.RayActorError as e:
+                    self._instance_failed(inst, f"actor died: {e}")
+                    return
+                if final is not None:
+                    self._apply_report(inst, final)
+                    await self._retire(inst)
+                    return
 
     def _apply_report(self, inst: InstanceHandle, report: Report) -> None:
         inst.load = report.load
@@ -490,6 +590,8 @@ class ClusterManager:
             return
         inst.alive = False
         inst.failure = reason
+        self._stopped(inst.instance_id)
+        self._event(inst.instance_id, "failed")
         self.counters["instance_failures"] += 1
         log.warning("instance %d failed (%s): re-dispatching its requests", inst.instance_id, reason)
         for cr in list(self.active.values()):
@@ -549,6 +651,152 @@ class ClusterManager:
             raise KeyError(f"no instance {dst_id}")
         return await self.migrate_between(cr.owner, dst_id, cr.engine_id)
 
+    # -- auto-scaling ----------------------------------------------------------------------------------------------
+    async def _scale_loop(self) -> None:
+        scaler = self.gs.scaler
+        while self._running:
+            await asyncio.sleep(scaler.config.check_interval_s)
+            try:
+                decision = scaler.decide(self._dispatch_loads(), len(self.starting))
+                for _ in range(decision.start):
+                    self._spawn(self.start_instance())
+                if decision.drain is not None:
+                    await self.drain(decision.drain)
+            except Exception:
+                log.exception("auto-scaling round failed")
+
+    async def start_instance(self) -> dict[str, Any]:
+        """Launch one more instance actor; it takes requests once its engine is up and it has reported a load."""
+        import ray
+
+        iid = next(self._instance_ids)
+        actor = self._new_actor(iid)
+        self.starting[iid] = actor
+        log.info("starting instance %d", iid)
+        try:
+            info = await asyncio.wait_for(actor.start.remote(), self.config.startup_timeout_s)
+            if self.config.startup_delay_s > 0:
+                await asyncio.sleep(self.config.startup_delay_s)
+            report = await actor.poll.remote(0.0)
+        except BaseException as e:
+            self.starting.pop(iid, None)
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            self._stopped(iid)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            self.counters["instance_start_failures"] += 1
+            self._event(iid, "start_failed")
+            log.warning("instance %d did not start: %r", iid, e)
+            return {"started": False, "instance_id": iid, "reason": repr(e)}
+        self.starting.pop(iid, None)
+        if not self._running:  # the cluster is shutting down
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            self._stopped(iid)
+            return {"started": False, "instance_id": iid, "reason": "shutting down"}
+        inst = InstanceHandle(iid, actor, info)
+        self._add_instance(inst, report)
+        self.counters["instances_started"] += 1
+        self._spawn(self._poll_loop(inst))
+        log.info("instance %d ready (%.1f s after launch)", iid, time.time() - self.spans[iid].launch_s)
+        return {"started": True, "instance_id": iid}
+
+    async def drain(self, instance_id: int) -> dict[str, Any]:
+        """Drain an instance (the scaler's scale-down, or an operator): it takes no new request, its running ones
+        migrate away (or finish there without migration), its queued ones are dispatched again; then it stops."""
+        import ray
+
+        inst = self.instances.get(instance_id)
+        if inst is None or not inst.alive:
+            raise KeyError(f"no live instance {instance_id}")
+        if inst.draining:
+            return {"draining": True, "instance_id": instance_id, "requeued": 0, "reason": "already draining"}
+        others = [i for i in self.live_instances() if i is not inst and not i.draining and i.load is not None]
+        if not others:
+            return {"draining": False, "instance_id": instance_id, "reason": "it is the last instance taking requests"}
+        inst.draining = True
+        self.counters["instances_drained"] += 1
+        self._event(instance_id, "drain")
+        log.info("draining instance %d", instance_id)
+        try:
+            taken = await inst.actor.drain.remote()
+        except ray.exceptions.RayActorError as e:
+            self._instance_failed(inst, f"actor died: {e}")
+            return {"draining": False, "instance_id": instance_id, "reason": "the instance died"}
+        for engine_id in taken:
+            cr = self._by_engine.get(engine_id)
+            if cr is None or cr.done or cr.engine_id != engine_id:
+                continue
+            if cr.dispatching:  # its dispatch has not returned yet: it dispatches again when it does
+                self._handed_back.add(engine_id)
+                continue
+            self.counters["requeued_on_drain"] += 1
+            self._schedule_redispatch(cr, f"instance {instance_id} drained")
+        return {"draining": True, "instance_id": instance_id, "requeued": len(taken)}
+
+    @staticmethod
+    def _looks_empty(inst: InstanceHandle) -> bool:
+        ld = inst.load
+        return (
+            ld is not None
+            and ld.num_running == 0
+            and ld.num_waiting == 0
+            and ld.migrations_out == 0
+            and ld.migrations_in == 0
+        )
+
+    async def _retire(self, inst: InstanceHandle) -> None:
+        """Stop an instance that has drained: it holds no request and no migration (its actor said so, atomically)."""
+        import ray
+
+        inst.alive = False
+        self.instances.pop(inst.instance_id, None)
+        self.retired[inst.instance_id] = inst
+        self._stopped(inst.instance_id)
+        self.counters["instances_stopped"] += 1
+        self._event(inst.instance_id, "stop")
+        log.info("instance %d drained and stopped", inst.instance_id)
+        for cr in list(self.active.values()):  # none should be left; if one is, it is recomputed, not lost
+            if cr.owner == inst.instance_id:
+                log.warning("request %s still on retired instance %d: re-dispatching", cr.request_id, inst.instance_id)
+                self._schedule_redispatch(cr, f"instance {inst.instance_id} retired")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(inst.actor.stop.remote(), 5.0)
+        with contextlib.suppress(Exception):
+            ray.kill(inst.actor, no_restart=True)
+
+    def instance_seconds(self, now: float | None = None) -> float:
+        """Seconds of instance time so far: each actor from its launch (start-up included) to its stop."""
+        now = time.time() if now is None else now
+        return sum(span.seconds(now) for span in self.spans.values())
+
+    def scaling_status(self) -> dict[str, Any]:
+        """Instance counts and cost: the time-weighted average number of instances over a window is the difference
+        of ``instance_seconds`` between two reads over the difference of their ``time_s``."""
+        now = time.time()
+        live = self.live_instances()
+        cfg = self.config
+        return {
+            "time_s": now,
+            "since_s": self.started_s,
+            "instance_seconds": self.instance_seconds(now),
+            "avg_instances": self.instance_seconds(now) / (now - self.started_s) if now > self.started_s else None,
+            "instances": len(self.starting) + len(live),
+            "starting": len(self.starting),
+            "serving": sum(1 for i in live if not i.draining),
+            "draining": sum(1 for i in live if i.draining),
+            "autoscale": None if not cfg.autoscale else {
+                "scale_up": cfg.scale_up,
+                "scale_down": cfg.scale_down,
+                "min_instances": cfg.min_instances,
+                "max_instances": cfg.max_instances,
+                "scale_interval_s": cfg.scale_interval_s,
+                "startup_delay_s": cfg.startup_delay_s,
+            },
+            "events": list(self.scale_events),
+        }
+
     # -- introspection -------------------------------------------------------------------------------------------
     def instance_rows(self) -> list[dict[str, Any]]:
         """One row per instance: its latest load and counters (for /metrics and the replay tool's samples)."""
@@ -564,7 +812,7 @@ class ClusterManager:
                     "free_blocks": ld.num_free_blocks if ld else 0,
                     "total_blocks": ld.num_total_blocks if ld else inst.info["num_blocks"],
                     "freeness": ld.freeness if ld else float("nan"),
-                    "draining": bool(ld.draining) if ld else False,
+                    "draining": inst.draining or (bool(ld.draining) if ld else False),
                     "migrations_in_flight": (ld.migrations_out + ld.migrations_in) if ld else 0,
                     "steps": st.steps if st else 0,
                     "busy_s": st.busy_s if st else 0.0,

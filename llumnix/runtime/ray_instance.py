@@ -240,6 +240,7 @@ class InstanceActor:
         self._mig_downtime_s = 0.0
         self._mig_bytes = 0
         self._incoming: dict[int, _IncomingMigration] = {}
+        self._drives = 0  # source-side migrations whose driver has not finished (commit news included)
         self._tasks: set[asyncio.Task] = set()
         self._failed: str | None = None
         self._stopping = False
@@ -331,12 +332,45 @@ class InstanceActor:
             self._emit(RequestDone(req.request_id, request_stats(req)))
 
     # -- requests and reports ------------------------------------------------------------------------------------
-    async def add_request(self, req: Request) -> None:
+    async def add_request(self, req: Request) -> bool:
+        """Queue ``req``; False when this instance takes no new requests (draining or stopping): dispatch elsewhere."""
         self._num_received += 1
-        if self._failed or self._stopping:
-            raise RuntimeError(f"instance {self.instance_id} takes no requests: {self._failed or 'stopping'}")
+        if self._failed:
+            raise RuntimeError(f"instance {self.instance_id} takes no requests: {self._failed}")
+        if self._stopping or self.llumlet.draining:
+            return False
         self.engine.add_request(req)
         self._work.set()
+        return True
+
+    # -- auto-scaling: drain, then retire ------------------------------------------------------------------------
+    async def drain(self) -> list[int]:
+        """Start draining (the simulator's scale-down): the llumlet reports freeness -inf from now on, so no request is
+        dispatched or migrated here and the pairing policy moves the running ones away; the waiting requests are
+        handed back (their engine request ids) for the frontend to dispatch elsewhere. Running requests that are not
+        migrated (no migration, high priority) finish here."""
+        async with self._lock:  # between steps, as the simulator does it
+            self.llumlet.draining = True
+            taken = self.scheduler.take_waiting()  # queued requests hold no blocks (preemption frees them)
+        self._work.set()
+        return [r.request_id for r in taken]
+
+    def _idle(self) -> bool:
+        s, ll = self.scheduler, self.llumlet
+        return not (
+            s.running or s.waiting or s.frozen or self._incoming or self._drives
+            or ll.migrations_out or ll.migrations_in or ll.migrating
+        )
+
+    async def retire(self) -> Report | None:
+        """If this draining instance holds nothing (no request, no migration in either direction), stop taking work
+        for good and return the last report (the events not yet polled); else None. Atomic on the actor's loop."""
+        if not (self.llumlet.draining and self._idle()) or self._failed:
+            return None
+        self._stopping = True
+        self._work.set()
+        events, self._outbox = self._outbox, []
+        return Report(self.instance_id, self.llumlet.load(), self._num_received, events, self._stats(), self._failed)
 
     async def poll(self, timeout_s: float) -> Report:
         """Wait until a step produced output (or ``timeout_s``), then return the events since the last poll and the
@@ -398,6 +432,7 @@ class InstanceActor:
         if req is None:
             return {"started": False, "reason": "no running request to migrate"}
         ll.migrations_out += 1  # claim the slot now; the Migration takes it over when it starts
+        self._drives += 1
         self._spawn(self._drive(migration_id, req, dst_id, dst_actor))
         return {"started": True, "reason": "", "request_id": req.request_id}
 
@@ -415,6 +450,12 @@ class InstanceActor:
         return mig.end_stage(self.clock())
 
     async def _drive(self, migration_id: int, req: Request, dst_id: int, dst: Any) -> None:
+        try:
+            await self._drive_once(migration_id, req, dst_id, dst)
+        finally:
+            self._drives -= 1
+
+    async def _drive_once(self, migration_id: int, req: Request, dst_id: int, dst: Any) -> None:
         proxy = RemoteDestination(dst_id)
         mig = Migration(migration_id, req, self.llumlet, proxy, self.mig_config)
         started = False

@@ -7,6 +7,11 @@ the latencies in ``requests.parquet`` / ``summary.json``. Engine-side events the
 (preemptions, prefills, migrations; wall-clock seconds of the instance hosts) are put on the same time axis, which
 assumes the client's and the instances' clocks agree (one host, or NTP). Every ``sample_interval_s`` the replay also
 reads ``/admin/instances`` into ``instances.parquet`` (load per instance, and fragmentation as the simulator computes it).
+
+The cost, ``avg_instances`` (the time-weighted average number of instances, start-up time included, as the simulator
+counts it), comes from the frontend's ``/admin/scaling``, read just before the first request and after the last one:
+the instance-seconds between the two reads over the time between them. Against a frontend without that endpoint it
+falls back to the mean number of live instances over the load samples.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +61,7 @@ class ReplayResult:
     wall_s: float
     max_send_lag_s: float
     model: dict[str, Any] = field(default_factory=dict)
+    scaling: list[dict[str, Any]] = field(default_factory=list)  # /admin/scaling before the first and after the last
 
 
 def fragmentation(rows: list[dict]) -> float:
@@ -96,7 +101,7 @@ async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list
                         "waiting": r["waiting"],
                         "used_blocks": r["total_blocks"] - r["free_blocks"],
                         "free_blocks": r["free_blocks"],
-                        "freeness": r["freeness"] if math.isfinite(r["freeness"]) else float("nan"),
+                        "freeness": float("nan") if r["freeness"] is None else float(r["freeness"]),
                         "draining": r["draining"],
                         "fragmentation": frag,
                         "migration_bytes": r["migration_bytes"],
@@ -106,6 +111,22 @@ async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list
             await asyncio.wait_for(stop.wait(), interval_s)
         except asyncio.TimeoutError:
             pass
+
+
+async def _scaling_status(client, url: str) -> dict[str, Any] | None:
+    try:
+        resp = await client.get(f"{url}/admin/scaling", timeout=10.0)
+    except Exception as e:
+        log.debug("no scaling status: %r", e)
+        return None
+    return resp.json() if resp.status_code == 200 else None
+
+
+def cost_between(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
+    """(instance-seconds, time-weighted average number of instances) between two ``/admin/scaling`` reads."""
+    seconds = float(after["instance_seconds"]) - float(before["instance_seconds"])
+    span = float(after["time_s"]) - float(before["time_s"])
+    return seconds, (seconds / span if span > 0 else float("nan"))
 
 
 async def _one(client, url: str, req: Request, t0: float, send_at: float, result: ReplayResult, timeout_s: float):
@@ -210,6 +231,7 @@ async def replay(
             for r in trace.itertuples(index=False)
         ]
         result = ReplayResult(requests, [], [], [], 0.0, 0.0, model)
+        before = await _scaling_status(client, url)
         t0 = time.time() + 0.2  # a little lead so the first sends are not late
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_loop(client, url, t0, sample_interval_s, result.samples, stop))
@@ -226,6 +248,9 @@ async def replay(
             stop.set()
             await sampler
         result.wall_s = time.perf_counter() - started
+        after = await _scaling_status(client, url)
+        if before is not None and after is not None:
+            result.scaling = [before, after]
     return result
 
 
@@ -251,7 +276,20 @@ def write_replay_outputs(result: ReplayResult, out_dir: Path, extra: dict[str, A
         "migration_downtime_p99_s": float(done["downtime_s"].quantile(0.99)) if len(done) else 0.0,
         "migration_bytes": int(last["migration_bytes"].sum()) if len(last) else 0,
     }
-    avg_instances = float(inst_df.groupby("time_s")["alive"].sum().mean()) if len(inst_df) else float("nan")
+    cost: dict[str, Any] = {}
+    if len(result.scaling) == 2:
+        before, after = result.scaling
+        instance_seconds, avg_instances = cost_between(before, after)
+        events = [e for e in after.get("events", []) if e["time_s"] >= before["time_s"]]
+        cost = {
+            "avg_instances_source": "frontend",
+            "instance_seconds": instance_seconds,
+            "instances_at_end": after.get("instances"),
+            "scale_events": {k: sum(e["event"] == k for e in events) for k in ("launch", "drain", "stop", "failed")},
+        }
+    else:  # an older frontend: the live instances over the samples (misses instances still starting)
+        avg_instances = float(inst_df.groupby("time_s")["alive"].sum().mean()) if len(inst_df) else float("nan")
+        cost = {"avg_instances_source": "samples"}
     summary = summarize(
         req_df,
         inst_df,
@@ -265,6 +303,7 @@ def write_replay_outputs(result: ReplayResult, out_dir: Path, extra: dict[str, A
             "error_examples": result.errors[:5],
             "wall_s": result.wall_s,
             "max_send_lag_s": result.max_send_lag_s,
+            **cost,
         },
     )
     write_outputs(out_dir, req_df, inst_df, summary, migrations=mig_df)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SYSTEMS
 
 
@@ -68,13 +69,52 @@ class ServeConfig(BaseModel):
     )
     poll_timeout_s: float = Field(0.5, gt=0, description="an idle instance reports its load at least this often")
     startup_timeout_s: float = Field(600.0, gt=0, description="seconds the instance actors may take to start")
+    # Auto-scaling (the simulator's Scaler): keep the average freeness of the instances within [scale_up, scale_down].
+    autoscale: bool = Field(False, description="start / drain instances on the cluster's average freeness")
+    scale_up: float = Field(10.0, description="average freeness below which an instance is started")
+    scale_down: float = Field(60.0, description="average freeness above which the least-loaded instance is drained")
+    min_instances: int = Field(1, ge=1, description="auto-scaling lower bound")
+    max_instances: int = Field(16, ge=1, description="auto-scaling upper bound")
+    initial_instances: int | None = Field(None, ge=1, description="instances at start with autoscale (default: instances)")
+    scale_interval_s: float = Field(10.0, gt=0, description="seconds between auto-scaling decisions")
+    startup_delay_s: float = Field(
+        0.0, ge=0, description="extra seconds a new instance waits, once its engine is up, before it takes requests"
+    )
     instance: InstanceSpec = Field(default_factory=InstanceSpec)
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if self.policy not in SYSTEMS:
             raise ValueError(f"policy must be one of {', '.join(SYSTEMS)}, got {self.policy!r}")
+        if self.autoscale:
+            self.scaling_config()  # raises on an inverted range or bounds
+            n = self.initial_count
+            if not self.min_instances <= n <= self.max_instances:
+                raise ValueError(
+                    f"the initial number of instances ({n}) must lie within [min_instances ({self.min_instances}), "
+                    f"max_instances ({self.max_instances})]"
+                )
         return self
+
+    @property
+    def initial_count(self) -> int:
+        """Instances started with the cluster."""
+        if self.autoscale and self.initial_instances is not None:
+            return self.initial_instances
+        return self.instances
+
+    def scaling_config(self) -> ScalingConfig | None:
+        """The simulator's ``ScalingConfig`` for these settings (None without autoscale)."""
+        if not self.autoscale:
+            return None
+        return ScalingConfig(
+            scale_up=self.scale_up,
+            scale_down=self.scale_down,
+            min_instances=self.min_instances,
+            max_instances=self.max_instances,
+            check_interval_s=self.scale_interval_s,
+            startup_delay_s=self.startup_delay_s,
+        )
 
     @property
     def gpus_per_instance(self) -> float:
@@ -89,6 +129,12 @@ class ServeConfig(BaseModel):
 
 # Flags that belong to the instance spec rather than to the cluster (flat names on the command line and in YAML).
 INSTANCE_FIELDS = frozenset(InstanceSpec.model_fields)
+# Flag spellings accepted in YAML too, for the fields whose names carry a unit.
+ALIASES = {
+    "pairing_interval": "pairing_interval_s",
+    "scale_interval": "scale_interval_s",
+    "startup_delay": "startup_delay_s",
+}
 
 
 def build_serve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
@@ -98,6 +144,7 @@ def build_serve_config(file_values: dict[str, Any] | None = None, overrides: dic
     for source in (file_values or {}, overrides or {}):
         for key, value in source.items():
             key = key.replace("-", "_")
+            key = ALIASES.get(key, key)
             if key == "instance":
                 if not isinstance(value, dict):
                     raise ServeConfigError("'instance' must be a mapping of instance settings")
