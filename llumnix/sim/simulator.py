@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from llumnix.core.block_manager import BlockManager, blocks_for
 from llumnix.core.llumlet import Llumlet, LlumletConfig
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
-from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase
+from llumnix.core.migration import Migration, MigrationConfig
 from llumnix.core.request import Request
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 
@@ -346,7 +346,3 @@ class Simulator:
 
 def simulate(requests: Iterable[Request], profile, config: SimConfig | None = None, progress=None) -> SimResult:
     return Simulator(requests, profile, config).run(progress)
-
-
-def _committed(m: Migration) -> bool:
-    return m.phase is MigrationPhase.COMMITTED
