@@ -153,8 +153,7 @@ class Simulator:
     def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         cfg = self.config
         auto = cfg.system.autoscale
-        n0 = cfg.num_instances if auto is None else cfg.num_instances
-        for _ in range(n0):
+        for _ in range(cfg.num_instances):  # with auto-scaling: the initial instances
             self._launch(0.0, 0.0)
         for r in self.requests:
             self._push(r.arrival_s, ARRIVAL, r)
