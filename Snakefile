@@ -18,6 +18,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/real_cluster.smk"
 
 
 rule all:

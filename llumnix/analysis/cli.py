@@ -18,6 +18,14 @@ _experiment_option = click.option(
 _scale_option = click.option("--scale", default="quick", help="Scale of the runs (a key of the experiment's scales).")
 
 
+_root_option = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Directory that holds results/runs/ (the workflow's working directory).",
+)
+
+
 def _load(path: Path):
     from llumnix.analysis.experiments import ExperimentError, load_experiment
 
@@ -30,12 +38,7 @@ def _load(path: Path):
 @click.command(context_settings=CONTEXT)
 @_experiment_option
 @_scale_option
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    help="Directory that holds results/runs/ (the workflow's working directory).",
-)
+@_root_option
 @click.option(
     "--measurements",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -71,12 +74,7 @@ def aggregate(experiment_path, scale, root, measurements, output) -> None:
 @click.command(context_settings=CONTEXT)
 @_experiment_option
 @_scale_option
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    help="Directory that holds results/runs/ (the workflow's working directory).",
-)
+@_root_option
 @click.option(
     "-o",
     "--output",
@@ -210,4 +208,106 @@ def experiments(directory, scale) -> None:
     click.echo(f"{len(specs)} claims", err=True)
 
 
-COMMANDS: list[click.Command] = [aggregate, timeline, plot, claims, experiments]
+# -- real cluster vs simulator (experiment kind real) ----------------------------------------------------------------
+@click.command("capped-trace", context_settings=CONTEXT)
+@click.option("--workload", required=True, help="S-S, M-M, L-L, S-L, L-S (input-output lengths), sharegpt or burstgpt.")
+@click.option("--rate", type=float, required=True, help="Mean arrival rate in requests per second.")
+@click.option("--num-requests", type=int, required=True, help="Number of requests in the trace.")
+@click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson", help="Arrival process.")
+@click.option("--cv", type=float, default=1.0, help="Coefficient of variation of Gamma inter-arrival times.")
+@click.option("--priority-fraction", type=float, default=0.0, help="Fraction of requests marked high priority.")
+@click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
+@click.option("--length-scale", type=float, default=1.0, help="Multiply every prompt and output length by this.")
+@click.option("--max-prompt-tokens", type=int, required=True, help="Cap of the prompt lengths (after scaling).")
+@click.option("--max-output-tokens", type=int, required=True, help="Cap of the output lengths (after scaling).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output file: CSV, or Parquet when it ends in .parquet.")
+def capped_trace(workload, rate, num_requests, arrival, cv, priority_fraction, seed, length_scale, max_prompt_tokens,
+                 max_output_tokens, output) -> None:
+    """A `llumnix trace` whose lengths are scaled and capped, for a small real cluster (same arrivals)."""
+    from llumnix.analysis.realsim import cap_lengths
+    from llumnix.workload import make_trace, write_trace
+
+    try:
+        df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
+                        priority_fraction=priority_fraction)
+        df = cap_lengths(df, length_scale, max_prompt_tokens, max_output_tokens)
+        write_trace(df, output)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {len(df)} requests to {output} (mean prompt {df['prompt_tokens'].mean():.0f}, "
+               f"mean output {df['output_tokens'].mean():.0f} tokens)", err=True)
+
+
+@click.command("real-cluster", context_settings=CONTEXT)
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Trace file written by `llumnix trace` or `llumnix capped-trace` (CSV or Parquet).")
+@click.option("--policy", type=click.Choice(["round-robin", "infaas++", "llumnix"]), default="llumnix",
+              help="Dispatch / migration system.")
+@click.option("--instances", type=int, default=4, help="Instance actors.")
+@click.option("--model", default="tiny", help="Model preset of the torch engine (random weights).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Torch device of the instances.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Torch dtype.")
+@click.option("--num-blocks", type=int, default=96, help="KV blocks per instance.")
+@click.option("--torch-threads", type=int, default=1, help="Intra-op CPU threads of each instance's torch.")
+@click.option("--num-cpus-per-instance", type=float, default=0.5,
+              help="Ray CPUs each instance reserves (instances x this must not exceed the machine's CPUs).")
+@click.option("--migration-threshold", type=float, default=3.0, help="Migration threshold (llumnix policy).")
+@click.option("--no-migration", is_flag=True, help="Disable migration (llumnix policy: dispatch only).")
+@click.option("--priorities", is_flag=True, help="Honour request priorities.")
+@click.option("--seed", type=int, default=0, help="Seed of the weights and of the prompts' token ids.")
+@click.option("--time-scale", type=float, default=1.0, help="Multiply the trace's arrival times by this.")
+@click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance load samples.")
+@click.option("--startup-timeout", type=float, default=300.0, help="Seconds the server may take to become healthy.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory: the tables of `llumnix simulate`, and serve.log.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks, torch_threads,
+                 num_cpus_per_instance, migration_threshold, no_migration, priorities, seed, time_scale,
+                 sample_interval, startup_timeout, out_dir, progress) -> None:
+    """Serve a trace on a fresh real cluster (`llumnix serve` in a subprocess, replayed, stopped); write its tables."""
+    import json
+    import sys
+
+    from llumnix.analysis.realsim import RealClusterConfig, run_real_cluster
+
+    try:
+        config = RealClusterConfig(
+            policy=policy, instances=instances, model=model, device=device, dtype=dtype, num_blocks=num_blocks,
+            torch_threads=torch_threads, num_cpus_per_instance=num_cpus_per_instance, migration=not no_migration,
+            migration_threshold=migration_threshold, priorities=priorities, seed=seed,
+            startup_timeout_s=startup_timeout)
+        summary = run_real_cluster(trace_path, out_dir, config, time_scale, sample_interval,
+                                   progress=progress and sys.stderr.isatty())
+    except (ValueError, RuntimeError, TimeoutError) as e:
+        raise click.ClickException(str(e)) from None
+    keys = ("requests", "finished", "errors", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s",
+            "preemptions", "migrations", "engine_step_mean_s", "wall_s")
+    click.echo(json.dumps({k: summary.get(k) for k in keys}), err=True)
+    if summary["finished"] < summary["requests"]:
+        raise click.ClickException(f"{summary['requests'] - summary['finished']} of {summary['requests']} requests "
+                                   f"did not finish (see {out_dir / 'serve.log'})")
+
+
+@click.command("real-vs-sim", context_settings=CONTEXT)
+@_experiment_option
+@_scale_option
+@_root_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output CSV: one row per run and runtime (real, sim), sim rows with the simulator's errors.")
+def real_vs_sim(experiment_path, scale, root, output) -> None:
+    """Put a real-cluster experiment's real and simulated runs side by side, with the simulator's relative errors."""
+    from llumnix.analysis.realsim import error_summary, real_vs_sim_table
+
+    exp = _load(experiment_path)
+    try:
+        df = real_vs_sim_table(exp, scale, root)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    click.echo(error_summary(df).to_string(float_format=lambda x: f"{x:+.1%}"), err=True)
+    click.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
+COMMANDS: list[click.Command] = [aggregate, timeline, plot, claims, experiments, capped_trace, real_cluster, real_vs_sim]

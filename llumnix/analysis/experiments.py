@@ -6,7 +6,9 @@ and which part of the grid to run. The workflow expands the grid with :func:`exp
 line with :func:`trace_args` / :func:`simulate_args`, so the Snakefile holds no experiment logic.
 
 Experiments of kind ``measurement`` (real-engine and scheduler benchmarks) have no grid: their data is a CSV of
-measurements under ``results/<name>/``.
+measurements under ``results/<name>/``. Experiments of kind ``real`` have the simulation grid, but each run serves
+its trace twice: on a real serving cluster and in the simulator with a profile measured on the same machine
+(``llumnix.analysis.realsim``).
 """
 
 from __future__ import annotations
@@ -124,10 +126,36 @@ class ScaleSpec(_Strict):
         return f"{name} scale: {self.num_requests:,} requests/run, {seeds}"
 
 
+class RealSpec(_Strict):
+    """kind 'real': the instances ``llumnix real-cluster`` serves with, and how the traces' lengths are capped."""
+
+    model: str = Field("tiny", description="model preset of the torch engine (random weights)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    num_blocks: PositiveInt = Field(96, description="KV blocks per instance (small: memory pressure)")
+    torch_threads: PositiveInt = Field(1, description="torch intra-op threads per instance (and of the profile)")
+    num_cpus_per_instance: float = Field(0.5, ge=0, description="Ray CPUs each instance actor reserves")
+    length_scale: PositiveFloat = Field(1.0, description="prompt and output lengths are multiplied by this")
+    max_prompt_tokens: PositiveInt = Field(description="prompt lengths are capped here (after scaling)")
+    max_output_tokens: PositiveInt = Field(description="output lengths are capped here (after scaling)")
+    block_size: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _check(self) -> RealSpec:
+        usable = self.num_blocks - int(0.01 * self.num_blocks)  # the instances' watermark is 1%
+        longest = self.max_prompt_tokens + self.max_output_tokens
+        if math.ceil(longest / self.block_size) > usable:
+            raise ValueError(
+                f"max_prompt_tokens + max_output_tokens = {longest} tokens do not fit one instance's "
+                f"{usable} usable blocks of {self.block_size}; lower the caps or raise num_blocks"
+            )
+        return self
+
+
 class FigureSpec(_Strict):
     """How the figure is laid out (see llumnix.analysis.plots)."""
 
-    kind: Literal["lines", "timeline", "tradeoff", "bench"]
+    kind: Literal["lines", "timeline", "tradeoff", "bench", "real_vs_sim"]
     metrics: list[str] = Field(default_factory=list, description="'lines': one column per metric.")
     row_prefixes: list[str] = Field(
         default_factory=list, description="'lines': one row per prefix of the metric columns (e.g. high_, normal_)."
@@ -143,7 +171,7 @@ class Experiment(_Strict):
     name: str
     title: str
     paper: str = Field(description="The paper's result for this figure, in words.")
-    kind: Literal["simulation", "measurement"] = "simulation"
+    kind: Literal["simulation", "measurement", "real"] = "simulation"
     figure: FigureSpec
     profile: str = "a10-llama-7b"
     instances: PositiveInt = 16
@@ -157,6 +185,7 @@ class Experiment(_Strict):
     pending: str | None = Field(
         None, description="measurement kind: what produces the measurements (shown when absent)."
     )
+    real: RealSpec | None = Field(None, description="real kind: the real cluster's instances and length caps.")
 
     @model_validator(mode="after")
     def _check(self) -> Experiment:
@@ -169,7 +198,11 @@ class Experiment(_Strict):
                 raise ValueError("a measurement experiment needs 'measurements' (the CSV path)")
             return self
         if not self.traces or not self.systems:
-            raise ValueError("a simulation experiment needs at least one trace and one system")
+            raise ValueError(f"a {self.kind} experiment needs at least one trace and one system")
+        if (self.kind == "real") != (self.real is not None):
+            raise ValueError("'real' (the real cluster's settings) is required by, and only allowed with, kind real")
+        if self.kind == "real" and any(s.autoscale is not None for s in self.systems.values()):
+            raise ValueError("kind real: the serving cluster does not auto-scale; remove autoscale from the systems")
         missing = [s for s in REQUIRED_SCALES if s not in self.scales]
         if missing:
             raise ValueError(
@@ -281,8 +314,8 @@ class Run:
 
 
 def expand_runs(exp: Experiment, scale: str) -> list[Run]:
-    """Every run of the experiment at this scale, in a stable order."""
-    if exp.kind != "simulation":
+    """Every run of the experiment at this scale, in a stable order (kind real: each is served real and simulated)."""
+    if exp.kind == "measurement":
         return []
     spec = exp.scale(scale)
     traces = spec.traces or list(exp.traces)

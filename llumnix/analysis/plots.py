@@ -88,6 +88,11 @@ def _finish(fig, exp: Experiment, note: str, out: Path) -> list[Path]:
     fig.suptitle(f"{exp.title}", fontsize=12)
     fig.text(0.5, 0.001, note, ha="center", va="bottom", fontsize=8, style="italic", wrap=True)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> list[Path]:
+    """Write ``out``.pdf and ``out``.png and close the figure."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -229,4 +234,8 @@ def plot_experiment(exp: Experiment, data: pd.DataFrame, out: Path, timeline: pd
         return plot_timeline(exp, data, timeline, out)
     if kind == "tradeoff":
         return plot_tradeoff(exp, data, out)
+    if kind == "real_vs_sim":
+        from llumnix.analysis.realsim import plot_real_vs_sim
+
+        return plot_real_vs_sim(exp, data, out)
     return plot_bench(exp, data, out)

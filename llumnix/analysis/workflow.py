@@ -27,8 +27,9 @@ def figure_files(name: str) -> list[str]:
 
 
 def has_data_source(exp: Experiment) -> bool:
-    """Simulations can always run; a measurement experiment only once its measurements are committed."""
-    return exp.kind == "simulation" or Path(exp.measurements or "").is_file()
+    """Simulations (and real-cluster runs) can always run; a measurement experiment only once its measurements are
+    committed."""
+    return exp.kind in ("simulation", "real") or Path(exp.measurements or "").is_file()
 
 
 def skipped_message(exp: Experiment) -> str:

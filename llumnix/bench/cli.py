@@ -164,11 +164,14 @@ def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, outpu
 @click.option("--seed", type=int, default=0, help="Seed of the weights, KV contents and tokens.")
 @click.option("--threads", type=int, default=1,
               help="torch intra-op threads on CPU (0: torch's default); 1 keeps timings stable on a busy machine.")
+@click.option("--concurrent-instances", type=int, default=1,
+              help="Measure one instance of this many sharing the machine: the others run decode steps meanwhile "
+                   "(a cluster of N instances on fewer cores than N, at full load).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output profile JSON (loadable with Profile.load and `llumnix simulate --profile`).")
 def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_batches, decode_batches,
             decode_contexts, copy_blocks, transport, repeats, warmup, max_batched_tokens, seed, threads,
-            output) -> None:
+            concurrent_instances, output) -> None:
     """Measure a step-time profile of the real engine (prefill, decode, KV copies) for the simulator."""
     from llumnix.bench.profiler import ProfileConfig, measure_profile
 
@@ -176,14 +179,16 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
                   prefill_lengths=prefill_lengths, prefill_batches=prefill_batches, decode_batches=decode_batches,
                   decode_contexts=decode_contexts, copy_blocks=copy_blocks, transport=transport, repeats=repeats,
                   warmup=warmup, max_batched_tokens=max_batched_tokens, seed=seed,
-                  threads=threads if device == "cpu" else None, output=output)
+                  threads=threads if device == "cpu" else None,
+                  concurrent_instances=concurrent_instances if concurrent_instances > 1 else None, output=output)
     try:
         cfg = ProfileConfig(
             device=_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
             prefill_lengths=_ints(prefill_lengths), prefill_batches=_ints(prefill_batches),
             decode_batches=_ints(decode_batches), decode_contexts=_ints(decode_contexts),
             copy_blocks=_ints(copy_blocks), transport=transport, repeats=repeats, warmup=warmup,
-            max_batched_tokens=max_batched_tokens, seed=seed, cpu_threads=threads or None)
+            max_batched_tokens=max_batched_tokens, seed=seed, cpu_threads=threads or None,
+            concurrent_instances=concurrent_instances)
         prof = measure_profile(cfg, _command_line("profile", params), progress=_progress())
     except ValueError as e:
         raise click.ClickException(str(e)) from None

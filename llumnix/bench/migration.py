@@ -370,19 +370,13 @@ def torch_threads(device: str, threads: int | None) -> Iterator[None]:
 
 
 def device_name(device: str) -> str:
-    import platform
-
     import torch
+
+    from llumnix.machine import cpu_model
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu} ({torch.get_num_threads()} torch threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
 
 
 def _notes(cfg: MigrationBenchConfig, transport: str) -> str:

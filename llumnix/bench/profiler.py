@@ -1,17 +1,24 @@
 """Measure a step-time ``Profile`` of the real engine: prefill and decode steps of the paged-KV runner over grids,
 the scheduler's own per-step cost, and KV block copies between two pools (migration bandwidth, blocking copy).
 
+With ``concurrent_instances`` N > 1 every point is measured while N - 1 other instance processes of the same model run
+decode steps on the same machine: the step times of one instance of a cluster whose N instances share the CPU cores
+(N tiny instances on a 2-core machine), at full load. Without it the profile times one instance alone, which a
+simulated cluster of N instances then takes as each instance's speed.
+
 Also the decode-step check against the memory-bandwidth floor (``decode_floor``): a decode step must read every
 weight and every context token's KV once, so (weights + KV bytes) / measured copy bandwidth bounds it from below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +72,13 @@ class ProfileConfig:
     watermark: float = 0.01
     seed: int = 0
     cpu_threads: int | None = 1  # torch intra-op threads on CPU (see llumnix.bench.migration.torch_threads)
+    concurrent_instances: int = 1  # instances sharing the machine: N - 1 busy ones step beside the measured one
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("num_blocks and repeats must be >= 1, warmup >= 0")
+        if self.concurrent_instances < 1:
+            raise ValueError(f"concurrent_instances must be >= 1, got {self.concurrent_instances}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.transport == "host" and not self.device.startswith("cuda"):
@@ -197,8 +207,55 @@ def _fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
 
 def measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None = None) -> Profile:
     """Measure the tables and scalars of a Profile for ``cfg``; ``command`` is recorded in its provenance."""
-    with torch_threads(cfg.device, cfg.cpu_threads):
+    with torch_threads(cfg.device, cfg.cpu_threads), busy_instances(cfg, cfg.concurrent_instances - 1):
         return _measure_profile(cfg, command, progress)
+
+
+@contextlib.contextmanager
+def busy_instances(cfg: ProfileConfig, count: int, timeout_s: float = 300.0) -> Iterator[None]:
+    """``count`` processes that each build the model and run decode steps (batch 4 over half their KV pool) until
+    the block ends: the other instances of a cluster sharing this machine, all busy."""
+    if count <= 0:
+        yield
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no torch state or threads inherited
+    stop, ready = ctx.Event(), ctx.Semaphore(0)
+    procs = [ctx.Process(target=_busy_instance, args=(cfg, i, stop, ready), daemon=True) for i in range(count)]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=timeout_s):
+                raise RuntimeError(f"a busy instance did not start within {timeout_s:.0f} s")
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _busy_instance(cfg: ProfileConfig, index: int, stop, ready) -> None:
+    import torch
+
+    from llumnix.engine.runner import ModelRunner, SeqInput
+
+    if not cfg.device.startswith("cuda") and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    runner = ModelRunner(cfg.model, cfg.num_blocks, cfg.block_size, device=cfg.device,
+                         dtype=getattr(torch, cfg.dtype), seed=cfg.seed + 1 + index)
+    batch = 4
+    ctx_tokens = max(1, min(runner.config.max_position, cfg.capacity_tokens // (2 * batch)))
+    tables = _tables([ctx_tokens] * batch, cfg.block_size)
+    seqs = [SeqInput([1 + i], ctx_tokens - 1, t) for i, t in enumerate(tables)]
+    runner.decode(seqs)
+    ready.release()
+    while not stop.is_set():
+        runner.decode(seqs)
 
 
 def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None) -> Profile:
@@ -285,10 +342,17 @@ def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None
         f"memory), max_batched_tokens = {cfg.batched_tokens}, max_num_seqs = {cfg.max_num_seqs}, watermark = "
         f"{cfg.watermark}",
     ]
+    if cfg.concurrent_instances > 1:
+        assumptions.append(
+            f"CPU sharing: every point was measured while {cfg.concurrent_instances - 1} other instance processes of "
+            f"{cfg.model} ran decode steps on the same machine ({cfg.concurrent_instances} instances sharing its "
+            f"{os.cpu_count()} CPUs, all busy): one instance's step times in such a cluster at full load, not alone"
+        )
+    shared = f", {cfg.concurrent_instances} instances sharing the machine" if cfg.concurrent_instances > 1 else ""
     return Profile(
         name=cfg.name,
         description=(f"Measured step times of llumnix's torch engine serving {cfg.model} ({cfg.dtype}, random weights) "
-                     f"on {dev_name}, KV pool of {cfg.num_blocks} blocks of {cfg.block_size} tokens."),
+                     f"on {dev_name}, KV pool of {cfg.num_blocks} blocks of {cfg.block_size} tokens{shared}."),
         provenance=f"measured: {command}, {dev_name}, {date}",
         reconstructed=False,
         assumptions=assumptions,

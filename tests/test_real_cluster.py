@@ -1,0 +1,224 @@
+"""The real-cluster experiment (kind ``real``): capped traces, ``llumnix real-cluster`` end to end (a subprocess server
+that leaves no Ray process behind, also when it fails), real-vs-simulated tables and figure, and the frontend under
+100 concurrent requests (``benchmarks/load_1000.py`` runs 1,000)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from llumnix.analysis.experiments import ExperimentError, expand_runs, load_experiment
+from llumnix.analysis.realsim import (
+    COMPARED_METRICS,
+    RealClusterConfig,
+    ServeProcess,
+    cap_lengths,
+    capped_trace_args,
+    plot_real_vs_sim,
+    profile_args,
+    real_cluster_args,
+    real_run_files,
+    real_vs_sim_table,
+    relative_error,
+    twin_simulate_args,
+)
+from llumnix.cli import main as llumnix_cli
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+REAL = {
+    "name": "real",
+    "title": "tiny real vs sim",
+    "paper": "within 15%",
+    "kind": "real",
+    "figure": {"kind": "real_vs_sim"},
+    "instances": 2,
+    "real": {"num_blocks": 32, "length_scale": 0.25, "max_prompt_tokens": 256, "max_output_tokens": 64},
+    "traces": {"L-L": {"workload": "L-L", "rates": [2]}},
+    "systems": {
+        "infaas++": {"policy": "infaas++", "label": "INFaaS++"},
+        "llumnix": {"policy": "llumnix", "label": "Llumnix", "migration_threshold": 2},
+    },
+    "scales": {"quick": {"num_requests": 10}, "paper": {"num_requests": 20, "seeds": 2}},
+}
+
+
+def write_experiment(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_nothing_left(server: ServeProcess, timeout_s: float = 15.0) -> None:
+    """No process of the server's (its descendants, its Ray session's GCS, raylet and workers) is alive."""
+    deadline = time.monotonic() + timeout_s
+    while (left := server.leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
+    assert server.proc.poll() is not None
+
+
+# -- traces and the experiment file ---------------------------------------------------------------------------------
+def test_cap_lengths_scales_and_caps_lengths_and_keeps_arrivals():
+    df = pd.DataFrame({"request_id": [0, 1, 2], "arrival_s": [0.0, 0.5, 1.0], "prompt_tokens": [1, 100, 5000],
+                       "output_tokens": [3, 40, 900], "priority": 0})  # fmt: skip
+    out = cap_lengths(df, 0.5, max_prompt_tokens=1024, max_output_tokens=256)
+    assert out["prompt_tokens"].tolist() == [1, 50, 1024]  # rounded, never below 1, capped
+    assert out["output_tokens"].tolist() == [2, 20, 256]
+    assert out["arrival_s"].equals(df["arrival_s"]) and df["prompt_tokens"].tolist() == [1, 100, 5000]
+    with pytest.raises(ValueError):
+        cap_lengths(df, 0.0, 10, 10)
+
+
+def test_capped_trace_command(tmp_path: Path):
+    out = tmp_path / "t.parquet"
+    args = ["capped-trace", "--workload", "L-L", "--rate", "2", "--num-requests", "200", "--seed", "1",
+            "--length-scale", "0.5", "--max-prompt-tokens", "300", "--max-output-tokens", "100", "-o", str(out)]
+    result = CliRunner().invoke(llumnix_cli, args)
+    assert result.exit_code == 0, result.output
+    df = pd.read_parquet(out)
+    assert len(df) == 200 and df["prompt_tokens"].max() == 300 and df["output_tokens"].max() == 100
+    assert df["prompt_tokens"].min() >= 1 and df["arrival_s"].is_monotonic_increasing
+
+
+def test_repository_real_cluster_experiment_validates():
+    exp = load_experiment(REPO / "experiments" / "real_cluster.yaml")
+    assert exp.kind == "real" and exp.figure.kind == "real_vs_sim" and exp.instances == 4
+    assert {s.policy for s in exp.systems.values()} == {"round-robin", "infaas++", "llumnix"}
+    assert 0 < len(expand_runs(exp, "quick")) <= len(expand_runs(exp, "paper"))
+    assert exp.real.max_prompt_tokens + exp.real.max_output_tokens <= exp.real.num_blocks * exp.real.block_size
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("real"), "'real'"),
+        (lambda d: d["real"].update(max_prompt_tokens=500), "do not fit"),
+        (lambda d: d["systems"]["llumnix"].update(autoscale={}), "auto-scale"),
+    ],
+)
+def test_invalid_real_experiment_names_the_problem(tmp_path: Path, change, message):
+    data = json.loads(json.dumps(REAL))
+    change(data)
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(write_experiment(tmp_path, data))
+
+
+def test_command_lines_of_a_run(tmp_path: Path):
+    exp = load_experiment(write_experiment(tmp_path, REAL))
+    real = real_cluster_args(exp, "L-L", "llumnix", "1")
+    for part in ("--policy llumnix", "--instances 2", "--num-blocks 32", "--torch-threads 1", "--seed 1",
+                 "--migration-threshold 2", "--num-cpus-per-instance 0.5"):
+        assert part in real, part
+    assert "--profile results/profiles/real.json" in twin_simulate_args(exp, "L-L", "llumnix", "1",
+                                                                       "results/profiles/real.json")
+    trace = capped_trace_args(exp, "L-L", "2", "0", "quick")
+    assert "--num-requests 10" in trace and "--max-prompt-tokens 256" in trace and "--length-scale 0.25" in trace
+    shared, alone = profile_args(exp, "shared"), profile_args(exp, "alone")
+    assert "--num-blocks 32" in shared and "--threads 1" in shared and "--concurrent-instances 2" in shared
+    assert "--num-blocks 32" in alone and "--concurrent-instances" not in alone
+    files = real_run_files(exp, "quick")
+    assert len(files) == 2 * 3 and files[0].endswith("/infaas++/s0/real/summary.json")
+    assert {f.split("/")[-2] for f in files} == {"real", "sim", "sim-alone"}
+
+
+def test_profile_measured_beside_busy_instances():
+    import multiprocessing
+
+    from llumnix.bench.profiler import ProfileConfig, measure_profile
+
+    grid = {"prefill_lengths": (16,), "prefill_batches": (1, 2), "decode_batches": (1, 2), "decode_contexts": (32,),
+            "copy_blocks": (1, 2)}  # fmt: skip
+    cfg = ProfileConfig(num_blocks=64, repeats=1, warmup=0, concurrent_instances=2, name="shared", **grid)
+    prof = measure_profile(cfg, "test")
+    assert any("CPU sharing" in a and "1 other instance" in a for a in prof.assumptions)
+    assert "2 instances sharing the machine" in prof.description and prof.total_blocks == 64
+    assert not multiprocessing.active_children()  # the busy instances are gone
+    with pytest.raises(ValueError, match="concurrent_instances"):
+        ProfileConfig(concurrent_instances=0)
+
+
+# -- real vs sim tables and figure ----------------------------------------------------------------------------------
+def test_real_vs_sim_table_and_figure(tmp_path: Path):
+    exp = load_experiment(write_experiment(tmp_path, REAL))
+    for run in expand_runs(exp, "quick"):
+        for runtime, factor in (("real", 1.0), ("sim", 0.8), ("sim-alone", 0.25)):
+            d = tmp_path / run.run_dir("quick") / runtime
+            d.mkdir(parents=True)
+            summary = {m: 2.0 * factor for m in COMPARED_METRICS} | {"decode_mean_s": 0.01, "finished": 10,
+                                                                       "machine": "test box"}
+            (d / "summary.json").write_text(json.dumps(summary))
+    data = real_vs_sim_table(exp, "quick", tmp_path)
+    assert len(data) == 2 * 3 and set(data["runtime"]) == {"real", "sim", "sim-alone"}
+    sim, alone = data[data["runtime"] == "sim"], data[data["runtime"] == "sim-alone"]
+    for metric in COMPARED_METRICS:
+        assert sim[f"rel_error_{metric}"].to_numpy() == pytest.approx([-0.2, -0.2])
+        assert alone[f"rel_error_{metric}"].to_numpy() == pytest.approx([-0.75, -0.75])
+        assert data.loc[data["runtime"] == "real", f"rel_error_{metric}"].isna().all()
+    written = plot_real_vs_sim(exp, data, tmp_path / "fig" / "real.png")
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert relative_error(1.0, 0.0) != relative_error(1.0, 0.0)  # nan when the real value is 0
+    with pytest.raises(FileNotFoundError):
+        real_vs_sim_table(exp, "paper", tmp_path)
+
+
+# -- the real cluster, end to end -----------------------------------------------------------------------------------
+def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, monkeypatch):
+    rng = np.random.default_rng(0)
+    n = 8
+    pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.cumsum(rng.exponential(0.1, n)),
+                  "prompt_tokens": rng.integers(8, 120, n), "output_tokens": rng.integers(2, 16, n),
+                  "priority": 0}).to_csv(tmp_path / "trace.csv", index=False)  # fmt: skip
+    servers: list[ServeProcess] = []
+    enter = ServeProcess.__enter__
+    monkeypatch.setattr(ServeProcess, "__enter__", lambda self: servers.append(self) or enter(self))
+    out = tmp_path / "run"
+    args = ["real-cluster", "--trace", str(tmp_path / "trace.csv"), "--policy", "llumnix", "--instances", "2",
+            "--num-blocks", "32", "--out", str(out), "--no-progress", "--sample-interval", "0.2"]
+    result = CliRunner().invoke(llumnix_cli, args)
+    assert result.exit_code == 0, result.output + (out / "serve.log").read_text()
+    assert len(servers) == 1 and len(servers[0]._spawned) >= 3  # GCS, raylet, the instance workers at least
+    assert_nothing_left(servers[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] == n and summary["errors"] == 0 and summary["runtime"] == "ray"
+    assert summary["engine_steps"] > 0 and summary["num_blocks"] == 32 and summary["instances"] == 2
+    assert "--num-blocks 32" in summary["serve_command"] and summary["dispatch_mean_s"] > 0
+    requests = pd.read_parquet(out / "requests.parquet")
+    assert len(requests) == n and requests["e2e_latency_s"].notna().all()
+    assert "llumnix serve: 2 x torch instances" in (out / "serve.log").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to fail on purpose")
+def test_a_server_that_fails_to_start_is_cleaned_up(tmp_path: Path):
+    config = RealClusterConfig(instances=2, device="cuda", startup_timeout_s=120)  # starts Ray, then cannot place
+    server = ServeProcess(config, tmp_path / "serve.log")
+    with pytest.raises(RuntimeError, match="exited with code"):
+        server.__enter__()
+    assert server._spawned  # Ray had started
+    assert_nothing_left(server)
+
+
+def test_frontend_completes_100_concurrent_requests_without_loss():
+    import ray
+
+    from llumnix.bench.load import load_test
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        row = load_test(100, instances=2, speed=4.0)
+    finally:
+        ray.shutdown()
+    assert row["completed"] == 100 and row["lost"] == 0 and row["errors"] == 0, row["error_examples"]
+    assert row["frontend_finished"] == 100 and row["instance_requests_after"] == 0 and row["kv_blocks_held_after"] == 0
+    assert row["dispatch_count"] == 100 and row["dispatch_mean_ms"] > row["decision_mean_ms"] > 0
+    assert row["ok"]
