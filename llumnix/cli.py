@@ -88,11 +88,18 @@ def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset,
 @click.option("--scale-interval", type=float, default=10.0, help="Seconds between auto-scaling checks.")
 @click.option("--startup-delay", type=float, default=5.0, help="Seconds before a started instance takes requests.")
 @click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance timeline samples.")
+@click.option("--dispatch-latency", type=float, default=0.0,
+              help="Seconds from a request's arrival to its dispatch (a real cluster's frontend and RPC).")
+@click.option("--delivery-latency", type=float, default=0.0,
+              help="Seconds from a step's end to its token reaching the client (a real cluster's RPC and HTTP).")
+@click.option("--latencies-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A real run's summary.json (`llumnix real-cluster`): take its measured mean dispatch and delivery "
+                   "latencies (overrides the two options above).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migration, migration_threshold,
              pairing_interval, last_stage_blocks, priorities, high_priority_kv_tokens, queued_demand, autoscale,
              scale_up, scale_down, min_instances, max_instances, initial_instances, scale_interval, startup_delay,
-             sample_interval, progress) -> None:
+             sample_interval, dispatch_latency, delivery_latency, latencies_from, progress) -> None:
     """Simulate a cluster serving a trace, driving the real scheduling code in virtual time."""
     from llumnix.core.migration import MigrationConfig
     from llumnix.policies.scaling import ScalingConfig
@@ -105,6 +112,10 @@ def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migr
     try:
         profile = Profile.load(profile_name)
         df = read_trace(trace_path)
+        if latencies_from is not None:
+            from llumnix.bench.insitu import load_legs
+
+            dispatch_latency, delivery_latency = load_legs(latencies_from)
         scaling = None
         if autoscale:
             scaling = ScalingConfig(scale_up=scale_up, scale_down=scale_down, min_instances=min_instances,
@@ -118,7 +129,8 @@ def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migr
         config = SimConfig(num_instances=instances, system=system,
                            migration=MigrationConfig(last_stage_max_blocks=last_stage_blocks),
                            queued_demand=queued_demand, high_priority_kv_tokens=high_priority_kv_tokens,
-                           sample_interval_s=sample_interval, seed=seed)
+                           sample_interval_s=sample_interval, seed=seed, dispatch_latency_s=dispatch_latency,
+                           delivery_latency_s=delivery_latency)
         summary = run_simulation(df, profile, config, out_dir, progress=progress and sys.stderr.isatty())
     except ValueError as e:
         _fail(str(e))

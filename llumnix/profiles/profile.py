@@ -232,6 +232,13 @@ class Profile(BaseModel):
         ge=0, description="fixed cost of one migration stage (pre-alloc handshake, RPC, sync), seconds"
     )
 
+    concurrency_slowdown: list[float] = Field(
+        default_factory=list,
+        description="instances sharing one machine's cores (a CPU cluster): a step started while n instances step "
+        "(itself included) takes entry n-1 times the tables' time (the last entry for more); empty: every instance "
+        "has its device to itself",
+    )
+
     prefill: list[PrefillPoint] = Field(min_length=1, description="measured prefill forwards")
     decode: list[DecodePoint] = Field(min_length=1, description="measured decode forwards")
     blocking_copy: list[BlockingCopyPoint] = Field(
@@ -241,6 +248,8 @@ class Profile(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Profile:
+        if any(not (math.isfinite(f) and f > 0) for f in self.concurrency_slowdown):
+            raise ValueError(f"concurrency_slowdown={self.concurrency_slowdown}: every factor must be a positive number")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version={self.format_version} is not supported: this llumnix reads version {FORMAT_VERSION}"
@@ -287,6 +296,13 @@ class Profile(BaseModel):
     def migration_stage_time_s(self, num_blocks: int) -> float:
         """Time of one migration stage moving num_blocks KV blocks: handshake overhead plus bytes over bandwidth."""
         return self.step_time_model.migration_stage_time_s(num_blocks)
+
+    def concurrency_factor(self, busy_instances: int) -> float:
+        """How much longer a step takes when ``busy_instances`` instances (itself included) step at once."""
+        factors = self.concurrency_slowdown
+        if not factors or busy_instances < 1:
+            return 1.0
+        return factors[min(busy_instances, len(factors)) - 1]
 
     def blocking_copy_time_s(self, num_tokens: int) -> float:
         """Time to copy a whole KV cache while the request is stopped (the naive alternative to live migration)."""
@@ -388,6 +404,8 @@ class Profile(BaseModel):
         """Indented JSON with one table point (or assumption) per line, so tables stay readable and diffable."""
         lines = []
         for key, value in self.model_dump(mode="json", exclude_none=True).items():
+            if key == "concurrency_slowdown" and not value:  # optional; absent from profiles of one device each
+                continue
             if isinstance(value, list) and value:
                 items = ",\n".join("    " + json.dumps(item) for item in value)
                 lines.append(f"  {json.dumps(key)}: [\n{items}\n  ]")

@@ -37,6 +37,12 @@ class SimConfig:
     max_migrations_per_instance: int = 1
     sample_interval_s: float = 1.0
     seed: int = 0
+    # What a real cluster adds around the engines (zero in the paper-scale runs, as the paper's simulator): a request
+    # reaches the global scheduler ``dispatch_latency_s`` after its arrival (client -> HTTP frontend -> dispatch ->
+    # instance queue), and the client sees each token ``delivery_latency_s`` after the step that made it (instance
+    # -> frontend -> client). Measured on a real cluster by ``llumnix insitu-profile``.
+    dispatch_latency_s: float = 0.0
+    delivery_latency_s: float = 0.0
     # Safety net against a wedged simulation (a bug): virtual seconds after the last arrival before giving up.
     max_drain_s: float = 1e6
 
@@ -45,6 +51,9 @@ class SimConfig:
             raise ValueError(f"--instances must be >= 1, got {self.num_instances}")
         if self.sample_interval_s <= 0:
             raise ValueError(f"sample_interval_s must be > 0, got {self.sample_interval_s}")
+        for name in ("dispatch_latency_s", "delivery_latency_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
 
 
 class SimInstance:
@@ -156,7 +165,7 @@ class Simulator:
         for _ in range(cfg.num_instances):  # with auto-scaling: the initial instances
             self._launch(0.0, 0.0)
         for r in self.requests:
-            self._push(r.arrival_s, ARRIVAL, r)
+            self._push(r.arrival_s + cfg.dispatch_latency_s, ARRIVAL, r)
         if self.gs.migrates:
             self._push(0.0, PAIR_TICK)
         if self.gs.scaler is not None:
@@ -185,6 +194,10 @@ class Simulator:
             raise RuntimeError(f"simulation ended with {self._unfinished} unfinished requests (no events left)")
         end = self.now
         self._sample(end)
+        if cfg.delivery_latency_s:  # the client's view of the tokens (the engine-side timeline stays as it was)
+            for r in self.requests:
+                r.first_token_s += cfg.delivery_latency_s
+                r.finish_s += cfg.delivery_latency_s
         spans = [(i.instance_id, i.launch_s, i.stop_s if i.stop_s is not None else end) for i in self.instances.values()]
         return SimResult(self.requests, self.samples, self.migrations, spans, end, cfg)
 
@@ -216,7 +229,10 @@ class Simulator:
             if not plan.requests:  # a decode step whose every request was preempted: schedule again
                 continue
             inst.plan = plan
-            self._push(now + self._step_time(plan), STEP_DONE, inst)
+            step_s = self._step_time(plan)
+            if self.profile.concurrency_slowdown:  # instances sharing the cores: those stepping now, this one too
+                step_s *= self.profile.concurrency_factor(sum(1 for i in self.instances.values() if i.busy))
+            self._push(now + step_s, STEP_DONE, inst)
 
     def _step_time(self, plan: StepPlan) -> float:
         if plan.kind is StepKind.PREFILL:
