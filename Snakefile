@@ -2,6 +2,7 @@
 #   snakemake --cores all                         # quick scale (default), under 20 minutes on 2 cores
 #   snakemake --cores all --config scale=paper    # the paper's scale: 10,000 requests/run, 3 seeds, every rate
 #   snakemake --cores 1 --report results/report.html
+#   snakemake --cores all --config backend=vllm   # the real-cluster experiment on vLLM engines (make install-vllm)
 # Experiments are the YAML files in experiments/ (validated on load); the logic lives in llumnix.analysis.
 from snakemake.utils import min_version, validate
 
@@ -24,5 +25,5 @@ include: "workflow/rules/real_cluster.smk"
 rule all:
     default_target: True
     input:
-        all_targets(EXPERIMENTS, with_claims=HAS_CLAIMS),
+        all_targets(EXPERIMENTS, with_claims=HAS_CLAIMS, backend=config["backend"]),
         "results/figures/fig10-local.png",

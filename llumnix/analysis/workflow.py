@@ -39,10 +39,15 @@ def skipped_message(exp: Experiment) -> str:
     )
 
 
-def experiment_targets(exp: Experiment) -> list[str]:
+def experiment_targets(exp: Experiment, backend: str = "torch") -> list[str]:
+    """Data and figure of an experiment; real-cluster experiments on another engine than torch get its name appended
+    (``real_cluster-vllm``)."""
     if not has_data_source(exp):
         return []
-    out = [data_file(exp.name), *figure_files(exp.name)]
+    from llumnix.analysis.realsim import backend_experiment
+
+    name = backend_experiment(exp.name, backend) if exp.kind == "real" else exp.name
+    out = [data_file(name), *figure_files(name)]
     if exp.figure.kind == "timeline":
         out.append(timeline_file(exp.name))
     return out
@@ -53,8 +58,8 @@ def claims_inputs(experiments: dict[str, Experiment], claimed: set[str]) -> list
     return [data_file(n) for n, e in experiments.items() if n in claimed and has_data_source(e)]
 
 
-def all_targets(experiments: dict[str, Experiment], with_claims: bool) -> list[str]:
-    out = [t for e in experiments.values() for t in experiment_targets(e)]
+def all_targets(experiments: dict[str, Experiment], with_claims: bool, backend: str = "torch") -> list[str]:
+    out = [t for e in experiments.values() for t in experiment_targets(e, backend)]
     if with_claims:
         out += list(CLAIMS_OUTPUTS)
     return out

@@ -30,7 +30,7 @@ SERVE_FIELDS = [
     "block_size", "device", "dtype", "seed", "torch_threads", "migration_threshold", "pairing_interval_s",
     "last_stage_blocks", "max_num_seqs", "max_batched_tokens", "priorities", "num_cpus_per_instance",
     "num_gpus_per_instance", "autoscale", "scale_up", "scale_down", "min_instances", "max_instances",
-    "initial_instances", "scale_interval_s", "startup_delay_s",
+    "initial_instances", "scale_interval_s", "startup_delay_s", "vllm_migration", "kv_transport", "kv_timeout_s",
 ]
 
 
@@ -38,9 +38,12 @@ SERVE_FIELDS = [
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML file of settings (same names as the flags, with underscores); flags given here win.")
 @click.option("--address", default=None, help="Ray cluster to join, e.g. 'auto' or 'HOST:6379' (default: start one).")
-@click.option("--backend", type=click.Choice(["torch", "profile"]), default="torch",
-              help="torch: the paged-KV LLaMA model; profile: steps only sleep for profiled times.")
-@click.option("--model", default="tiny", help="Model preset of the torch backend (random weights).")
+@click.option("--backend", type=click.Choice(["torch", "profile", "vllm"]), default="torch",
+              help="torch: the paged-KV LLaMA model; profile: steps only sleep for profiled times; vllm: one vLLM "
+                   "engine per instance (needs the vLLM venv: make install-vllm).")
+@click.option("--model", default="tiny",
+              help="Model preset (random weights); with --backend vllm also a Hugging Face model directory (a preset "
+                   "is written once as a random-weight LLaMA to $LLUMNIX_MODEL_CACHE or ~/.cache/llumnix/models).")
 @click.option("--profile", default="a10-llama-7b", help="Step-time profile of the profile backend (name or JSON).")
 @click.option("--speed", type=float, default=1.0, help="Profile backend: run steps this many times faster.")
 @click.option("--instances", type=int, default=2,
@@ -50,8 +53,10 @@ SERVE_FIELDS = [
 @click.option("--host", default="127.0.0.1", help="HTTP bind address.")
 @click.option("--port", type=int, default=8000, help="HTTP port.")
 @click.option("--num-blocks", type=int, default=None,
-              help="KV blocks per instance (default: 256 for torch, the profile's own for profile).")
-@click.option("--block-size", type=int, default=16, help="Tokens per KV block.")
+              help="KV blocks per instance (default: 256 for torch, the profile's own for profile, what "
+                   "VLLM_CPU_KVCACHE_SPACE holds for vllm).")
+@click.option("--block-size", type=int, default=None,
+              help="Tokens per KV block (default: 16; 32 for vllm, whose CPU attention needs a multiple of 32).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Torch backend device.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               help="Torch backend dtype.")
@@ -62,6 +67,13 @@ SERVE_FIELDS = [
 @click.option("--no-migration", is_flag=True, help="Disable migration (llumnix policy: dispatch only).")
 @click.option("--pairing-interval", "pairing_interval_s", type=float, default=0.1,
               help="Seconds between migration pairing rounds.")
+@click.option("--kv-transport", type=click.Choice(["object-store", "gloo", "nccl"]), default="object-store",
+              help="How migrating KV travels between instances: Ray's object store, or a torch.distributed channel "
+                   "per instance pair opened on their first migration (gloo: through host memory; nccl: GPU to GPU, "
+                   "needs --device cuda).")
+@click.option("--kv-timeout", "kv_timeout_s", type=float, default=60.0,
+              help="gloo / nccl: seconds after which opening a channel or one stage's transfer fails (the migration "
+                   "aborts and the request stays on its source).")
 @click.option("--last-stage-blocks", type=int, default=2, help="Blocks left at which a migration stops and copies.")
 @click.option("--max-num-seqs", type=int, default=256, help="Most running sequences per instance.")
 @click.option("--max-batched-tokens", type=int, default=12_288, help="Most prompt tokens in one prefill step.")
@@ -84,6 +96,9 @@ SERVE_FIELDS = [
               help="With --autoscale: instances at start (default: --instances).")
 @click.option("--scale-interval", "scale_interval_s", type=float, default=10.0,
               help="With --autoscale: seconds between scaling decisions.")
+@click.option("--vllm-migration", type=click.Choice(["recompute", "kv"]), default="recompute",
+              help="With --backend vllm: a migrated request's destination recomputes its tokens so far, or loads "
+                   "their KV copied from the source (both stop the request while it moves).")
 @click.option("--startup-delay", "startup_delay_s", type=float, default=0.0,
               help="Extra seconds a started instance waits, once its engine is up, before taking requests (emulates "
                    "a model load; the simulator's --startup-delay).")
@@ -102,6 +117,13 @@ def serve(ctx: click.Context, config_path: Path | None, no_migration: bool, **_:
         config = build_serve_config(file_values, overrides)
     except ServeConfigError as e:
         raise click.ClickException(str(e)) from None
+    if config.instance.backend == "vllm":
+        from llumnix.runtime.vllm_model import VllmUnavailableError, require_vllm
+
+        try:
+            require_vllm()
+        except VllmUnavailableError as e:
+            raise click.ClickException(str(e)) from None
     scaling = (f" (autoscale {config.min_instances}-{config.max_instances}, freeness "
                f"[{config.scale_up:g}, {config.scale_down:g}], every {config.scale_interval_s:g} s)"
                if config.autoscale else "")

@@ -13,6 +13,7 @@ Endpoints
   draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
 - ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
+- ``GET /admin/steps``: every engine step of every live instance (perf-counter start/end, kind, batch, tokens).
 - ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
   and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
@@ -215,7 +216,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     app = FastAPI(title="llumnix", summary="Llumnix serving frontend", lifespan=lifespan)
     app.state.manager = manager
-    model_name = config.instance.model if config.instance.backend == "torch" else f"profile:{config.instance.profile}"
+    model_name = config.instance.model_name
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -291,6 +292,10 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
             {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
             for row in manager.instance_rows()
         ]
+
+    @app.get("/admin/steps")
+    async def admin_steps():
+        return await manager.step_logs()
 
     @app.get("/admin/scaling")
     async def admin_scaling():

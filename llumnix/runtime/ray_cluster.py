@@ -39,8 +39,8 @@ from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import InstanceLoad
 from llumnix.core.request import HIGH, NORMAL, Request
 from llumnix.policies.system import GlobalScheduler, SystemConfig
+from llumnix.runtime.kv_transport import TransportSpec
 from llumnix.runtime.ray_instance import (
-    InstanceActor,
     InstanceStats,
     Report,
     RequestDone,
@@ -48,6 +48,7 @@ from llumnix.runtime.ray_instance import (
     RequestMoved,
     RequestStats,
     TokenBatch,
+    actor_class,
 )
 from llumnix.runtime.serve_config import ServeConfig
 
@@ -154,6 +155,7 @@ class ClientRequest:
             # (start_s, end_s, src, dst, downtime_s, stages, committed) of every migration attempt, aborted ones too
             "migration_records": [list(m) for a in self.attempts for m in a.migrations],
             "prefill_ends_s": [t for a in self.attempts for t in a.prefill_ends_s],
+            "dispatch_s": next((a.dispatch_s for a in self.attempts if a.dispatch_s is not None), None),
             "arrival_s": self.arrival_s,
             "first_token_s": self.first_token_s,
             "finish_s": self.finish_s,
@@ -221,6 +223,7 @@ class ClusterManager:
         self._instance_ids = itertools.count()
         self._handed_back: set[int] = set()  # engine ids a drain handed back while their dispatch was in flight
         self._info: dict[str, Any] | None = None
+        self._kv_store: tuple[Any, str] | None = None  # gloo / nccl: the TCPStore the instances' channels meet on
         self.started_s = time.time()
         self.active: dict[str, ClientRequest] = {}
         self._by_engine: dict[int, ClientRequest] = {}
@@ -288,17 +291,29 @@ class ClusterManager:
         import ray
 
         actor = (
-            ray.remote(InstanceActor)
+            ray.remote(actor_class(self.config.instance))
             .options(
                 num_cpus=self.config.num_cpus_per_instance,
                 num_gpus=self.config.gpus_per_instance,
                 max_concurrency=1000,
             )
-            .remote(instance_id, self.config.instance)
+            .remote(instance_id, self.config.instance, self._transport_spec())
         )
         self.spans[instance_id] = InstanceSpan(time.time())
         self._event(instance_id, "launch")
         return actor
+
+    def _transport_spec(self) -> TransportSpec:
+        """How the instances move migrating KV; gloo / nccl channels rendezvous on a TCPStore this process hosts."""
+        if self.config.kv_transport == "object-store":
+            return TransportSpec()
+        if self._kv_store is None:
+            import ray
+
+            from llumnix.runtime.dist_channel import serve_store
+
+            self._kv_store = serve_store(ray.util.get_node_ip_address())
+        return TransportSpec(self.config.kv_transport, self._kv_store[1], self.config.kv_timeout_s)
 
     def _add_instance(self, inst: InstanceHandle, report: Report) -> None:
         """The instance takes requests from now on (it has reported a load)."""
@@ -798,6 +813,18 @@ class ClusterManager:
         }
 
     # -- introspection -------------------------------------------------------------------------------------------
+    async def step_logs(self) -> list[dict[str, Any]]:
+        """Every step of every live instance (``InstanceActor.step_log``), one dict per step."""
+        live = [inst for inst in self.instances.values() if inst.alive]
+        logs = await asyncio.gather(*(inst.actor.step_log.remote() for inst in live), return_exceptions=True)
+        keys = ("start_s", "end_s", "kind", "batch_size", "prefill_tokens", "prefill_sum_sq", "context_tokens")
+        return [
+            {"instance_id": inst.instance_id, **dict(zip(keys, row, strict=True))}
+            for inst, rows in zip(live, logs, strict=True)
+            if not isinstance(rows, BaseException)
+            for row in rows
+        ]
+
     def instance_rows(self) -> list[dict[str, Any]]:
         """One row per instance: its latest load and counters (for /metrics and the replay tool's samples)."""
         rows = []

@@ -14,7 +14,8 @@ Migration, source side (``_drive``): the source runs the ``Migration`` state mac
 place of the destination's Llumlet. Before each stage it asks the destination actor to PRE-ALLOC exactly the blocks the
 stage will take (``stage_blocks_needed``, under the step lock so no step changes the answer) and hands the reply to the
 proxy, which the state machine then consults synchronously. Blocks travel through a ``KVTransport``; COMMIT and ABORT
-are actor calls. Destination side: ``mig_pre_alloc``, ``mig_write``, ``mig_commit``, ``mig_abort``.
+are actor calls. Destination side: ``mig_pre_alloc``, ``mig_write`` (object store) or ``kv_accept`` / ``kv_recv``
+(a torch.distributed channel: gloo or NCCL), ``mig_commit``, ``mig_abort``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from llumnix.core.llumlet import InstanceLoad, Llumlet, LlumletConfig
-from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepPlan
+from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
 from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase, Stage
 from llumnix.core.request import Request, RequestStatus
 from llumnix.engine.executor import Executor
 from llumnix.runtime.instance import EngineInstance
-from llumnix.runtime.kv_transport import make_transport, pack, unpack
+from llumnix.runtime.kv_transport import TorchDistTransport, TransportSpec, make_transport, unpack
 from llumnix.runtime.serve_config import InstanceSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RequestStats:
     prefill_ends_s: list[float]
     migrations: list[tuple[float, float, int, int, float, int, bool]]
     instances: list[int]
+    dispatch_s: float | None = None  # when the first instance queued it
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ class Report:
 
 
 def request_stats(req: Request) -> RequestStats:
-    return RequestStats(list(req.preemptions_s), list(req.prefill_ends_s), list(req.migrations), list(req.instances))
+    return RequestStats(
+        list(req.preemptions_s), list(req.prefill_ends_s), list(req.migrations), list(req.instances), req.dispatch_s
+    )
 
 
 # -- executors ------------------------------------------------------------------------------------------------------
@@ -214,26 +218,22 @@ class _IncomingMigration:
 class InstanceActor:
     """Create with ``ray.remote(InstanceActor).options(...).remote(instance_id, spec)``, then ``await start()``."""
 
-    def __init__(self, instance_id: int, spec: InstanceSpec, transport: str = "object-store") -> None:
+    def __init__(self, instance_id: int, spec: InstanceSpec, transport: TransportSpec | str = "object-store") -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.instance_id = instance_id
         self.spec = spec
-        executor, self.info = build_executor(spec)
-        sched_cfg = SchedulerConfig(
-            max_num_seqs=spec.max_num_seqs,
-            max_batched_tokens=spec.max_batched_tokens,
-            enable_priorities=spec.priorities,
-        )
-        ll_cfg = LlumletConfig(enable_priorities=spec.priorities)
-        self.engine = EngineInstance(instance_id, executor, sched_cfg, ll_cfg, watermark=spec.watermark, clock=time.time)
+        self.engine, self.info = self._build_engine()
         self.mig_config = MigrationConfig(last_stage_max_blocks=spec.last_stage_blocks, max_stages=spec.max_stages)
-        self.transport = make_transport(transport)
+        self.transport = make_transport(transport, instance_id, _node_address())
         self.clock = time.time
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance{instance_id}-step")
         self._outbox: list[Any] = []
         self._num_received = 0
         self._steps = 0
         self._busy_s = 0.0
+        # Per step: (start, end) on the perf counter from scheduling to the emitted tokens, kind, batch size, prefill
+        # tokens and their sum of squares, decode context tokens: the in-situ profile (llumnix.bench.insitu).
+        self._step_log: list[tuple[float, float, str, int, int, int, int]] = []
         self._finished = 0
         self._mig_committed = 0
         self._mig_aborted = 0
@@ -245,6 +245,19 @@ class InstanceActor:
         self._failed: str | None = None
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
+
+    def _build_engine(self) -> tuple[EngineInstance, dict[str, Any]]:
+        """The engine this actor steps and what the frontend must know about it (see ``build_executor``)."""
+        spec = self.spec
+        executor, info = build_executor(spec)
+        sched_cfg = SchedulerConfig(
+            max_num_seqs=spec.max_num_seqs,
+            max_batched_tokens=spec.max_batched_tokens,
+            enable_priorities=spec.priorities,
+        )
+        ll_cfg = LlumletConfig(enable_priorities=spec.priorities)
+        engine = EngineInstance(self.instance_id, executor, sched_cfg, ll_cfg, watermark=spec.watermark, clock=time.time)
+        return engine, info
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     @property
@@ -283,6 +296,7 @@ class InstanceActor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._loop_task, 5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -295,21 +309,11 @@ class InstanceActor:
 
     # -- the step loop -------------------------------------------------------------------------------------------
     async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._work.clear()
-            ran = False
             try:
                 async with self._lock:
-                    plan = self.scheduler.schedule(self.clock())
-                    if plan is not None and plan.requests:
-                        t0 = time.perf_counter()
-                        tokens = await loop.run_in_executor(self._pool, self.executor.execute, plan)
-                        self._busy_s += time.perf_counter() - t0
-                        self._after_step(plan, tokens)
-                        ran = True
-                    elif plan is not None:
-                        ran = True  # every request of a decode step was preempted: schedule again
+                    ran = await self._step_once()
             except Exception as e:  # a bug or a device error: report it, so the frontend fails the instance over
                 log.exception("instance %d: step failed", self.instance_id)
                 self._failed = f"step failed: {e!r}"
@@ -321,12 +325,42 @@ class InstanceActor:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._work.wait(), 0.05)
 
+    async def _step_once(self) -> bool:
+        """One engine step (the step lock is held); False when there was nothing to run."""
+        started = time.perf_counter()
+        plan = self.scheduler.schedule(self.clock())
+        if plan is None:
+            return False
+        if plan.requests:
+            t0 = time.perf_counter()
+            tokens = await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.execute, plan)
+            self._busy_s += time.perf_counter() - t0
+            self._after_step(plan, tokens)
+            self._log_step(plan, started)
+        return True  # (with no requests: every request of a decode step was preempted, so schedule again)
+
+    def _log_step(self, plan: StepPlan, started: float) -> None:
+        prefill = plan.kind is StepKind.PREFILL
+        self._step_log.append((
+            started, time.perf_counter(), plan.kind.value, len(plan.requests),
+            sum(plan.prefill_tokens) if prefill else 0, sum(n * n for n in plan.prefill_tokens) if prefill else 0,
+            0 if prefill else int(plan.context_tokens),
+        ))  # fmt: skip
+
+    async def step_log(self) -> list[tuple[float, float, str, int, int, int, int]]:
+        """Every step this instance ran so far (see ``_step_log``)."""
+        return list(self._step_log)
+
     def _after_step(self, plan: StepPlan, tokens: list[int]) -> None:
         finished = self.scheduler.on_step_done(plan, self.clock(), tokens)
-        self._steps += 1
-        self._emit(
-            TokenBatch([(r.request_id, r.num_generated - 1, t) for r, t in zip(plan.requests, tokens, strict=True)])
+        self._report_step(
+            [(r.request_id, r.num_generated - 1, t) for r, t in zip(plan.requests, tokens, strict=True)], finished
         )
+
+    def _report_step(self, tokens: list[tuple[int, int, int]], finished: list[Request]) -> None:
+        """Queue one step's tokens (engine request id, output index, token) and finished requests for the poller."""
+        self._steps += 1
+        self._emit(TokenBatch(tokens))
         for req in finished:
             self._finished += 1
             self._emit(RequestDone(req.request_id, request_stats(req)))
@@ -466,9 +500,8 @@ class InstanceActor:
                 started = True
             while stage is not None:
                 if stage.src_blocks:
-                    payload = pack(self.executor.read_blocks(stage.src_blocks), len(stage.src_blocks))
-                    await self.transport.send(dst, migration_id, stage.dst_blocks, payload)
-                    moved += payload.nbytes
+                    data = self.executor.read_blocks(stage.src_blocks)
+                    moved += await self.transport.send(dst, dst_id, migration_id, stage.dst_blocks, data)
                 async with self._lock:
                     stage = await self._stage_boundary(mig, proxy, dst, first=False)
         except Exception as e:  # the destination died or the transfer failed: the request stays here
@@ -516,6 +549,25 @@ class InstanceActor:
             raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
         self.executor.write_blocks(dst_blocks, unpack(payload))
 
+    async def kv_accept(self, src_id: int, key: str) -> None:
+        """Join the torch.distributed KV channel ``key`` that ``src_id`` is opening to this instance."""
+        await self._dist_transport().accept(src_id, key)
+
+    async def kv_recv(self, src_id: int, key: str, migration_id: int, dst_blocks: list[int], shape: tuple[int, ...],
+                      dtype: str) -> None:
+        """Receive a stage's blocks from ``src_id`` over channel ``key`` and write them; the data is drained even
+        when the migration was aborted meanwhile (its blocks may belong to another request by then: not written)."""
+        data = await self._dist_transport().receive(src_id, key, shape, dtype)
+        if migration_id not in self._incoming:
+            raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
+        self.executor.write_blocks(dst_blocks, data)
+
+    def _dist_transport(self) -> TorchDistTransport:
+        if not isinstance(self.transport, TorchDistTransport):
+            raise RuntimeError(f"instance {self.instance_id} moves KV over the {self.transport.name} transport; all "
+                               "instances of a cluster must use the same one")
+        return self.transport
+
     async def mig_commit(self, migration_id: int, req: Request) -> bool:
         """COMMIT: adopt the request whose KV now fills the pre-allocated blocks."""
         inc = self._incoming.pop(migration_id, None)
@@ -535,10 +587,32 @@ class InstanceActor:
 
     async def peer_died(self, instance_id: int) -> int:
         """Free what incoming migrations from a dead source hold; return how many were dropped."""
+        self.transport.forget(instance_id)
         dead = [mid for mid, inc in self._incoming.items() if inc.src == instance_id]
         for mid in dead:
             await self.mig_abort(mid)
         return len(dead)
+
+
+def _node_address() -> str | None:
+    """This node's address, for gloo to listen on (None outside Ray: the host name's)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return None
+
+
+def actor_class(spec: InstanceSpec) -> type[InstanceActor]:
+    """The actor class of ``spec.backend``: vLLM engines have their own (``llumnix.runtime.vllm_actor``)."""
+    if spec.backend == "vllm":
+        from llumnix.runtime.vllm_actor import VllmInstanceActor
+        from llumnix.runtime.vllm_model import require_vllm
+
+        require_vllm()  # here rather than in every actor: one clear error
+        return VllmInstanceActor
+    return InstanceActor
 
 
 __all__ = [
@@ -552,6 +626,7 @@ __all__ = [
     "RequestStats",
     "RequestStatus",
     "TokenBatch",
+    "actor_class",
     "build_executor",
     "stage_blocks_needed",
 ]

@@ -183,6 +183,8 @@ def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result
     req.instances = [int(i) for i in info.get("instances", [])]
     req.preemptions_s = [t - t0 for t in info.get("preemptions_s", [])]
     req.prefill_ends_s = [t - t0 for t in info.get("prefill_ends_s", [])]
+    if info.get("dispatch_s") is not None:
+        req.dispatch_s = info["dispatch_s"] - t0
     records = []
     for m in info.get("migration_records", []):
         start, end, src, dst, downtime, stages, committed = m

@@ -21,12 +21,20 @@ class InstanceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["torch", "profile"] = Field("torch", description="torch: the paged-KV LLaMA; profile: timed sleeps")
-    model: str = Field("tiny", description="model preset of the torch backend (llumnix.engine.model.PRESETS)")
+    backend: Literal["torch", "profile", "vllm"] = Field(
+        "torch", description="torch: the paged-KV LLaMA; profile: timed sleeps; vllm: a vLLM engine per instance"
+    )
+    model: str = Field(
+        "tiny",
+        description="model preset (llumnix.engine.model.PRESETS); vllm: also a Hugging Face model directory "
+        "(a preset becomes a random-weight LLaMA of its shape, written once to a cache directory)",
+    )
     profile: str = Field("a10-llama-7b", description="step-time profile of the profile backend (name or JSON path)")
     speed: float = Field(1.0, gt=0, description="profile backend: steps run this many times faster than profiled")
-    num_blocks: int | None = Field(None, ge=1, description="KV blocks per instance (torch default 256; profile: its own)")
-    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    num_blocks: int | None = Field(
+        None, ge=1, description="KV blocks per instance (torch default 256; profile: its own; vllm: as vLLM sizes it)"
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV block (vllm default 32: its CPU attention needs it)")
     device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend device")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch backend dtype")
     seed: int = Field(0, description="weight seed: every instance uses the same one, so all serve the same model")
@@ -37,6 +45,21 @@ class InstanceSpec(BaseModel):
     priorities: bool = Field(False, description="honour request priorities (headroom, queue jumping, no migration)")
     last_stage_blocks: int = Field(2, ge=0, description="blocks left at which a migration stops and copies")
     max_stages: int = Field(8, ge=1, description="most migration stages before the stop-and-copy stage is forced")
+    vllm_migration: Literal["recompute", "kv"] = Field(
+        "recompute",
+        description="vllm backend: a migrated request's destination recomputes its tokens so far, or loads their KV "
+        "copied from the source (both blocking)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_block_size(cls, data: Any) -> Any:
+        """vLLM's CPU attention takes multiples of 32 only: that is the vllm backend's default block size."""
+        if isinstance(data, dict) and data.get("backend") == "vllm" and "block_size" not in data:
+            from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
+
+            data = {**data, "block_size": VLLM_CPU_BLOCK_MULTIPLE}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> InstanceSpec:
@@ -47,7 +70,23 @@ class InstanceSpec(BaseModel):
                 raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
         if self.backend == "profile" and self.device != "cpu":
             raise ValueError("the profile backend runs no model: leave device at cpu")
+        if self.backend == "vllm":
+            from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE, check_model
+
+            check_model(self.model)
+            if self.device == "cpu" and self.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+                raise ValueError(
+                    f"block_size {self.block_size}: vLLM's CPU attention needs a multiple of "
+                    f"{VLLM_CPU_BLOCK_MULTIPLE}; use --block-size {VLLM_CPU_BLOCK_MULTIPLE} (the vllm default)"
+                )
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name in API responses."""
+        if self.backend == "profile":
+            return f"profile:{self.profile}"
+        return f"vllm:{self.model}" if self.backend == "vllm" else self.model
 
 
 class ServeConfig(BaseModel):
@@ -61,6 +100,12 @@ class ServeConfig(BaseModel):
     migration: bool = Field(True, description="migrate requests between instances (llumnix policy only)")
     migration_threshold: float = Field(3.0, description="freeness below which an instance sends, above which it receives")
     pairing_interval_s: float = Field(0.1, gt=0, description="seconds between migration pairing rounds")
+    kv_transport: Literal["object-store", "gloo", "nccl"] = Field(
+        "object-store", description="how migrating KV travels: Ray's object store, or a torch.distributed channel "
+        "per instance pair (gloo: through host memory; nccl: GPU to GPU, --device cuda)"
+    )
+    kv_timeout_s: float = Field(60.0, gt=0, description="gloo / nccl: a channel's opening or one stage's transfer "
+                                "fails (aborting the migration) after this long")
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     num_cpus_per_instance: float = Field(1.0, ge=0, description="Ray CPUs reserved by each instance actor")
@@ -86,6 +131,13 @@ class ServeConfig(BaseModel):
     def _check(self) -> ServeConfig:
         if self.policy not in SYSTEMS:
             raise ValueError(f"policy must be one of {', '.join(SYSTEMS)}, got {self.policy!r}")
+        if self.kv_transport == "nccl" and self.instance.device != "cuda":
+            raise ValueError("kv_transport nccl sends KV between GPUs: it needs device cuda (gloo works on CPU)")
+        if self.instance.backend == "vllm" and self.kv_transport != "object-store":
+            raise ValueError(
+                "the vllm backend sends a migrating request's KV in the migration call itself (vllm_migration kv): "
+                "leave kv_transport at object-store"
+            )
         if self.autoscale:
             self.scaling_config()  # raises on an inverted range or bounds
             n = self.initial_count

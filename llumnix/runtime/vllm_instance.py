@@ -11,7 +11,9 @@ its tokens (plus, with ``with_kv=True``, a copy of its KV blocks); ``migrate_in`
 prompt + tokens so far as the new prompt and the remaining tokens as ``max_tokens``. Without KV the destination
 recomputes the prefix; with KV the ``LlumnixMigrationConnector`` loads the blocks and only the last token is computed.
 Either way greedy decoding continues token for token. This is a blocking (stop-and-copy) migration, not the paper's
-multi-stage live migration: vLLM's scheduler offers no hook to copy blocks while the request keeps decoding.
+multi-stage live migration: vLLM's scheduler offers no hook to copy blocks while the request keeps decoding. Across
+processes (Ray instance actors, ``llumnix.runtime.vllm_actor``) the source ``export``s the request, the destination
+``migrate_in``s it, and only once it has the source ``release``s it.
 """
 
 from __future__ import annotations
@@ -52,15 +54,16 @@ class VllmInstanceConfig:
 
     ``num_blocks`` caps the KV cache (vLLM's ``num_gpu_blocks_override``), as the paper caps an A10 at 792 blocks;
     None lets vLLM size it. vLLM's CPU attention needs ``block_size`` to be a multiple of 32 (the paper's engine used
-    16). Prefix caching is off by default: the paper's engine (vLLM 0.1) had none, and with it a recompute migration
-    back into the same engine would hit its own cache. ``enable_priorities`` switches vLLM to its priority scheduling
-    policy (ordering of the waiting queue, preemption of the lowest priority first).
+    16). ``max_model_len`` None takes the model's own. Prefix caching is off by default: the paper's engine (vLLM 0.1)
+    had none, and with it a recompute migration back into the same engine would hit its own cache.
+    ``enable_priorities`` switches vLLM to its priority scheduling policy (ordering of the waiting queue, preemption of
+    the lowest priority first).
     """
 
     model: str
     block_size: int = 32
     num_blocks: int | None = None
-    max_model_len: int = 2048
+    max_model_len: int | None = 2048
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     dtype: str = "float32"
@@ -120,6 +123,11 @@ class VllmBlockView:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
+    def check(self) -> None:
+        """Raise if the pool's counts are out of range (vLLM owns the tables; this is what can be checked)."""
+        if not 0 <= self.num_free_blocks <= self.num_blocks:
+            raise RuntimeError(f"vLLM block pool: {self.num_free_blocks} free of {self.num_blocks}")
+
 
 class VllmSchedulerView:
     """The part of ``LocalScheduler`` that ``Llumlet`` reads, over vLLM's scheduler: queues hold our ``Request``
@@ -160,6 +168,9 @@ class VllmSchedulerView:
     def num_preemptions(self) -> int:
         return self._inst.num_preemptions
 
+    def take_waiting(self) -> list[Request]:
+        return self._inst.take_waiting()
+
 
 @dataclass(frozen=True)
 class MigratedRequest:
@@ -199,6 +210,7 @@ class VllmInstance:
         self._by_vllm_id: dict[str, Request] = {}  # vLLM's internal request id -> request
         self._vllm_id: dict[int, str] = {}  # our request id -> vLLM's internal request id
         self._seen_preemptions: dict[str, int] = {}
+        self._prefilling: set[str] = set()  # vLLM ids whose next token ends a prefill (after admission or preemption)
         self.num_preemptions = 0
         self.llumlet = Llumlet(instance_id, VllmSchedulerView(self), llumlet_config)
         self.on_token: Callable[[Request, int], None] | None = None  # streaming hook (token id per step)
@@ -212,6 +224,18 @@ class VllmInstance:
     @property
     def scheduler(self) -> VllmSchedulerView:
         return self.llumlet.scheduler
+
+    @property
+    def blocks(self) -> VllmBlockView:
+        return self.block_view
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_config.max_model_len)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return sum(layer.kv_cache.nbytes // layer.kv_cache.shape[0] for layer in self._kv_layers.values())
 
     # -- requests -------------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -243,12 +267,26 @@ class VllmInstance:
         self._by_vllm_id[vllm_id] = req
         self._vllm_id[req.request_id] = vllm_id
         self._seen_preemptions[vllm_id] = 0
+        self._prefilling.add(vllm_id)
         return vllm_id
 
     def _forget(self, request_id: int) -> Request:
         vllm_id = self._vllm_id.pop(request_id)
         self._seen_preemptions.pop(vllm_id, None)
+        self._prefilling.discard(vllm_id)
         return self._by_vllm_id.pop(vllm_id)
+
+    def holds(self, request_id: int) -> bool:
+        return request_id in self._vllm_id
+
+    def take_waiting(self) -> list[Request]:
+        """Remove and return every queued request (a drained instance hands them back for re-dispatch); a preempted
+        one keeps its tokens so far, and the frontend recomputes it elsewhere."""
+        s = self._scheduler
+        queued = [r.request_id for r in [*s.waiting, *s.kv_holding_waiting] if r.request_id in self._by_vllm_id]
+        if queued:
+            self.engine.abort_request(queued, internal=True)
+        return [self._forget(self._by_vllm_id[v].request_id) for v in queued]
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -265,6 +303,9 @@ class VllmInstance:
             if vllm_id is None:
                 continue  # aborted (migrated out) while its output was in flight
             req = self._by_vllm_id[vllm_id]
+            if out.outputs[0].token_ids and vllm_id in self._prefilling:
+                self._prefilling.discard(vllm_id)
+                req.prefill_ends_s.append(now)
             for tok in out.outputs[0].token_ids:
                 if req.first_token_s is None:
                     req.first_token_s = now
@@ -292,6 +333,7 @@ class VllmInstance:
                 req.preemptions_s.extend([now] * new)
                 self.num_preemptions += new
                 self._seen_preemptions[vllm_id] = vreq.num_preemptions
+                self._prefilling.add(vllm_id)
         for vreq in s.running:
             req = self._by_vllm_id.get(vreq.request_id)
             if req is not None:
@@ -325,14 +367,22 @@ class VllmInstance:
         layers = {name: layer.kv_cache.index_select(0, index) for name, layer in self._kv_layers.items()}
         return MigratedKV(num_tokens, self.block_size, layers)
 
-    def migrate_out(self, request_id: int, with_kv: bool = False) -> MigratedRequest:
-        """Stop the request here (between steps) and hand back what the destination needs to continue it."""
+    def export(self, request_id: int, with_kv: bool = False) -> MigratedRequest:
+        """What a destination needs to continue the request (call between steps); the request stays here."""
         req = self._by_vllm_id[self._vllm_id[request_id]]
         kv = self.read_kv(request_id) if with_kv else None
-        vllm_id = self._vllm_id[request_id]
-        self.engine.abort_request([vllm_id], internal=True)
-        self._forget(request_id)
         return MigratedRequest(list(req.prompt_token_ids or []), list(req.output_token_ids), req, kv)
+
+    def release(self, request_id: int) -> Request:
+        """Drop the request here (its blocks are freed at once): it has moved elsewhere."""
+        self.engine.abort_request([self._vllm_id[request_id]], internal=True)
+        return self._forget(request_id)
+
+    def migrate_out(self, request_id: int, with_kv: bool = False) -> MigratedRequest:
+        """Stop the request here (between steps) and hand back what the destination needs to continue it."""
+        migrated = self.export(request_id, with_kv)
+        self.release(request_id)
+        return migrated
 
     def migrate_in(self, migrated: MigratedRequest | Request) -> None:
         """Continue a migrated request here: prompt + tokens so far as the prompt, the remaining tokens to go."""
