@@ -93,6 +93,23 @@ def test_bench_config_rejects_bad_input():
         MigrationBenchConfig(transports=("host",))
     with pytest.raises(ValueError, match="must be at least"):
         MigrationBenchConfig(migrations=4, output_tokens=8)
+    with pytest.raises(ValueError, match="run it alone"):
+        MigrationBenchConfig(transports=("device", "gloo"))
+    with pytest.raises(ValueError, match="nccl transport sends CUDA tensors"):
+        MigrationBenchConfig(transports=("nccl",))
+
+
+def test_migration_bench_across_two_processes_over_gloo(tmp_path):
+    """The destination's model and KV pool in a child process, every stage's KV over a gloo channel."""
+    csv = tmp_path / "gloo.csv"
+    cli("bench", "migration", "--transport", "gloo", "--lengths", "48,96", "--repeats", "1", "--warmup", "0",
+        "--migrations", "2", "--output-tokens", "16", "-o", csv)
+    df = pd.read_csv(csv)
+    assert list(df["transport"]) == ["gloo", "gloo"] and (df["migrations"] == 2).all()
+    assert df["token_identical"].all() and df["kv_identical"].all() and df["token_identical_timed"].all()
+    assert (df[TIME_COLUMNS] > 0).all().all() and (df["stages"] >= 2).all()
+    assert df["device_name"].str.contains("another process").all()
+    assert df["notes"].str.contains("child process").all() and df["notes"].str.contains("gloo channel").all()
 
 
 def test_kv_transfer_copies_blocks_exactly():
@@ -219,3 +236,13 @@ def test_cuda_side_stream_transfers_token_identical():
     df = run_migration_bench(MigrationBenchConfig(device="cuda", lengths=(64, 256), repeats=1,
                                                   transports=("device", "host")))
     assert df["token_identical"].all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices (NCCL puts one rank on each; run on the GPU machine)")
+def test_cuda_nccl_across_two_gpus_token_identical():
+    df = run_migration_bench(MigrationBenchConfig(device="cuda", lengths=(64, 256), repeats=1, migrations=2,
+                                                  output_tokens=16, transports=("nccl",)))
+    assert df["kv_identical"].all() and df["token_identical"].all()
+    assert (df["dst_device"] == "cuda:1").all()

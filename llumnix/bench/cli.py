@@ -86,16 +86,20 @@ def bench() -> None:
 @click.option("--migrations", type=int, default=1,
               help="Live migrations per repeat: the request moves there and back this many times (more samples).")
 @click.option("--steps-between", type=int, default=2, help="Decode steps on the new owner between two migrations.")
-@click.option("--transports", default="device",
+@click.option("--transports", "--transport", "transports", default="device",
               help="Comma-separated KV transports: device (within the GPU) and/or host (staged through pinned host "
-                   "memory, CUDA only).")
+                   "memory, CUDA only), both instances in this process; or one of gloo / nccl: the destination in a "
+                   "child process (nccl: on the next GPU, two needed), KV over a torch.distributed channel.")
+@click.option("--channel-timeout", type=float, default=120.0,
+              help="gloo / nccl: seconds a KV transfer or the child process's answer may take before the run fails.")
 @click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")
 @click.option("--threads", type=int, default=1,
               help="torch intra-op threads on CPU (0: torch's default); 1 keeps timings stable on a busy machine.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output CSV, one row per (sequence length, transport).")
 def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch, background_tokens, output_tokens,
-              steps_before, steps_per_stage, migrations, steps_between, transports, seed, threads, output) -> None:
+              steps_before, steps_per_stage, migrations, steps_between, transports, channel_timeout, seed, threads,
+              output) -> None:
     """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
     from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
 
@@ -105,7 +109,8 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
             repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
             output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
             migrations=migrations, steps_between=steps_between,
-            transports=tuple(t.strip() for t in transports.split(",") if t.strip()), seed=seed,
+            transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
+            channel_timeout_s=channel_timeout, seed=seed,
             cpu_threads=threads or None)
         df = run_migration_bench(cfg, progress=_progress())
     except ValueError as e:
@@ -113,7 +118,7 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
     output.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(output, index=False)
     cols = ["transport", "seq_len", "recompute_s", "blocking_copy_s", "downtime_s", "stages", "decode_step_s",
-            "decode_step_migrating_s", "token_identical"]
+            "decode_step_migrating_s", "token_identical", "kv_identical"]
     click.echo(df[cols].to_string(index=False), err=True)
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
@@ -221,7 +226,36 @@ def plot_migration_cmd(csv_path, out_prefix, measurements) -> None:
     click.echo("wrote " + ", ".join(map(str, paths)), err=True)
 
 
-COMMANDS: list[click.Command] = [bench, profile, plot_migration_cmd]
+@click.command("insitu-profile", context_settings=CONTEXT)
+@click.option("--steps", "steps_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="steps.parquet of a real run (`llumnix real-cluster`): every step its instances ran.")
+@click.option("--base", required=True, help="Measured profile of the same engine and KV pool (name or JSON path): "
+              "model shape and migration costs.")
+@click.option("--name", default=None, help="Profile name (default: the base's name + '-insitu').")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Profile JSON.")
+def insitu_profile_cmd(steps_path, base, name, output) -> None:
+    """Fit the simulator's step-time profile to the steps a real cluster's instances ran (see llumnix.bench.insitu)."""
+    import pandas as pd
+
+    from llumnix.bench.insitu import insitu_profile, steps_table
+    from llumnix.profiles import Profile
+
+    try:
+        base_profile = Profile.load(base)
+        steps = steps_table(pd.read_parquet(steps_path).to_dict("records"))
+        prof = insitu_profile(steps, base_profile, name or f"{base_profile.name}-insitu",
+                              provenance=f"measured in situ: the steps of {steps_path} on top of {base_profile.name}")
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    prof.save(output)
+    pf, df = prof.prefill_fit, prof.decode_fit
+    click.echo(f"{len(prof.prefill)} prefill / {len(prof.decode)} decode bins; prefill {pf.fixed_s * 1e3:.2f} ms + "
+               f"{pf.per_token_s * 1e6:.2f} us/token; decode {df.fixed_s * 1e3:.2f} ms + {df.per_seq_s * 1e6:.1f} "
+               f"us/seq + {df.per_context_token_s * 1e9:.1f} ns/context token; step overhead "
+               f"{prof.step_overhead_s * 1e3:.2f} ms; wrote {output}", err=True)
+
+
+COMMANDS: list[click.Command] = [bench, profile, plot_migration_cmd, insitu_profile_cmd]
 
 
 if __name__ == "__main__":  # `python -m llumnix.bench.cli bench migration ...`: these commands without the rest of the CLI

@@ -1,7 +1,9 @@
 """Fig 10: the cost of moving a running request between two real engine instances, by sequence length.
 
-Two ``EngineInstance`` objects around ``TorchExecutor``s with the same weights share one process and one device. For
-each sequence length the benchmark measures, on the same request:
+Two ``EngineInstance`` objects around ``TorchExecutor``s with the same weights. With the ``device`` / ``host``
+transports both share one process and one device; with ``gloo`` / ``nccl`` the destination's model and KV pool live in
+a child process (``llumnix.bench.worker``; NCCL: on the next GPU) and every stage's KV crosses a torch.distributed
+channel between the two processes. For each sequence length the benchmark measures, on the same request:
 
 - ``recompute_s``: prefill of the request's whole sequence (migration by recompute pays this);
 - ``blocking_copy_s``: the request stopped and all its KV blocks copied to the destination in one go;
@@ -19,27 +21,36 @@ import contextlib
 import logging
 import statistics
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from llumnix.bench.worker import WorkerExecutor, WorkerSpec
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase, Stage
 from llumnix.core.request import Request
-from llumnix.engine.executor import TorchExecutor
+from llumnix.engine.executor import Executor, TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
+from llumnix.engine.runner import SeqInput
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("device", "host")
+TRANSPORTS = ("device", "host")  # both instances in this process (KVTransfer)
+PROCESS_TRANSPORTS = ("gloo", "nccl")  # the destination in a child process, KV over a torch.distributed channel
 TRANSPORT_NOTES = {
     "device": "KV gathered and scattered within the one device",
     "host": "KV staged through pinned host memory (device->host->device), the PCIe legs of a cross-GPU migration",
+    "gloo": "the destination's model and KV pool in a child process; KV sent over a torch.distributed gloo channel "
+            "(CPU tensors over TCP loopback; on GPUs also device->host and host->device)",
+    "nccl": "the destination's model and KV pool in a child process on the next GPU; KV sent GPU to GPU over a "
+            "torch.distributed NCCL channel",
 }
 
 
@@ -62,6 +73,7 @@ class MigrationBenchConfig:
     steps_between: int = 2  # decode steps on the new owner before it migrates the request on
     last_stage_max_blocks: int = 2
     transports: tuple[str, ...] = ("device",)
+    channel_timeout_s: float = 120.0  # gloo / nccl: a transfer (or the child's answer) taking longer fails the run
     seed: int = 0
     cpu_threads: int | None = 1  # torch intra-op threads on CPU; 1 keeps timings stable on a shared, busy machine
 
@@ -78,14 +90,42 @@ class MigrationBenchConfig:
         if self.min_output_tokens > self.output_tokens:
             raise ValueError(f"output_tokens ({self.output_tokens}) must be at least {self.min_output_tokens} so the "
                              f"request still decodes after {self.migrations} migration(s)")
-        bad = [t for t in self.transports if t not in TRANSPORTS]
+        bad = [t for t in self.transports if t not in TRANSPORTS + PROCESS_TRANSPORTS]
         if bad or not self.transports:
-            raise ValueError(f"transports must be among {TRANSPORTS}, got {self.transports}")
+            raise ValueError(f"transports must be among {TRANSPORTS + PROCESS_TRANSPORTS}, got {self.transports}")
+        if self.cross_process and len(self.transports) > 1:
+            raise ValueError(f"a cross-process transport ({'/'.join(PROCESS_TRANSPORTS)}) puts the destination in "
+                             f"another process: run it alone, not with {self.transports}")
         if "host" in self.transports and not self.device.startswith("cuda"):
             raise ValueError("the host transport stages a GPU's KV through pinned host memory: it needs --device cuda")
+        if "nccl" in self.transports:
+            _ = self.dst_device  # raises unless there are two GPUs
         if self.num_blocks is not None and self.num_blocks < self.required_blocks:
             raise ValueError(f"--num-blocks {self.num_blocks} is too small: lengths up to {max(self.lengths)} with "
                              f"batch {self.batch} need {self.required_blocks} blocks per instance")
+
+    @property
+    def cross_process(self) -> bool:
+        return any(t in PROCESS_TRANSPORTS for t in self.transports)
+
+    @property
+    def dst_device(self) -> str:
+        """The destination's device: the source's, except that a cross-process run on CUDA takes the next GPU (NCCL
+        must: it cannot put two ranks on one GPU; gloo does when there is one)."""
+        if not (self.cross_process and self.device.startswith("cuda")):
+            if "nccl" in self.transports:
+                raise ValueError("the nccl transport sends CUDA tensors between two GPUs: it needs --device cuda")
+            return self.device
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        src = torch.device(self.device).index or 0
+        if count >= 2:
+            return f"cuda:{(src + 1) % count}"
+        if "nccl" in self.transports:
+            raise ValueError(f"the nccl transport needs two GPUs (one per process: NCCL cannot put two ranks on one "
+                             f"GPU), but {count} visible; use --transports gloo")
+        return self.device
 
     @property
     def min_output_tokens(self) -> int:
@@ -108,10 +148,39 @@ class MigrationBenchConfig:
         return self.num_blocks if self.num_blocks is not None else self.required_blocks
 
 
-# -- KV transfer between two executors in one process ----------------------------------------------------------------
-class KVTransfer:
-    """Copies KV blocks from one paged pool to another of the same geometry; usable as ``migrate_in_process``'s
-    transfer.
+# -- KV transfers between two executors -----------------------------------------------------------------------------
+class BlockTransfer(ABC):
+    """Copies KV blocks from the source's executor to the destination's; usable as ``migrate_in_process``'s transfer:
+    ``copy`` starts a copy and returns a poll that says when it has landed."""
+
+    def __call__(self, src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
+        return self.copy(stage.src_blocks, stage.dst_blocks)
+
+    def copy(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Callable[[], bool]:
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
+        if not src_blocks:
+            return lambda: True
+        return self._copy(list(src_blocks), list(dst_blocks))
+
+    @abstractmethod
+    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]: ...
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Return once every copy started so far has landed."""
+
+    def blocking_copy_s(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> float:
+        """Wall time of copying these blocks in one go, synchronised."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        self.copy(src_blocks, dst_blocks)
+        self.synchronize()
+        return time.perf_counter() - t0
+
+
+class KVTransfer(BlockTransfer):
+    """Copies KV blocks from one paged pool to another of the same geometry, in this process.
 
     On CUDA the copy is issued on a side stream (after the work already queued on the current stream, so the source's
     last writes land first) and returns at once; the poll it returns says when the copy has landed, so decode steps on
@@ -138,22 +207,15 @@ class KVTransfer:
         self.chunk_blocks = chunk_blocks
         self._staging = None  # flat pinned host buffer, grown on demand
 
-    def __call__(self, src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
-        return self.copy(stage.src_blocks, stage.dst_blocks)
-
-    def copy(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Callable[[], bool]:
-        if len(src_blocks) != len(dst_blocks):
-            raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
-        if not src_blocks:
-            return lambda: True
+    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]:
         if not self.cuda:
-            self.dst.write_blocks(list(dst_blocks), self.src.read_blocks(list(src_blocks)))
+            self.dst.write_blocks(dst_blocks, self.src.read_blocks(src_blocks))
             return lambda: True
         torch = self.torch
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            src_idx = torch.tensor(list(src_blocks), dtype=torch.long, device=self.device)
-            dst_idx = torch.tensor(list(dst_blocks), dtype=torch.long, device=self.device)
+            src_idx = torch.tensor(src_blocks, dtype=torch.long, device=self.device)
+            dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=self.device)
             if self.mode == "device":
                 self.dst.cache.index_copy_(2, dst_idx, self.src.cache.index_select(2, src_idx))
             else:
@@ -175,17 +237,26 @@ class KVTransfer:
             self._staging = self.torch.empty(numel, dtype=self.src.dtype, pin_memory=True)
         return self._staging
 
-    def blocking_copy_s(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> float:
-        """Wall time of copying these blocks in one go, synchronised."""
-        self.synchronize()
-        t0 = time.perf_counter()
-        self.copy(src_blocks, dst_blocks)
-        self.synchronize()
-        return time.perf_counter() - t0
-
     def synchronize(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
+
+
+class ChannelTransfer(BlockTransfer):
+    """Copies KV blocks between this process's executor and a ``WorkerExecutor`` over their channel: ``to_worker``
+    pushes (the local executor is the source), else pulls (the worker is the source)."""
+
+    def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool) -> None:
+        self.local, self.worker, self.to_worker = local, worker, to_worker
+
+    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]:
+        if self.to_worker:
+            return self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
+        return self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
+
+    def synchronize(self) -> None:
+        self.local.synchronize()
+        self.worker.synchronize()
 
 
 # -- one repeat ------------------------------------------------------------------------------------------------------
@@ -213,7 +284,7 @@ class _Bench:
     cfg: MigrationBenchConfig
     src: EngineInstance
     dst: EngineInstance
-    transfers: dict[str, KVTransfer]
+    transfers: dict[str, tuple[BlockTransfer, BlockTransfer]]  # transport -> (src to dst, dst to src)
     vocab_size: int
     next_id: int = 0
     next_mig_id: int = 0
@@ -253,15 +324,13 @@ class _Bench:
 
     def recompute_s(self, prompt: list[int]) -> float:
         """Prefill of the whole sequence on the (idle) destination, in scratch blocks."""
-        from llumnix.engine.runner import SeqInput
-
         dst = self.dst
         owner = ("recompute", self.next_id)
         table = dst.blocks.allocate(owner, len(prompt))
         try:
             dst.executor.synchronize()
             t0 = time.perf_counter()
-            dst.executor.runner.prefill([SeqInput(list(prompt), 0, table)])
+            dst.executor.run(StepKind.PREFILL, [SeqInput(list(prompt), 0, table)])
             dst.executor.synchronize()
             return time.perf_counter() - t0
         finally:
@@ -305,16 +374,15 @@ class _Bench:
             moved: tuple[list[int], list[int]] = ([], [])
             transfer = forward if here is src else backward
 
-            def on_stage(stage: Stage, elapsed_s: float, here=here, seen=seen, stage_log=stage_log, moved=moved,
-                         transfer=transfer) -> None:
+            def on_stage(stage: Stage, elapsed_s: float, here=here, there=there, seen=seen, stage_log=stage_log,
+                         moved=moved) -> None:
                 nonlocal kv_identical
                 stage_log.append((stage.final, elapsed_s, len(here.steps) - seen[0]))
                 seen[0] = len(here.steps)
                 moved[0].extend(stage.src_blocks)
                 moved[1].extend(stage.dst_blocks)
                 if verify_kv and stage.final:
-                    same = transfer.src.read_blocks(moved[0]).equal(transfer.dst.read_blocks(moved[1]))
-                    kv_identical = kv_identical and same
+                    kv_identical = kv_identical and same_blocks(here.executor, moved[0], there.executor, moved[1])
 
             self.next_mig_id += 1
             mig = migrate_in_process(
@@ -379,8 +447,30 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
 
 
+def nccl_version() -> str:
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        version = torch.cuda.nccl.version()
+    except Exception:  # a build without NCCL
+        return ""
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
-    if cfg.device.startswith("cuda"):
+    if cfg.cross_process:
+        overlap = (f"source on {cfg.device} in this process, destination on {cfg.dst_device} in a child process "
+                   "(its steps and block commands over a pipe, KV over the channel); the source keeps stepping while "
+                   "the other process sends or receives a stage, and a stage has landed once that process has "
+                   "written it and answered")
+        if cfg.device.startswith("cuda"):
+            identity = ("token_identical / kv_identical: an untimed rerun with and without migration under torch "
+                        "deterministic algorithms in both processes (kv: every block bit-equal on both sides at each "
+                        "commit); token_identical_timed: every timed repeat with default kernels")
+        else:
+            identity = ("token_identical / kv_identical: an untimed rerun with and without migration (kv: every block "
+                        "bit-equal on both sides at each commit); token_identical_timed: every timed repeat")
+    elif cfg.device.startswith("cuda"):
         overlap = ("stage copies run on a side CUDA stream overlapping the source's decode steps (the source keeps "
                    "stepping until a stage's copy lands)")
         identity = ("token_identical / kv_identical: an untimed rerun with and without migration under torch "
@@ -403,24 +493,56 @@ def run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable]
 
 
 def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable], Iterable] | None) -> pd.DataFrame:
-    import torch
-
     torch.manual_seed(cfg.seed)
-    executors = [
-        TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-        for _ in range(2)
-    ]
-    src_w, dst_w = (dict(e.runner.model.named_parameters()) for e in executors)
-    if not all(torch.equal(src_w[k], dst_w[k]) for k in src_w):
-        raise RuntimeError("the two instances' weights differ although built from the same seed")
-    del src_w, dst_w
-    src, dst = (EngineInstance(i, e) for i, e in enumerate(executors))
-    pools = [e.runner.kv_cache for e in executors]
-    transfers = {t: (KVTransfer(pools[0], pools[1], t), KVTransfer(pools[1], pools[0], t)) for t in cfg.transports}
-    bench = _Bench(cfg, src, dst, transfers, executors[0].vocab_size)
-    kv_bytes_per_token = executors[0].runner.config.kv_bytes_per_token(getattr(torch, cfg.dtype))
-    cuda = cfg.device.startswith("cuda")
+    src_ex = TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed)
+    with _destination(cfg) as dst_ex:
+        if src_ex.weights_fingerprint() != dst_ex.weights_fingerprint():
+            raise RuntimeError("the two instances' weights differ although built from the same seed")
+        if isinstance(dst_ex, WorkerExecutor):
+            transfers = {cfg.transports[0]: (ChannelTransfer(src_ex, dst_ex, True), ChannelTransfer(src_ex, dst_ex, False))}
+        else:
+            pools = src_ex.runner.kv_cache, dst_ex.runner.kv_cache
+            transfers = {t: (KVTransfer(*pools, t), KVTransfer(*reversed(pools), t)) for t in cfg.transports}
+        bench = _Bench(cfg, EngineInstance(0, src_ex), EngineInstance(1, dst_ex), transfers, src_ex.vocab_size)
+        devices = device_name(cfg.device)
+        if cfg.cross_process:
+            devices = f"{devices} [{cfg.device}] -> {dst_ex.device_name} [{cfg.dst_device}, another process]"
+        return _measure(cfg, bench, devices, src_ex.runner.config.kv_bytes_per_token(getattr(torch, cfg.dtype)),
+                        progress)
 
+
+@contextlib.contextmanager
+def _destination(cfg: MigrationBenchConfig) -> Iterator[Executor]:
+    """The destination's executor: in this process, or (gloo / nccl) in a child process, closed afterwards."""
+    if not cfg.cross_process:
+        yield TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed)
+        return
+    spec = WorkerSpec(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.dst_device, cfg.dtype, cfg.seed,
+                      backend=cfg.transports[0], timeout_s=cfg.channel_timeout_s, cpu_threads=cfg.cpu_threads,
+                      parent_device=cfg.device)
+    with WorkerExecutor(spec) as worker:
+        yield worker
+
+
+def same_blocks(a: Executor, a_blocks: list[int], b: Executor, b_blocks: list[int]) -> bool:
+    """Bit equality of blocks of two executors (either may be a worker in another process)."""
+    x, y = a.read_blocks(a_blocks), b.read_blocks(b_blocks)
+    return bool(x.equal(y.to(x.device)))
+
+
+@contextlib.contextmanager
+def _identity_mode(cfg: MigrationBenchConfig, bench: _Bench) -> Iterator[None]:
+    """Deterministic kernels on CUDA (in the destination's process too) for the identity check."""
+    if not cfg.device.startswith("cuda"):
+        yield
+        return
+    worker = bench.dst.executor
+    with deterministic_kernels(), worker.deterministic() if isinstance(worker, WorkerExecutor) else contextlib.nullcontext():
+        yield
+
+
+def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_per_token: int,
+             progress: Callable[[Iterable], Iterable] | None) -> pd.DataFrame:
     rows = []
     lengths = sorted(cfg.lengths)
     # One untimed round first: module loads, kernel selection and allocator growth stay out of the first length.
@@ -451,7 +573,7 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
         # sides at every commit. On CUDA it runs under deterministic kernels: the default index_add_ (decode
         # attention) sums with atomics, so bits can differ run to run and a near-tie in greedy sampling then flips a
         # token with or without migration.
-        with deterministic_kernels() if cuda else contextlib.nullcontext():
+        with _identity_mode(cfg, bench):
             ref = bench.reference(length)
             checks = {t: bench.migration(length, t, verify_kv=True) for t in cfg.transports}
         identical = {t: run.committed and run.tokens == ref.tokens for t, run in checks.items()}
@@ -462,11 +584,13 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
             migrating_s = float(np.nanmedian([r.migrating_step_s for r in runs]))
             rows.append({
                 "device": cfg.device,
-                "device_name": device_name(cfg.device),
+                "dst_device": cfg.dst_device,
+                "device_name": devices,
                 "model": cfg.model,
                 "dtype": cfg.dtype,
                 "torch_version": torch.__version__,
                 "cuda_version": torch.version.cuda or "",
+                "nccl_version": nccl_version(),
                 "transport": t,
                 "batch": cfg.batch,
                 "seq_len": length,

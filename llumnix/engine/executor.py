@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,18 @@ def prompt_ids_for(req: Request, vocab_size: int) -> list[int]:
         rng = np.random.default_rng(req.request_id)
         req.prompt_token_ids = rng.integers(0, vocab_size, req.prompt_tokens).tolist()
     return req.prompt_token_ids
+
+
+def seq_inputs(plan: StepPlan, vocab_size: int, tables: Callable[[int], list[int]]) -> list:
+    """The model runner's inputs for ``plan``: whole sequences for a prefill, the last token for a decode."""
+    from llumnix.engine.runner import SeqInput
+
+    if plan.kind is StepKind.PREFILL:
+        return [
+            SeqInput(prompt_ids_for(r, vocab_size) + r.output_token_ids, 0, tables(r.request_id))
+            for r in plan.requests
+        ]
+    return [SeqInput([r.output_token_ids[-1]], r.seq_len - 1, tables(r.request_id)) for r in plan.requests]
 
 
 class Executor(ABC):
@@ -56,17 +69,11 @@ class TorchExecutor(Executor):
         self.vocab_size = self.runner.config.vocab_size
 
     def execute(self, plan: StepPlan) -> list[int]:
-        from llumnix.engine.runner import SeqInput
+        return self.run(plan.kind, seq_inputs(plan, self.vocab_size, self._tables))
 
-        tables = self.block_tables
-        if plan.kind is StepKind.PREFILL:
-            seqs = [
-                SeqInput(prompt_ids_for(r, self.vocab_size) + r.output_token_ids, 0, tables(r.request_id))
-                for r in plan.requests
-            ]
-            return self.runner.prefill(seqs)
-        seqs = [SeqInput([r.output_token_ids[-1]], r.seq_len - 1, tables(r.request_id)) for r in plan.requests]
-        return self.runner.decode(seqs)
+    def run(self, kind: StepKind, seqs: list) -> list[int]:
+        """One prefill or decode step of these ``SeqInput``s; their next tokens."""
+        return self.runner.prefill(seqs) if kind is StepKind.PREFILL else self.runner.decode(seqs)
 
     def block_tables(self, request_id: int) -> list[int]:
         return self._tables(request_id)
@@ -74,6 +81,10 @@ class TorchExecutor(Executor):
     def bind(self, block_manager) -> None:
         """Block tables live in the instance's BlockManager; the executor only reads them."""
         self._tables = block_manager.table
+
+    def weights_fingerprint(self) -> list[float]:
+        """One float64 sum per parameter: equal for two models built from the same seed on the same kind of device."""
+        return [float(p.sum(dtype=self.torch.float64)) for p in self.runner.model.parameters()]
 
     def read_blocks(self, block_ids: list[int]) -> Any:
         return self.runner.kv_cache.read_blocks(block_ids)

@@ -1,19 +1,28 @@
 """How a migration stage's KV blocks travel from the source actor to the destination actor.
 
-The source reads its blocks (``executor.read_blocks``), ``pack``s them, and ``send``s them to the destination actor's
-``mig_write``; the destination ``unpack``s and writes them (``executor.write_blocks``). One small class per transport:
-``ObjectStoreTransport`` moves numpy arrays through Ray's object store (zero-copy reads on the destination's host); a
-torch.distributed (gloo / NCCL) transport would implement the same three methods.
+The source reads its blocks (``executor.read_blocks``) and ``send``s them; the transport returns once the destination
+has written them into its pre-allocated blocks (``executor.write_blocks``). One small class per transport:
+
+- ``ObjectStoreTransport`` (``object-store``): the blocks, ``pack``ed as numpy, go through Ray's object store to the
+  destination actor's ``mig_write`` (zero-copy reads on the destination's host).
+- ``TorchDistTransport`` (``gloo`` / ``nccl``): a ``DistChannel`` per (source, destination) pair, opened on the first
+  migration between the two (the source asks the destination to join over Ray: ``kv_accept``, both sides joining at
+  once) and dropped when a transfer over it fails; a stage's blocks cross the channel while the destination's
+  ``kv_recv`` receives them into a buffer and writes them. Ray carries only the control messages.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +69,30 @@ def unpack(payload: KVPayload) -> Any:
     return tensor
 
 
+@dataclass(frozen=True)
+class TransportSpec:
+    """What every instance of a cluster needs to build its transport (all use the same one)."""
+
+    name: str = "object-store"
+    store_address: str | None = None  # gloo / nccl: the TCPStore (host:port) their channels rendezvous on
+    timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
+
+
 class KVTransport(ABC):
     name = "base"
 
     @abstractmethod
-    async def send(self, dst_actor: Any, migration_id: int, dst_blocks: list[int], payload: KVPayload) -> None:
-        """Deliver ``payload`` into ``dst_blocks`` of the destination; return once it has been written there."""
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
+        """Deliver ``data`` (what ``read_blocks`` returned) into ``dst_blocks`` of the destination; return once it has
+        been written there, with the bytes moved."""
+
+    def forget(self, peer_id: int) -> None:
+        """``peer_id`` is gone: drop what this transport holds for it (the object store holds nothing)."""
+        return None
+
+    def close(self) -> None:
+        """The instance stops: release what the transport holds."""
+        return None
 
 
 class ObjectStoreTransport(KVTransport):
@@ -73,18 +100,120 @@ class ObjectStoreTransport(KVTransport):
 
     name = "object-store"
 
-    async def send(self, dst_actor: Any, migration_id: int, dst_blocks: list[int], payload: KVPayload) -> None:
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
         import ray
 
+        payload = pack(data, len(dst_blocks))
         ref = ray.put(payload) if payload.array is not None else payload
         await dst_actor.mig_write.remote(migration_id, dst_blocks, ref)
+        return payload.nbytes
 
 
-TRANSPORTS: dict[str, type[KVTransport]] = {ObjectStoreTransport.name: ObjectStoreTransport}
+class TorchDistTransport(KVTransport):
+    """KV blocks over torch.distributed channels (gloo: through host memory; NCCL: GPU to GPU), one per peer and
+    direction: this instance holds rank 0 of the channels it sends on and rank 1 of those it receives on."""
+
+    def __init__(self, backend: str, instance_id: int, store_address: str | None, timeout_s: float = 60.0,
+                 hostname: str | None = None) -> None:
+        from llumnix.runtime.dist_channel import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not store_address:
+            raise ValueError(f"the {backend} KV transport needs the address of a TCPStore (the cluster hosts one)")
+        self.name, self.instance_id, self.store_address = backend, instance_id, store_address
+        self.timeout_s, self.hostname = timeout_s, hostname
+        self._out: dict[int, Any] = {}  # destination id -> DistChannel (rank 0)
+        self._in: dict[int, Any] = {}  # source id -> DistChannel (rank 1)
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    # -- source side -----------------------------------------------------------------------------------------------
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
+        import torch
+
+        if not isinstance(data, torch.Tensor):  # the profile executor moves no data: only the call
+            return await ObjectStoreTransport().send(dst_actor, dst_id, migration_id, dst_blocks, data)
+        async with self._locks.setdefault(dst_id, asyncio.Lock()):  # one transfer per channel at a time
+            channel = self._out.get(dst_id) or await self._open(dst_actor, dst_id)
+            dtype = str(data.dtype).removeprefix("torch.")
+            written = dst_actor.kv_recv.remote(self.instance_id, channel.key, migration_id, dst_blocks,
+                                               tuple(data.shape), dtype)
+            try:
+                await asyncio.gather(asyncio.to_thread(channel.send, data), written)
+            except BaseException as e:
+                self._drop(self._out, dst_id, channel, f"transfer failed: {e!r}")
+                raise
+        return data.numel() * data.element_size()
+
+    async def _open(self, dst_actor: Any, dst_id: int) -> Any:
+        from llumnix.runtime.dist_channel import ChannelError, pair_key
+
+        key = pair_key(self.instance_id, dst_id)
+        joined = dst_actor.kv_accept.remote(self.instance_id, key)
+        try:
+            channel, _ = await asyncio.gather(asyncio.to_thread(self._connect, key, 0), joined)
+        except Exception as e:
+            raise ChannelError(f"instance {self.instance_id}: no {self.name} channel to instance {dst_id}: {e}") from e
+        self._out[dst_id] = channel
+        log.info("instance %d: %s KV channel to instance %d open (%s)", self.instance_id, self.name, dst_id, key)
+        return channel
+
+    # -- destination side --------------------------------------------------------------------------------------------
+    async def accept(self, src_id: int, key: str) -> None:
+        """Join the channel ``key`` that ``src_id`` opens to this instance (replacing an older one from it)."""
+        channel = await asyncio.to_thread(self._connect, key, 1)
+        old = self._in.get(src_id)
+        if old is not None:
+            self._drop(self._in, src_id, old, "replaced by a new channel")
+        self._in[src_id] = channel
+
+    async def receive(self, src_id: int, key: str, shape: tuple[int, ...], dtype: str) -> Any:
+        """The tensor ``src_id`` is sending over channel ``key`` (on the channel's device)."""
+        from llumnix.runtime.dist_channel import ChannelError
+
+        channel = self._in.get(src_id)
+        if channel is None or channel.key != key:
+            raise ChannelError(f"instance {self.instance_id}: no channel {key} from instance {src_id}")
+        try:
+            return await asyncio.to_thread(channel.recv, channel.empty(shape, dtype))
+        except BaseException as e:
+            self._drop(self._in, src_id, channel, f"transfer failed: {e!r}")
+            raise
+
+    # -- both ----------------------------------------------------------------------------------------------------------
+    def _connect(self, key: str, rank: int) -> Any:
+        from llumnix.runtime.dist_channel import DistChannel
+
+        return DistChannel.connect(self.store_address, key, rank, self.name, self.timeout_s, hostname=self.hostname)
+
+    @staticmethod
+    def _drop(channels: dict[int, Any], peer: int, channel: Any, reason: str) -> None:
+        if channels.get(peer) is channel:
+            del channels[peer]
+        channel.close(reason)
+
+    def forget(self, peer_id: int) -> None:
+        for channels in (self._out, self._in):
+            channel = channels.get(peer_id)
+            if channel is not None:
+                self._drop(channels, peer_id, channel, f"instance {peer_id} is gone")
+
+    def close(self) -> None:
+        for channels in (self._out, self._in):
+            for peer, channel in list(channels.items()):
+                self._drop(channels, peer, channel, "instance stopping")
 
 
-def make_transport(name: str = ObjectStoreTransport.name) -> KVTransport:
-    try:
-        return TRANSPORTS[name]()
-    except KeyError:
-        raise ValueError(f"unknown KV transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
+TRANSPORTS = ("object-store", "gloo", "nccl")
+
+
+def make_transport(spec: TransportSpec | str = "object-store", instance_id: int = 0,
+                   hostname: str | None = None) -> KVTransport:
+    """The transport ``spec`` names, for instance ``instance_id`` (``hostname``: the address gloo listens on)."""
+    if isinstance(spec, str):
+        spec = TransportSpec(spec)
+    if spec.name == ObjectStoreTransport.name:
+        return ObjectStoreTransport()
+    if spec.name in TRANSPORTS:
+        return TorchDistTransport(spec.name, instance_id, spec.store_address, spec.timeout_s, hostname)
+    raise ValueError(f"unknown KV transport {spec.name!r}; choose one of {', '.join(TRANSPORTS)}")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
+# (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
+# Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|more]; writes the CSVs and log-WHAT.txt under $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+WHAT=${1:-smoke}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+L="python3 -m llumnix.bench.cli"
+LENGTHS=256,512,1024,2048,4096,8192
+ARGS="--device cuda --dtype bfloat16 --output-tokens 48 --migrations 4 --repeats 3"
+{
+  date -u
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+  nvidia-smi topo -m
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', \
+torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
+  case $WHAT in
+    smoke)
+      for t in nccl gloo; do
+        timeout 120 $L bench migration --device cuda --model tiny --lengths 64,256 --repeats 1 --migrations 2 \
+          --output-tokens 16 --transport $t -o "$OUT/smoke-$t.csv"
+      done
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
+      ;;
+    llama-7b)
+      for t in nccl device; do
+        timeout 270 $L bench migration --model llama-7b $ARGS --lengths $LENGTHS --transport $t \
+          -o "$OUT/h100x2-$t-llama-7b.csv"
+      done
+      ;;
+    more)
+      # the paper's transport (gloo: through host memory) between the same two processes / GPUs, fewer samples
+      timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 32 \
+        --migrations 2 --repeats 2 --lengths $LENGTHS --transport gloo -o "$OUT/h100x2-gloo-llama-7b.csv"
+      # LLaMA-30B: 65 GB of bf16 weights, so one instance per GPU only (no same-process baseline), up to 4k tokens
+      timeout 370 $L bench migration --model llama-30b $ARGS --lengths 256,512,1024,2048,4096 --transport nccl \
+        -o "$OUT/h100x2-nccl-llama-30b.csv"
+      ;;
+  esac
+  date -u
+} 2>&1 | tee "$OUT/log-$WHAT.txt"

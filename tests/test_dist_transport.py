@@ -1,0 +1,106 @@
+"""The torch.distributed KV transport: the channel itself (gloo, two ranks in two threads), and live migration between
+two Ray instance actors over it (``llumnix serve --kv-transport gloo``), committed and aborted. NCCL runs the same
+code on GPUs (results/fig10/README.md) and is not reachable on a CPU machine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+import torch
+from test_ray_cluster import LONG_PROMPT, cluster_config, complete, ray_local, stream_live  # noqa: F401
+
+from llumnix.runtime.dist_channel import ChannelError, DistChannel, pair_key, serve_store
+from llumnix.runtime.frontend import BackgroundServer
+from llumnix.runtime.serve_config import ServeConfigError, build_serve_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def channel_pair(timeout_s: float) -> tuple[DistChannel, DistChannel]:
+    store, address = serve_store()
+    key, ends = pair_key(0, 1), {}
+
+    def join(rank: int) -> None:
+        ends[rank] = DistChannel.connect(address, key, rank, "gloo", timeout_s, hostname="127.0.0.1")
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ends[0].store = store  # keep the store alive as long as the channel
+    return ends[0], ends[1]
+
+
+def test_gloo_channel_moves_bf16_both_ways_and_a_timeout_closes_it():
+    a, b = channel_pair(timeout_s=1.0)
+    kv = torch.randn(2, 2, 3, 16, 2, 8).to(torch.bfloat16)
+    pending = b.irecv(b.empty(tuple(kv.shape), "bfloat16"))
+    a.send(kv)
+    assert torch.equal(pending.wait(), kv)
+    back = torch.arange(10, dtype=torch.float32)
+    pending = a.irecv(a.empty((10,), torch.float32))
+    b.send(back)
+    assert torch.equal(pending.wait(), back)
+    with pytest.raises(ChannelError, match="send from rank 0 failed"):
+        a.send(kv)  # nobody receives: times out
+    with pytest.raises(ChannelError, match="is closed"):
+        a.send(kv)
+    b.close()
+
+
+def test_a_lonely_rank_gives_up_with_a_clear_error():
+    _, address = serve_store()
+    with pytest.raises(ChannelError, match="rank 0 could not join over gloo"):
+        DistChannel.connect(address, pair_key(0, 1), 0, "gloo", 0.5, hostname="127.0.0.1")
+    with pytest.raises(ValueError, match="backend"):
+        DistChannel.connect(address, "k", 0, "mpi")
+
+
+def test_serve_config_kv_transport():
+    assert build_serve_config({}, {"kv_transport": "gloo"}).kv_transport == "gloo"
+    assert build_serve_config({}, {}).kv_transport == "object-store"
+    with pytest.raises(ServeConfigError, match="needs device cuda"):
+        build_serve_config({}, {"kv_transport": "nccl"})
+
+
+def test_migration_over_gloo_commits_and_a_failed_transfer_aborts_to_the_source(ray_local):  # noqa: F811
+    """One streamed request migrates there (opening the channel), back (the other direction's channel), then the
+    destination drops its end of the channel (as when told that the source died): the transfer fails, the migration
+    aborts and the request keeps decoding on the source; the next migration opens a new channel and commits. The
+    client's tokens equal an unmigrated run's and no block leaks."""
+    with BackgroundServer(cluster_config(kv_transport="gloo", kv_timeout_s=20.0)) as srv:
+        body = {"prompt": LONG_PROMPT, "max_tokens": 200}
+        reference = complete(srv.url, **body).json()["choices"][0]["token_ids"]
+        manager = srv.manager
+        plan = [4, 50, 100, 150]  # tokens after which each migration is asked for (again each chunk until it starts)
+        started: list[dict] = []
+
+        def on_chunk(chunk, tokens):
+            if len(started) == len(plan) or len(tokens) < plan[len(started)]:
+                return
+            cr = manager.active[chunk["id"]]
+            if len(started) == 2:  # the destination forgets the channel from the request's owner
+                asyncio.run(_call(manager.instances[1 - cr.owner].actor.peer_died.remote(cr.owner)))
+            result = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json()
+            if result["started"]:
+                started.append(result)
+
+        tokens, final, _ = stream_live(srv.url, on_chunk, **body)
+        assert len(started) == len(plan), started
+        assert tokens == reference
+        assert final["migrations"] == 3, final  # the third attempt aborted
+        aborted_src = started[2]["src"]
+        assert final["instances"] == [aborted_src, 1 - aborted_src, aborted_src, 1 - aborted_src]
+        rows = {r["instance_id"]: r for r in manager.instance_rows()}
+        assert rows[aborted_src]["migrations_aborted"] == 1
+        assert sum(r["migration_bytes"] for r in rows.values()) > 0
+        for check in asyncio.run(manager.check_instances()).values():
+            assert check["free_blocks"] == check["num_blocks"] and check["incoming_migrations"] == 0
+
+
+async def _call(ref):
+    return await ref
