@@ -128,10 +128,8 @@ class WorkerExecutor(Executor):
     def deterministic(self):
         """The child runs under ``deterministic_kernels`` (as this process does for the identity check) meanwhile."""
         self._call("deterministic", True)
-        try:
-            yield
-        finally:
-            self._call("deterministic", False)
+        yield  # on an error the worker is closed: nothing to restore
+        self._call("deterministic", False)
 
     # -- the pipe --------------------------------------------------------------------------------------------------
     def _submit(self, op: str, *args: Any) -> int:
@@ -189,6 +187,9 @@ class WorkerExecutor(Executor):
         return WorkerError(f"the worker process exited (code {self.process.exitcode})")
 
     def close(self) -> None:
+        """End the child: asked to, or killed after 10 s (it may be stuck in a transfer this side abandoned)."""
+        if self.channel is not None:
+            self.channel.close()
         if self.process.is_alive():
             with contextlib.suppress(Exception):
                 self._conn.send(("close", ()))
@@ -196,8 +197,6 @@ class WorkerExecutor(Executor):
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(5.0)
-        if self.channel is not None:
-            self.channel.close()
         self._conn.close()
 
     def __enter__(self) -> WorkerExecutor:
