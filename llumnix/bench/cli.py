@@ -198,11 +198,16 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     prof.save(output)
+    click.echo(f"{_fits(prof)}; migration {prof.migration_bandwidth_bytes_per_s / 1e9:.1f} GB/s; wrote {output}",
+               err=True)
+
+
+def _fits(prof) -> str:
+    """The profile's fitted step-time lines, for the commands' last words."""
     p, d = prof.prefill_fit, prof.decode_fit
-    click.echo(f"{len(prof.prefill)} prefill / {len(prof.decode)} decode points; prefill {p.fixed_s * 1e3:.2f} ms + "
-               f"{p.per_token_s * 1e6:.2f} us/token; decode {d.fixed_s * 1e3:.2f} ms + {d.per_seq_s * 1e6:.1f} us/seq + "
-               f"{d.per_context_token_s * 1e9:.1f} ns/context token; migration "
-               f"{prof.migration_bandwidth_bytes_per_s / 1e9:.1f} GB/s; wrote {output}", err=True)
+    return (f"{len(prof.prefill)} prefill / {len(prof.decode)} decode points; prefill {p.fixed_s * 1e3:.2f} ms + "
+            f"{p.per_token_s * 1e6:.2f} us/token; decode {d.fixed_s * 1e3:.2f} ms + {d.per_seq_s * 1e6:.1f} us/seq + "
+            f"{d.per_context_token_s * 1e9:.1f} ns/context token")
 
 
 @click.command("plot-migration", context_settings=CONTEXT)
@@ -248,11 +253,9 @@ def insitu_profile_cmd(steps_path, base, name, output) -> None:
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     prof.save(output)
-    pf, df = prof.prefill_fit, prof.decode_fit
-    click.echo(f"{len(prof.prefill)} prefill / {len(prof.decode)} decode bins; prefill {pf.fixed_s * 1e3:.2f} ms + "
-               f"{pf.per_token_s * 1e6:.2f} us/token; decode {df.fixed_s * 1e3:.2f} ms + {df.per_seq_s * 1e6:.1f} "
-               f"us/seq + {df.per_context_token_s * 1e9:.1f} ns/context token; step overhead "
-               f"{prof.step_overhead_s * 1e3:.2f} ms; wrote {output}", err=True)
+    slowdown = ", ".join(f"{f:.2f}" for f in prof.concurrency_slowdown)
+    click.echo(f"{_fits(prof)}; step overhead {prof.step_overhead_s * 1e3:.2f} ms; slowdown with 1, 2, ... instances "
+               f"stepping: {slowdown}; wrote {output}", err=True)
 
 
 COMMANDS: list[click.Command] = [bench, profile, plot_migration_cmd, insitu_profile_cmd]
