@@ -267,3 +267,31 @@ def test_matches_huggingface_llama(runner):
     with torch.inference_mode():
         ref = hf(torch.tensor([p])).logits[0].float()
     torch.testing.assert_close(dense_logits(runner.model, p), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_static_decode_matches_the_eager_step():
+    """The fixed-shape step that CUDA graphs replay (here run eagerly on CPU): padded rows and padded context
+    positions change neither the real rows' logits nor any block the sequences own."""
+    from llumnix.engine.runner import StaticDecode
+
+    runner = ModelRunner("tiny", num_blocks=64, block_size=4, seed=0)
+    prompt_list = prompts([9, 12, 17], seed=5)
+    blocks = Blocks(64, seed=3)
+    tables = [blocks.table_for([], len(p) + 1, 4) for p in prompt_list]
+    first = runner.prefill([SeqInput(p, 0, t) for p, t in zip(prompt_list, tables, strict=True)])
+    seqs = [SeqInput([tok], len(p), t) for p, t, tok in zip(prompt_list, tables, first, strict=True)]
+    lens = [len(p) + 1 for p in prompt_list]
+    eager = runner.decode_logits(seqs)
+    owned = sorted({b for t in tables for b in t})
+    before = runner.kv_cache.read_blocks(owned)
+    static = StaticDecode(runner, batch=4, context=32)  # one padding row, contexts padded from 10-18 to 32
+    static.fill(seqs, lens)
+    logits = static.run()
+    assert logits.shape[0] == 4 and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[:3], eager, rtol=1e-4, atol=1e-4)
+    assert logits[:3].argmax(-1).tolist() == eager.argmax(-1).tolist()
+    # it rewrote the step's own KV (equal up to the rounding of a 4-row batch); the pad row wrote only scratch
+    torch.testing.assert_close(runner.kv_cache.read_blocks(owned), before, rtol=1e-5, atol=1e-5)
+    assert runner.kv_cache.scratch_slot == 64 * 4 and runner.kv_cache.cache.shape[2] == 65
+    with pytest.raises(ValueError, match="CUDA"):
+        ModelRunner("tiny", num_blocks=8, cuda_graphs=True)

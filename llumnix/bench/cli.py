@@ -130,16 +130,22 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 @click.option("--batch", type=int, default=32, help="Sequences in the decode step.")
 @click.option("--context", "context_tokens", type=int, default=1024, help="Context tokens of each sequence.")
 @click.option("--repeats", type=int, default=10, help="Timed steps (median reported).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Replay decode steps as CUDA graphs (default: on CUDA) or run them eagerly.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output JSON with the step time, the floor and their ratio.")
-def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, output) -> None:
+def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
     from llumnix.bench.profiler import decode_floor
 
-    result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats)
+    try:
+        result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats, cuda_graphs=cuda_graphs)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
     result["command"] = _command_line("bench decode-floor", {
         "device": device, "model": model, "dtype": dtype, "batch": batch, "context": context_tokens,
-        "repeats": repeats, "output": output})
+        "repeats": repeats, **graphs, "output": output})
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(f"decode step {result['decode_step_s'] * 1e3:.2f} ms vs floor {result['floor_s'] * 1e3:.2f} ms "

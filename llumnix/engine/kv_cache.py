@@ -20,14 +20,19 @@ class KVCachePool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        scratch_blocks: int = 0,
     ):
+        """``scratch_blocks`` more blocks follow the ``num_blocks`` a block manager hands out: padding rows of a
+        static-shape step write there (``scratch_slot``), never into a sequence's blocks."""
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         # [layer, k|v, block, offset in block, kv head, head dim]: one layer's K (or V) is a contiguous slab.
         self.cache = torch.zeros(
-            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device
+            num_layers, 2, num_blocks + scratch_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+            device=self.device,
         )
+        self.scratch_slot = num_blocks * block_size if scratch_blocks else None
 
     @property
     def bytes_per_block(self) -> int:

@@ -45,7 +45,86 @@ def group_by_length(lens: list[int], max_padding: float = 2.0) -> list[list[int]
     return groups
 
 
+# Static-shape decode (CUDA graphs): batches padded up to a bucket, contexts up to a multiple of this many tokens.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+CONTEXT_BUCKET = 256
+MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eagerly
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+class StaticDecode:
+    """One decode step of a fixed shape (``batch`` rows, contexts padded to ``context`` tokens) over static input
+    buffers, so that a CUDA graph can replay it. Rows beyond the real batch, and context positions beyond a row's
+    length, point at the pool's scratch slot and are masked out. ``run`` returns the logits of every row."""
+
+    def __init__(self, runner: ModelRunner, batch: int, context: int) -> None:
+        dev = runner.device
+        self.runner, self.batch, self.context = runner, batch, context
+        self.ids = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.slots = torch.full((batch,), runner.kv_cache.scratch_slot, dtype=torch.long, device=dev)
+        self.ctx = torch.full((batch, context), runner.kv_cache.scratch_slot, dtype=torch.long, device=dev)
+        # Every row attends at least one position: a fully masked row would give NaN, and NaN in the scratch slot
+        # would spread through the zero weights of masked positions (0 * NaN) into real rows.
+        self.mask = torch.zeros(batch, 1, 1, context, dtype=torch.bool, device=dev)
+        self.mask[..., 0] = True
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fill(self, seqs: list[SeqInput], lens: list[int]) -> None:
+        kv, scratch = self.runner.kv_cache, self.runner.kv_cache.scratch_slot
+        pad = self.batch - len(seqs)
+        ids = [s.token_ids[0] for s in seqs] + [0] * pad
+        positions = [s.start_pos for s in seqs] + [0] * pad
+        ctx = torch.full((self.batch, self.context), scratch, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, lens, strict=True)):
+            ctx[i, :n] = kv.slot_mapping(s.block_table, 0, n)
+        slots = torch.cat([ctx[torch.arange(len(seqs)), torch.tensor(lens) - 1], torch.full((pad,), scratch)])
+        mask = torch.arange(self.context) < torch.tensor(lens + [1] * pad)[:, None]
+        self.ids.copy_(torch.tensor(ids))
+        self.positions.copy_(torch.tensor(positions))
+        self.slots.copy_(slots)
+        self.ctx.copy_(ctx)
+        self.mask.copy_(mask[:, None, None, :])
+
+    def forward(self) -> torch.Tensor:
+        kv, model = self.runner.kv_cache, self.runner.model
+
+        def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kv.write_slots(layer, self.slots, k, v)
+            ks, vs = (repeat_kv(x, q.shape[1]).transpose(1, 2) for x in kv.gather_slots(layer, self.ctx))
+            return F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=self.mask)[:, :, 0]
+
+        return model.compute_logits(model(self.ids, self.positions, attn))
+
+    def capture(self, pool) -> None:
+        """Record ``forward`` as a CUDA graph (after two warm-up runs on a side stream, which compute this step's
+        own KV writes: replaying writes the same values)."""
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream(self.runner.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self.forward()
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
 class ModelRunner:
+    """``cuda_graphs`` (default: on CUDA): decode steps whose sequences fit one padded group run as replays of CUDA
+    graphs captured per (batch bucket, context bucket), which removes the per-kernel launch cost of eager PyTorch;
+    other steps, and every step on CPU, run eagerly."""
+
     def __init__(
         self,
         config: ModelConfig | str,
@@ -54,6 +133,7 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        cuda_graphs: bool | None = None,
     ):
         self.config = get_model_config(config) if isinstance(config, str) else config
         self.device, self.dtype = torch.device(device), dtype
@@ -66,7 +146,13 @@ class ModelRunner:
             head_dim=self.config.head_dim,
             dtype=dtype,
             device=self.device,
+            scratch_blocks=1,
         )
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self._static: dict[tuple[int, int], StaticDecode] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def prefill(self, seqs: list[SeqInput]) -> list[int]:
         return self.prefill_logits(seqs).argmax(-1).tolist()
@@ -122,6 +208,9 @@ class ModelRunner:
         if any(len(s.token_ids) != 1 for s in seqs):
             raise ValueError("decode takes exactly one token per sequence")
         kv, lens = self.kv_cache, [s.start_pos + 1 for s in seqs]
+        static = self._static_decode(seqs, lens) if self.cuda_graphs else None
+        if static is not None:
+            return static.run()[: len(seqs)]
         ids = self._tensor([s.token_ids[0] for s in seqs])
         positions = self._tensor([s.start_pos for s in seqs])
         slots = torch.cat([kv.slot_mapping(s.block_table, s.start_pos, 1) for s in seqs]).to(self.device)
@@ -140,6 +229,27 @@ class ModelRunner:
             return out
 
         return self.model.compute_logits(self.model(ids, positions, attn))
+
+    def _static_decode(self, seqs: list[SeqInput], lens: list[int]) -> StaticDecode | None:
+        """The captured step for this batch's shape, its inputs filled with ``seqs`` (captured first if new), or
+        None: run eagerly."""
+        batch = _bucket(len(lens), BATCH_BUCKETS)
+        if batch is None or len(group_by_length(lens)) > 1:  # too many rows, or padding would cost > 2x the KV
+            return None
+        context = -(-max(lens) // CONTEXT_BUCKET) * CONTEXT_BUCKET
+        if context > self.config.max_position:
+            context = self.config.max_position
+        key = (batch, context)
+        static = self._static.get(key)
+        if static is None:
+            if len(self._static) >= MAX_DECODE_GRAPHS:
+                return None
+            static = self._static[key] = StaticDecode(self, batch, context)
+            static.fill(seqs, lens)
+            static.capture(self._graph_pool)
+            return static
+        static.fill(seqs, lens)
+        return static
 
 
 @torch.inference_mode()
