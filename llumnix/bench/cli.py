@@ -132,17 +132,21 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 @click.option("--repeats", type=int, default=10, help="Timed steps (median reported).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Replay decode steps as CUDA graphs (default: on CUDA) or run them eagerly.")
+@click.option("--paged-kernel/--no-paged-kernel", default=None,
+              help="Decode attention by the Triton paged kernel (default: where Triton runs) or gather + SDPA.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output JSON with the step time, the floor and their ratio.")
-def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, output) -> None:
+def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, paged_kernel, output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
     from llumnix.bench.profiler import decode_floor
 
     try:
-        result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats, cuda_graphs=cuda_graphs)
+        result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats, cuda_graphs=cuda_graphs,
+                              paged_kernel=paged_kernel)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
+    graphs |= {None: {}, True: {"paged_kernel": True}, False: {"no_paged_kernel": True}}[paged_kernel]
     result["command"] = _command_line("bench decode-floor", {
         "device": device, "model": model, "dtype": dtype, "batch": batch, "context": context_tokens,
         "repeats": repeats, **graphs, "output": output})

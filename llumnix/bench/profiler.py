@@ -396,15 +396,16 @@ def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10
 
 
 def decode_floor(device: str, model: str, dtype: str, batch: int, context_tokens: int, repeats: int = 10,
-                 seed: int = 0, cpu_threads: int | None = 1, cuda_graphs: bool | None = None) -> dict:
+                 seed: int = 0, cpu_threads: int | None = 1, cuda_graphs: bool | None = None,
+                 paged_kernel: bool | None = None) -> dict:
     """Time a decode step of ``batch`` sequences of ``context_tokens`` each and compare it with the bytes it must
     move: every weight once plus every context token's K and V once, over the measured copy bandwidth."""
     with torch_threads(device, cpu_threads):
-        return _decode_floor(device, model, dtype, batch, context_tokens, repeats, seed, cuda_graphs)
+        return _decode_floor(device, model, dtype, batch, context_tokens, repeats, seed, cuda_graphs, paged_kernel)
 
 
 def _decode_floor(device: str, model: str, dtype: str, batch: int, context_tokens: int, repeats: int,
-                  seed: int, cuda_graphs: bool | None) -> dict:
+                  seed: int, cuda_graphs: bool | None, paged_kernel: bool | None) -> dict:
     import torch
 
     from llumnix.engine.runner import ModelRunner, SeqInput
@@ -413,7 +414,8 @@ def _decode_floor(device: str, model: str, dtype: str, batch: int, context_token
     torch_dtype = getattr(torch, dtype)
     bandwidth = measure_copy_bandwidth(device)
     num_blocks = batch * blocks_for(context_tokens, bs)
-    runner = ModelRunner(model, num_blocks, bs, device=device, dtype=torch_dtype, seed=seed, cuda_graphs=cuda_graphs)
+    runner = ModelRunner(model, num_blocks, bs, device=device, dtype=torch_dtype, seed=seed, cuda_graphs=cuda_graphs,
+                         paged_kernel=paged_kernel)
     runner.kv_cache.cache.normal_(generator=torch.Generator(device=runner.device).manual_seed(seed))
     mc = runner.config
     rng = np.random.default_rng(seed)
@@ -446,6 +448,7 @@ def _decode_floor(device: str, model: str, dtype: str, batch: int, context_token
         "batch": batch,
         "context_tokens_per_seq": context_tokens,
         "cuda_graphs": runner.cuda_graphs,
+        "paged_kernel": runner.paged_kernel,
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,
         "copy_bandwidth_bytes_per_s": bandwidth,

@@ -66,6 +66,12 @@ class KVCachePool:
         """K and V at `slots` (any shape S) -> two [*S, kv_heads, head_dim] tensors."""
         return self._slab(layer, 0)[slots], self._slab(layer, 1)[slots]
 
+    def paged_decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """Decode attention of q [B, H, D] over each sequence's context read in place (``paged_attention``)."""
+        from llumnix.engine.paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, self._slab(layer, 0), self._slab(layer, 1), tables, lens, self.block_size)
+
     def write(self, layer: int, block_table: list[int], start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self.slot_mapping(block_table, start_pos, k.shape[0]).to(self.device)
         self.write_slots(layer, slots, k, v)

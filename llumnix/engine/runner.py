@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from llumnix.engine import paged_attention
 from llumnix.engine.kv_cache import KVCachePool
 from llumnix.engine.model import (
     LlamaForCausalLM,
@@ -51,6 +52,15 @@ CONTEXT_BUCKET = 256
 MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eagerly
 
 
+def _padded_tables(seqs: list[SeqInput], width: int, fill: int, rows: int) -> torch.Tensor:
+    """Block tables as an int32 [rows, width] tensor (CPU), padded with ``fill``."""
+    out = torch.full((rows, width), fill, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        table = s.block_table[: width]
+        out[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return out
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
@@ -71,30 +81,38 @@ class StaticDecode:
         # would spread through the zero weights of masked positions (0 * NaN) into real rows.
         self.mask = torch.zeros(batch, 1, 1, context, dtype=torch.bool, device=dev)
         self.mask[..., 0] = True
+        # the paged kernel's inputs: block tables (padding: the scratch block) and context lengths
+        bs = runner.kv_cache.block_size
+        self.tables = torch.full((batch, -(-context // bs)), runner.kv_cache.scratch_slot // bs, dtype=torch.int32,
+                                 device=dev)
+        self.lens = torch.ones(batch, dtype=torch.int32, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def fill(self, seqs: list[SeqInput], lens: list[int]) -> None:
         kv, scratch = self.runner.kv_cache, self.runner.kv_cache.scratch_slot
-        pad = self.batch - len(seqs)
-        ids = [s.token_ids[0] for s in seqs] + [0] * pad
-        positions = [s.start_pos for s in seqs] + [0] * pad
+        bs, pad = kv.block_size, self.batch - len(seqs)
+        self.ids.copy_(torch.tensor([s.token_ids[0] for s in seqs] + [0] * pad))
+        self.positions.copy_(torch.tensor([s.start_pos for s in seqs] + [0] * pad))
+        self.slots.copy_(torch.tensor(
+            [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs] + [scratch] * pad))
+        if self.runner.paged_kernel:
+            self.tables.copy_(_padded_tables(seqs, self.tables.shape[1], scratch // bs, self.batch))
+            self.lens.copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32))
+            return
         ctx = torch.full((self.batch, self.context), scratch, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, lens, strict=True)):
             ctx[i, :n] = kv.slot_mapping(s.block_table, 0, n)
-        slots = torch.cat([ctx[torch.arange(len(seqs)), torch.tensor(lens) - 1], torch.full((pad,), scratch)])
-        mask = torch.arange(self.context) < torch.tensor(lens + [1] * pad)[:, None]
-        self.ids.copy_(torch.tensor(ids))
-        self.positions.copy_(torch.tensor(positions))
-        self.slots.copy_(slots)
         self.ctx.copy_(ctx)
-        self.mask.copy_(mask[:, None, None, :])
+        self.mask.copy_((torch.arange(self.context) < torch.tensor(lens + [1] * pad)[:, None])[:, None, None, :])
 
     def forward(self) -> torch.Tensor:
         kv, model = self.runner.kv_cache, self.runner.model
 
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kv.write_slots(layer, self.slots, k, v)
+            if self.runner.paged_kernel:
+                return kv.paged_decode(layer, q, self.tables, self.lens)
             ks, vs = (repeat_kv(x, q.shape[1]).transpose(1, 2) for x in kv.gather_slots(layer, self.ctx))
             return F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=self.mask)[:, :, 0]
 
@@ -123,7 +141,9 @@ class StaticDecode:
 class ModelRunner:
     """``cuda_graphs`` (default: on CUDA): decode steps whose sequences fit one padded group run as replays of CUDA
     graphs captured per (batch bucket, context bucket), which removes the per-kernel launch cost of eager PyTorch;
-    other steps, and every step on CPU, run eagerly."""
+    other steps, and every step on CPU, run eagerly. ``paged_kernel`` (default: where Triton runs, i.e. on CUDA):
+    decode attention reads K/V in place through the block tables (``paged_attention``) instead of gathering a padded
+    copy of every sequence's context first."""
 
     def __init__(
         self,
@@ -134,6 +154,7 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         cuda_graphs: bool | None = None,
+        paged_kernel: bool | None = None,
     ):
         self.config = get_model_config(config) if isinstance(config, str) else config
         self.device, self.dtype = torch.device(device), dtype
@@ -151,6 +172,10 @@ class ModelRunner:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
+        shape_ok = self.config.head_dim & (self.config.head_dim - 1) == 0  # the kernel's head dim: a power of two
+        self.paged_kernel = paged_attention.available(self.device) and shape_ok if paged_kernel is None else paged_kernel
+        if self.paged_kernel and not paged_attention.available(self.device):
+            raise ValueError("the paged decode kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
         self._static: dict[tuple[int, int], StaticDecode] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -214,6 +239,16 @@ class ModelRunner:
         ids = self._tensor([s.token_ids[0] for s in seqs])
         positions = self._tensor([s.start_pos for s in seqs])
         slots = torch.cat([kv.slot_mapping(s.block_table, s.start_pos, 1) for s in seqs]).to(self.device)
+        if self.paged_kernel:  # no gather: the kernel reads the pool through the block tables
+            width = max(-(-n // kv.block_size) for n in lens)
+            tables = _padded_tables(seqs, width, 0, len(seqs)).to(self.device)
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+
+            def paged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                kv.write_slots(layer, slots, k, v)
+                return kv.paged_decode(layer, q, tables, lens_t)
+
+            return self.model.compute_logits(self.model(ids, positions, paged))
         groups = []  # (sequence indices, padded slots [b, L], key mask [b, 1, 1, L])
         for g in group_by_length(lens):
             ctx = pad_sequence([kv.slot_mapping(seqs[i].block_table, 0, lens[i]) for i in g], batch_first=True)
