@@ -76,16 +76,16 @@ class StaticDecode:
         self.ids = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.slots = torch.full((batch,), runner.kv_cache.scratch_slot, dtype=torch.long, device=dev)
-        self.ctx = torch.full((batch, context), runner.kv_cache.scratch_slot, dtype=torch.long, device=dev)
-        # Every row attends at least one position: a fully masked row would give NaN, and NaN in the scratch slot
-        # would spread through the zero weights of masked positions (0 * NaN) into real rows.
-        self.mask = torch.zeros(batch, 1, 1, context, dtype=torch.bool, device=dev)
-        self.mask[..., 0] = True
-        # the paged kernel's inputs: block tables (padding: the scratch block) and context lengths
-        bs = runner.kv_cache.block_size
-        self.tables = torch.full((batch, -(-context // bs)), runner.kv_cache.scratch_slot // bs, dtype=torch.int32,
-                                 device=dev)
-        self.lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        scratch, bs = runner.kv_cache.scratch_slot, runner.kv_cache.block_size
+        if runner.paged_kernel:  # the kernel's inputs: block tables (padding: the scratch block), context lengths
+            self.tables = torch.full((batch, -(-context // bs)), scratch // bs, dtype=torch.int32, device=dev)
+            self.lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        else:  # the gather path's: every context slot (padding: the scratch slot) and the key mask
+            self.ctx = torch.full((batch, context), scratch, dtype=torch.long, device=dev)
+            # Every row attends at least one position: a fully masked row would give NaN, and NaN in the scratch
+            # slot would spread through the zero weights of masked positions (0 * NaN) into real rows.
+            self.mask = torch.zeros(batch, 1, 1, context, dtype=torch.bool, device=dev)
+            self.mask[..., 0] = True
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
