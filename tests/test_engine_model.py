@@ -326,3 +326,20 @@ def test_paged_decode_kernel_generates_like_the_dense_model():
     static = StaticDecode(kernel, batch=2, context=64)
     static.fill(seqs, [len(prompt_list[2]) + 1])
     torch.testing.assert_close(static.run()[:1], gather.decode_logits(seqs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_decoding(monkeypatch):
+    """If a decode step cannot be captured as a CUDA graph, the runner decodes eagerly (same tokens) from then on."""
+    from llumnix.engine.runner import StaticDecode
+
+    runner = ModelRunner("tiny", num_blocks=64, block_size=4, seed=0)
+    eager = paged_generate(runner, prompts([5, 9], seed=1), 4, Blocks(64, seed=0))
+
+    def fail(self, pool):  # the way a kernel that synchronises with the host fails under capture
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticDecode, "capture", fail)
+    again = ModelRunner("tiny", num_blocks=64, block_size=4, seed=0)
+    again.cuda_graphs = True  # as on CUDA
+    assert paged_generate(again, prompts([5, 9], seed=1), 4, Blocks(64, seed=0)) == eager
+    assert again.cuda_graphs is False and not again._static

@@ -5,6 +5,7 @@ It executes exactly the batch it is given; which sequences run, and which blocks
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ def group_by_length(lens: list[int], max_padding: float = 2.0) -> list[list[int]
             total = lens[i]
     return groups
 
+
+log = logging.getLogger(__name__)
 
 # Static-shape decode (CUDA graphs): batches padded up to a bucket, contexts up to a multiple of this many tokens.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -279,9 +282,16 @@ class ModelRunner:
         if static is None:
             if len(self._static) >= MAX_DECODE_GRAPHS:
                 return None
-            static = self._static[key] = StaticDecode(self, batch, context)
+            static = StaticDecode(self, batch, context)
             static.fill(seqs, lens)
-            static.capture(self._graph_pool)
+            try:
+                static.capture(self._graph_pool)
+            except RuntimeError as e:  # e.g. a kernel that synchronises with the host under capture: stay eager
+                log.warning("CUDA graph capture of a decode step (batch %d, context %d) failed, decode steps run "
+                            "eagerly from now on: %s", batch, context, e)
+                self.cuda_graphs = False
+                return None
+            self._static[key] = static
             return static
         static.fill(seqs, lens)
         return static
