@@ -22,3 +22,13 @@ def a10():
     from llumnix.profiles import Profile
 
     return Profile.load("a10-llama-7b")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (2 CPUs, no dashboard), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 import torch
-from test_ray_cluster import LONG_PROMPT, cluster_config, complete, ray_local, stream_live  # noqa: F401
+from test_ray_cluster import LONG_PROMPT, cluster_config, complete, stream_live
 
 from llumnix.runtime.dist_channel import ChannelError, DistChannel, pair_key, serve_store
 from llumnix.runtime.frontend import BackgroundServer
@@ -67,7 +67,7 @@ def test_serve_config_kv_transport():
         build_serve_config({}, {"kv_transport": "nccl"})
 
 
-def test_migration_over_gloo_commits_and_a_failed_transfer_aborts_to_the_source(ray_local):  # noqa: F811
+def test_migration_over_gloo_commits_and_a_failed_transfer_aborts_to_the_source(ray_local):
     """One streamed request migrates there (opening the channel), back (the other direction's channel), then the
     destination drops its end of the channel (as when told that the source died): the transfer fails, the migration
     aborts and the request keeps decoding on the source; the next migration opens a new channel and commits. The

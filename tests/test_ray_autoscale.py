@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -92,15 +91,7 @@ def test_cost_between_two_scaling_reads():
     )
 
 
-# -- the cluster --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+# -- the cluster (the ray_local fixture is in conftest.py) -------------------------------------------------------
 
 
 def test_a_burst_scales_up_and_idleness_drains_back_to_min(ray_local, tmp_path: Path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -151,15 +150,7 @@ def test_text_tokenisation_is_bytes_mod_vocab():
     assert decode_tokens([1, 22]) == " 1 22"
 
 
-# -- the cluster --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+# -- the cluster (the ray_local fixture is in conftest.py) -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
