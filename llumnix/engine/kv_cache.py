@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from llumnix.engine.paged_attention import paged_decode_attention
+
 
 class KVCachePool:
     def __init__(
@@ -68,8 +70,6 @@ class KVCachePool:
 
     def paged_decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """Decode attention of q [B, H, D] over each sequence's context read in place (``paged_attention``)."""
-        from llumnix.engine.paged_attention import paged_decode_attention
-
         return paged_decode_attention(q, self._slab(layer, 0), self._slab(layer, 1), tables, lens, self.block_size)
 
     def write(self, layer: int, block_table: list[int], start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
