@@ -77,6 +77,27 @@ def test_migration_token_identical_under_deterministic_kernels():
     assert run.committed and len(run.downtimes_s) == 2 and run.tokens == ref.tokens and run.kv_identical
 
 
+def test_determinism_probe_on_cpu(tmp_path):
+    """`llumnix bench determinism`: alone runs repeat bit for bit in other KV blocks; batch-invariant decoding keeps a
+    sequence's logits bit-equal beside other sequences."""
+    import pandas as pd
+
+    out = tmp_path / "det.csv"
+    cli("bench", "determinism", "--lengths", "40,90", "--batches", "1,3,5", "--output-tokens", "6", "--repeats", "2",
+        "--modes", "eager+gather,eager+gather+invariant", "-o", out)
+    df = pd.read_csv(out)
+    assert len(df) == 2 * 2 * 3 and set(df["mode"]) == {"eager+gather", "eager+gather+invariant"}
+    alone = df[df["batch"] == 1]
+    assert alone["tokens_stable"].all() and alone["logits_identical"].all() and (alone["max_logit_diff"] == 0).all()
+    invariant = df[df["mode"] == "eager+gather+invariant"]
+    assert invariant["logits_identical"].all() and invariant["tokens_match_alone"].all()
+    assert (df["min_top2_gap"] > 0).all() and df["device_name"].astype(bool).all()
+    from llumnix.cli import main
+
+    bad = CliRunner().invoke(main, ["bench", "determinism", "--modes", "warp-speed", "-o", str(out)])
+    assert bad.exit_code != 0 and "unknown mode" in bad.output
+
+
 def test_measurements_table_long_format(bench_df):
     long = measurements_table(bench_df)
     assert set(long["method"]) == {"recompute", "blocking-copy", "llumnix"}

@@ -328,6 +328,30 @@ def test_paged_decode_kernel_generates_like_the_dense_model():
     torch.testing.assert_close(static.run()[:1], gather.decode_logits(seqs), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    _paged_kernel_device() is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1"))])
+def test_batch_invariant_decoding(kernel):
+    """With invariant_batch, a sequence's decode logits are the same bits alone, beside others, or in a later chunk
+    of a batch larger than the chunk; greedy decoding still equals the dense model's."""
+    device = _paged_kernel_device() if kernel else "cpu"
+    runner = ModelRunner("tiny", num_blocks=256, block_size=4, device=device, seed=0, paged_kernel=kernel,
+                         invariant_batch=4)
+    prompt_list = prompts([23, 5, 40, 11, 31, 2, 17], seed=6)
+    assert paged_generate(runner, prompt_list[:3], 5, Blocks(256, seed=3)) == [
+        dense_generate(runner.model, p, 5) for p in prompt_list[:3]]
+    blocks = Blocks(256, seed=5)
+    tables = [blocks.table_for([], len(p) + 1, 4) for p in prompt_list]
+    runner.prefill([SeqInput(p, 0, t) for p, t in zip(prompt_list, tables, strict=True)])
+    seqs = [SeqInput([9], len(p), t) for p, t in zip(prompt_list, tables, strict=True)]
+    alone = runner.decode_logits(seqs[:1])
+    assert runner.decode_logits(seqs[:3])[0].equal(alone[0])
+    everyone = runner.decode_logits(seqs[1:] + seqs[:1])  # 7 rows: chunks of 4 and 3 (+1 padding row)
+    assert everyone[-1].equal(alone[0])
+    assert everyone[:3].equal(runner.decode_logits(seqs[1:4]))
+    with pytest.raises(ValueError, match="invariant_batch"):
+        ModelRunner("tiny", num_blocks=8, invariant_batch=0)
+
+
 def test_a_failed_graph_capture_falls_back_to_eager_decoding(monkeypatch):
     """If a decode step cannot be captured as a CUDA graph, the runner decodes eagerly (same tokens) from then on."""
     from llumnix.engine.runner import StaticDecode

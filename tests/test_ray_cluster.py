@@ -132,6 +132,9 @@ def test_serve_config_merges_yaml_and_flags(tmp_path: Path):
         build_serve_config({"instances": 0})
     with pytest.raises(ServeConfigError, match="bogus"):
         build_serve_config({"bogus": 1})
+    assert build_serve_config({}, {"invariant_batch": 8}).instance.invariant_batch == 8
+    with pytest.raises(ServeConfigError, match="invariant_batch is a torch backend setting"):
+        build_serve_config({"backend": "profile", "invariant_batch": 8})
 
 
 def test_a_cluster_too_small_for_the_instances_fails_fast():

@@ -95,11 +95,13 @@ def bench() -> None:
 @click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")
 @click.option("--threads", type=int, default=1,
               help="torch intra-op threads on CPU (0: torch's default); 1 keeps timings stable on a busy machine.")
+@click.option("--invariant-batch", type=int, default=None,
+              help="Both engines decode batch-invariantly, in chunks of exactly this many rows (default: off).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output CSV, one row per (sequence length, transport).")
 def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch, background_tokens, output_tokens,
               steps_before, steps_per_stage, migrations, steps_between, transports, channel_timeout, seed, threads,
-              output) -> None:
+              invariant_batch, output) -> None:
     """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
     from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
 
@@ -111,7 +113,7 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
             migrations=migrations, steps_between=steps_between,
             transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
             channel_timeout_s=channel_timeout, seed=seed,
-            cpu_threads=threads or None)
+            cpu_threads=threads or None, invariant_batch=invariant_batch)
         df = run_migration_bench(cfg, progress=_progress())
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -154,6 +156,46 @@ def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_
     output.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(f"decode step {result['decode_step_s'] * 1e3:.2f} ms vs floor {result['floor_s'] * 1e3:.2f} ms "
                f"({result['step_over_floor']:.1f}x); wrote {output}", err=True)
+
+
+@bench.command(context_settings=CONTEXT)
+@click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
+@click.option("--lengths", default="64,256", help="Comma-separated prompt lengths of the target sequence.")
+@click.option("--batches", default="1,3,8",
+              help="Comma-separated batch sizes: 1 = the target alone (repeated), B = beside B-1 other sequences.")
+@click.option("--modes", default=None,
+              help="Comma-separated decode paths (graphs+kernel, graphs+kernel+fixed, eager+kernel, graphs+gather, "
+                   "eager+gather; default: those this device runs).")
+@click.option("--output-tokens", type=int, default=32, help="Greedy tokens generated per run.")
+@click.option("--repeats", type=int, default=3, help="Alone runs per (mode, length), each in other KV blocks.")
+@click.option("--max-background-tokens", type=int, default=2048,
+              help="Other sequences' prompts: uniform in [16, min(length, this)] tokens.")
+@click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output CSV, one row per (mode, length, batch).")
+def determinism(device, model, dtype, lengths, batches, modes, output_tokens, repeats, max_background_tokens, seed,
+                output) -> None:
+    """Greedy decoding run to run, across KV block placement and across batches (what token identity after a
+    migration rests on)."""
+    from llumnix.bench.determinism import DeterminismConfig, default_modes, probe
+
+    device = _device(device)
+    try:
+        cfg = DeterminismConfig(
+            model=model, device=device, dtype=dtype, lengths=_ints(lengths), batches=_ints(batches),
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else default_modes(device),
+            output_tokens=output_tokens, repeats=repeats, max_background_tokens=max_background_tokens, seed=seed)
+        df = probe(cfg, progress=_progress())
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    cols = ["mode", "length", "batch", "tokens_stable", "logits_identical", "tokens_match_alone", "first_mismatch",
+            "max_logit_diff", "min_top2_gap"]
+    click.echo(df[cols].to_string(index=False), err=True)
+    click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
 @click.command(context_settings=CONTEXT)

@@ -75,6 +75,7 @@ class MigrationBenchConfig:
     channel_timeout_s: float = 120.0  # gloo / nccl: a transfer (or the child's answer) taking longer fails the run
     seed: int = 0
     cpu_threads: int | None = 1  # torch intra-op threads on CPU; 1 keeps timings stable on a shared, busy machine
+    invariant_batch: int | None = None  # both engines' batch-invariant decoding (ModelRunner), in chunks of this many
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) <= self.output_tokens:
@@ -82,6 +83,8 @@ class MigrationBenchConfig:
         for name in ("repeats", "batch", "background_tokens", "output_tokens", "steps_per_stage"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.invariant_batch is not None and self.invariant_batch < 1:
+            raise ValueError(f"invariant_batch must be >= 1 rows, got {self.invariant_batch}")
         if self.warmup < 0 or self.steps_before < 0:
             raise ValueError("warmup and steps_before must be >= 0")
         if self.migrations < 1 or self.steps_between < 0:
@@ -493,7 +496,8 @@ def run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable]
 
 def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable], Iterable] | None) -> pd.DataFrame:
     torch.manual_seed(cfg.seed)
-    src_ex = TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed)
+    src_ex = TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed,
+                           invariant_batch=cfg.invariant_batch)
     with _destination(cfg) as dst_ex:
         if src_ex.weights_fingerprint() != dst_ex.weights_fingerprint():
             raise RuntimeError("the two instances' weights differ although built from the same seed")
@@ -515,11 +519,12 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
 def _destination(cfg: MigrationBenchConfig) -> Iterator[Executor]:
     """The destination's executor: in this process, or (gloo / nccl) in a child process, closed afterwards."""
     if not cfg.cross_process:
-        yield TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed)
+        yield TorchExecutor(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.device, cfg.dtype, cfg.seed,
+                            invariant_batch=cfg.invariant_batch)
         return
     spec = WorkerSpec(cfg.model, cfg.pool_blocks, cfg.block_size, cfg.dst_device, cfg.dtype, cfg.seed,
                       backend=cfg.transports[0], timeout_s=cfg.channel_timeout_s, cpu_threads=cfg.cpu_threads,
-                      parent_device=cfg.device)
+                      parent_device=cfg.device, invariant_batch=cfg.invariant_batch)
     with WorkerExecutor(spec) as worker:
         yield worker
 

@@ -43,6 +43,7 @@ class WorkerSpec:
     build_timeout_s: float = 900.0  # the child's start: imports, model build, channel
     cpu_threads: int | None = 1
     parent_device: str = "cpu"  # the device of this process's end of an NCCL channel
+    invariant_batch: int | None = None  # batch-invariant decoding (ModelRunner)
     store_address: str = ""
     key: str = ""
 
@@ -217,7 +218,8 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
             torch.set_num_threads(spec.cpu_threads)
         if spec.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(spec.device))
-        ex = TorchExecutor(spec.model, spec.num_blocks, spec.block_size, spec.device, spec.dtype, spec.seed)
+        ex = TorchExecutor(spec.model, spec.num_blocks, spec.block_size, spec.device, spec.dtype, spec.seed,
+                           invariant_batch=spec.invariant_batch)
         cache = ex.runner.kv_cache.cache
         conn.send((True, {
             "vocab_size": ex.vocab_size,

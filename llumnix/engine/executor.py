@@ -58,14 +58,15 @@ class Executor(ABC):
 
 class TorchExecutor(Executor):
     def __init__(self, model: str = "tiny", num_blocks: int = 256, block_size: int = 16, device: str = "cpu",
-                 dtype: str = "float32", seed: int = 0) -> None:
+                 dtype: str = "float32", seed: int = 0, invariant_batch: int | None = None) -> None:
         import torch
 
         from llumnix.engine.runner import ModelRunner
 
         self.torch = torch
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.runner = ModelRunner(model, num_blocks, block_size, device=device, dtype=getattr(torch, dtype), seed=seed)
+        self.runner = ModelRunner(model, num_blocks, block_size, device=device, dtype=getattr(torch, dtype), seed=seed,
+                                  invariant_batch=invariant_batch)
         self.vocab_size = self.runner.config.vocab_size
 
     def execute(self, plan: StepPlan) -> list[int]:

@@ -49,7 +49,8 @@ def group_by_length(lens: list[int], max_padding: float = 2.0) -> list[list[int]
 
 log = logging.getLogger(__name__)
 
-# Static-shape decode (CUDA graphs): batches padded up to a bucket, contexts up to a multiple of this many tokens.
+# Static-shape decode (CUDA graphs): batches padded up to a bucket; the gather path also pads contexts up to a multiple
+# of this many tokens (the paged kernel's block tables are sized for the longest context once).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_BUCKET = 256
 MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eagerly
@@ -142,11 +143,16 @@ class StaticDecode:
 
 
 class ModelRunner:
-    """``cuda_graphs`` (default: on CUDA): decode steps whose sequences fit one padded group run as replays of CUDA
-    graphs captured per (batch bucket, context bucket), which removes the per-kernel launch cost of eager PyTorch;
-    other steps, and every step on CPU, run eagerly. ``paged_kernel`` (default: where Triton runs, i.e. on CUDA):
-    decode attention reads K/V in place through the block tables (``paged_attention``) instead of gathering a padded
-    copy of every sequence's context first."""
+    """``cuda_graphs`` (default: on CUDA): decode steps run as replays of CUDA graphs captured per batch bucket
+    (``batch_buckets``; per context bucket too on the gather path, which only graphs steps whose sequences fit one
+    padded group), which removes the per-kernel launch cost of eager PyTorch; other steps, and every step on CPU,
+    run eagerly. ``paged_kernel`` (default: where Triton runs, i.e. on CUDA): decode attention reads K/V in place
+    through the block tables (``paged_attention``) instead of gathering a padded copy of every sequence's context
+    first; on CUDA it is also what makes decoding deterministic run to run (gather + SDPA is not, measured).
+    ``invariant_batch`` R (default: off): batch-invariant decoding. Every decode step runs as chunks of exactly R
+    rows (padded) and attention per sequence, so a sequence's logits are the same bits whatever other sequences
+    share its step; a migrated request then decodes on its new instance exactly as it would have on its old one.
+    It costs the padding (R rows of matrix work for any batch)."""
 
     def __init__(
         self,
@@ -158,6 +164,8 @@ class ModelRunner:
         seed: int = 0,
         cuda_graphs: bool | None = None,
         paged_kernel: bool | None = None,
+        batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
+        invariant_batch: int | None = None,
     ):
         self.config = get_model_config(config) if isinstance(config, str) else config
         self.device, self.dtype = torch.device(device), dtype
@@ -179,6 +187,12 @@ class ModelRunner:
         self.paged_kernel = paged_attention.available(self.device) and shape_ok if paged_kernel is None else paged_kernel
         if self.paged_kernel and not paged_attention.available(self.device):
             raise ValueError("the paged decode kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        if not batch_buckets or list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
+            raise ValueError(f"batch_buckets must be increasing positive sizes, got {batch_buckets}")
+        self.batch_buckets = tuple(batch_buckets)
+        if invariant_batch is not None and invariant_batch < 1:
+            raise ValueError(f"invariant_batch must be a positive number of rows, got {invariant_batch}")
+        self.invariant_batch = invariant_batch
         self._static: dict[tuple[int, int], StaticDecode] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -231,52 +245,72 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_logits(self, seqs: list[SeqInput]) -> torch.Tensor:
         """Logits [B, vocab] (fp32) for one new token per sequence, attending to its whole paged KV history.
-        Keys are gathered per length group (see group_by_length), padded and masked, then one SDPA call per group."""
+        With ``invariant_batch`` R, the step runs in chunks of R rows, the last one padded: every sequence then
+        goes through the same shapes whatever else is in its batch."""
         self._check(seqs)
         if any(len(s.token_ids) != 1 for s in seqs):
             raise ValueError("decode takes exactly one token per sequence")
-        kv, lens = self.kv_cache, [s.start_pos + 1 for s in seqs]
-        static = self._static_decode(seqs, lens) if self.cuda_graphs else None
-        if static is not None:
-            return static.run()[: len(seqs)]
-        ids = self._tensor([s.token_ids[0] for s in seqs])
-        positions = self._tensor([s.start_pos for s in seqs])
-        slots = torch.cat([kv.slot_mapping(s.block_table, s.start_pos, 1) for s in seqs]).to(self.device)
+        lens = [s.start_pos + 1 for s in seqs]
+        rows = self.invariant_batch
+        if rows is None or len(seqs) <= rows:
+            return self._decode(seqs, lens, rows)
+        return torch.cat([self._decode(seqs[i : i + rows], lens[i : i + rows], rows)
+                          for i in range(0, len(seqs), rows)])
+
+    def _decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None) -> torch.Tensor:
+        """One decode step of ``seqs`` (padded to ``rows`` rows if given). Captured or static-shape steps where
+        they apply; otherwise eagerly: the paged kernel, or keys gathered per length group (see group_by_length),
+        padded and masked, one SDPA call per group (per sequence when ``rows`` is given: padding a sequence's
+        context to another's length could change its bits)."""
+        # A static step pads contexts to a bucket: harmless for the kernel (it reads each row's own length), not for
+        # the gather path's masked SDPA, whose padded length depends on the batch.
+        if (self.cuda_graphs or rows) and (rows is None or self.paged_kernel):
+            static = self._static_decode(seqs, lens, rows)
+            if static is not None:  # copied out: the next replay of this graph overwrites its output buffer
+                return static.run()[: len(seqs)].clone()
+        kv, pad = self.kv_cache, (rows or len(seqs)) - len(seqs)
+        ids = self._tensor([s.token_ids[0] for s in seqs] + [0] * pad)
+        positions = self._tensor([s.start_pos for s in seqs] + [0] * pad)
+        slots = torch.cat([kv.slot_mapping(s.block_table, s.start_pos, 1) for s in seqs]
+                          + [torch.full((pad,), kv.scratch_slot, dtype=torch.long)]).to(self.device)
         if self.paged_kernel:  # no gather: the kernel reads the pool through the block tables
             width = max(-(-n // kv.block_size) for n in lens)
-            tables = _padded_tables(seqs, width, 0, len(seqs)).to(self.device)
-            lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+            tables = _padded_tables(seqs, width, kv.scratch_slot // kv.block_size, len(seqs) + pad).to(self.device)
+            lens_t = torch.tensor(lens + [1] * pad, dtype=torch.int32, device=self.device)
 
             def paged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 kv.write_slots(layer, slots, k, v)
                 return kv.paged_decode(layer, q, tables, lens_t)
 
-            return self.model.compute_logits(self.model(ids, positions, paged))
+            return self.model.compute_logits(self.model(ids, positions, paged))[: len(seqs)]
         groups = []  # (sequence indices, padded slots [b, L], key mask [b, 1, 1, L])
-        for g in group_by_length(lens):
+        for g in group_by_length(lens) if rows is None else [[i] for i in range(len(seqs))]:
             ctx = pad_sequence([kv.slot_mapping(seqs[i].block_table, 0, lens[i]) for i in g], batch_first=True)
             mask = torch.arange(ctx.shape[1]) < torch.tensor([lens[i] for i in g])[:, None]
             groups.append((self._tensor(g), ctx.to(self.device), mask[:, None, None, :].to(self.device)))
 
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kv.write_slots(layer, slots, k, v)
-            out = torch.empty_like(q)
+            out = torch.zeros_like(q)  # padding rows attend nothing
             for idx, ctx, mask in groups:
                 ks, vs = (repeat_kv(x, q.shape[1]).transpose(1, 2) for x in kv.gather_slots(layer, ctx))
                 out[idx] = F.scaled_dot_product_attention(q[idx][:, :, None], ks, vs, attn_mask=mask)[:, :, 0]
             return out
 
-        return self.model.compute_logits(self.model(ids, positions, attn))
+        return self.model.compute_logits(self.model(ids, positions, attn))[: len(seqs)]
 
-    def _static_decode(self, seqs: list[SeqInput], lens: list[int]) -> StaticDecode | None:
-        """The captured step for this batch's shape, its inputs filled with ``seqs`` (captured first if new), or
-        None: run eagerly."""
-        batch = _bucket(len(lens), BATCH_BUCKETS)
-        if batch is None or len(group_by_length(lens)) > 1:  # too many rows, or padding would cost > 2x the KV
+    def _static_decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None) -> StaticDecode | None:
+        """The static-shape step for this batch's shape (``rows`` rows, or the batch's bucket), its inputs filled
+        with ``seqs``, captured as a CUDA graph first if new and ``cuda_graphs``; or None: run eagerly."""
+        batch = rows or _bucket(len(lens), self.batch_buckets)
+        if batch is None:  # too many rows
             return None
-        context = -(-max(lens) // CONTEXT_BUCKET) * CONTEXT_BUCKET
-        if context > self.config.max_position:
+        if not self.paged_kernel and len(group_by_length(lens)) > 1:  # gathering padded contexts: > 2x the KV
+            return None
+        if self.paged_kernel:  # the kernel reads each row's own length: one step per batch size covers every context
             context = self.config.max_position
+        else:
+            context = min(-(-max(lens) // CONTEXT_BUCKET) * CONTEXT_BUCKET, self.config.max_position)
         key = (batch, context)
         static = self._static.get(key)
         if static is None:
@@ -284,13 +318,14 @@ class ModelRunner:
                 return None
             static = StaticDecode(self, batch, context)
             static.fill(seqs, lens)
-            try:
-                static.capture(self._graph_pool)
-            except RuntimeError as e:  # e.g. a kernel that synchronises with the host under capture: stay eager
-                log.warning("CUDA graph capture of a decode step (batch %d, context %d) failed, decode steps run "
-                            "eagerly from now on: %s", batch, context, e)
-                self.cuda_graphs = False
-                return None
+            if self.cuda_graphs:
+                try:
+                    static.capture(self._graph_pool)
+                except RuntimeError as e:  # e.g. a kernel that synchronises with the host under capture: stay eager
+                    log.warning("CUDA graph capture of a decode step (batch %d, context %d) failed, decode steps "
+                                "run eagerly from now on: %s", batch, context, e)
+                    self.cuda_graphs = False
+                    return None
             self._static[key] = static
             return static
         static.fill(seqs, lens)

@@ -27,7 +27,7 @@ def _explicit(ctx: click.Context, names: list[str]) -> dict:
 # -- serve --------------------------------------------------------------------------------------------------------
 SERVE_FIELDS = [
     "address", "backend", "model", "profile", "speed", "instances", "policy", "host", "port", "num_blocks",
-    "block_size", "device", "dtype", "seed", "torch_threads", "migration_threshold", "pairing_interval_s",
+    "block_size", "device", "dtype", "seed", "torch_threads", "invariant_batch", "migration_threshold", "pairing_interval_s",
     "last_stage_blocks", "max_num_seqs", "max_batched_tokens", "priorities", "num_cpus_per_instance",
     "num_gpus_per_instance", "autoscale", "scale_up", "scale_down", "min_instances", "max_instances",
     "initial_instances", "scale_interval_s", "startup_delay_s", "vllm_migration", "kv_transport", "kv_timeout_s",
@@ -62,6 +62,10 @@ SERVE_FIELDS = [
               help="Torch backend dtype.")
 @click.option("--seed", type=int, default=0, help="Weight seed (every instance serves the same weights).")
 @click.option("--torch-threads", type=int, default=1, help="Intra-op CPU threads of each instance's torch.")
+@click.option("--invariant-batch", type=int, default=None,
+              help="Torch backend: batch-invariant decoding. Every decode step runs as chunks of exactly this many "
+                   "rows (padded), so a request's tokens are the same bits whatever shares its steps, and a migrated "
+                   "request yields exactly its unmigrated tokens; costs the padding (default: off).")
 @click.option("--migration-threshold", type=float, default=3.0,
               help="Freeness below which an instance is a migration source and above which a destination.")
 @click.option("--no-migration", is_flag=True, help="Disable migration (llumnix policy: dispatch only).")

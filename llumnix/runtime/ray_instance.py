@@ -126,7 +126,8 @@ def build_executor(spec: InstanceSpec) -> tuple[Executor, dict[str, Any]]:
         from llumnix.engine.executor import TorchExecutor
 
         torch.set_num_threads(spec.torch_threads)
-        ex = TorchExecutor(spec.model, spec.num_blocks or 256, spec.block_size, spec.device, spec.dtype, spec.seed)
+        ex = TorchExecutor(spec.model, spec.num_blocks or 256, spec.block_size, spec.device, spec.dtype, spec.seed,
+                           invariant_batch=spec.invariant_batch)
         cfg = ex.runner.config
         info = {
             "vocab_size": cfg.vocab_size,

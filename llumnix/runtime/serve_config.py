@@ -39,6 +39,11 @@ class InstanceSpec(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch backend dtype")
     seed: int = Field(0, description="weight seed: every instance uses the same one, so all serve the same model")
     torch_threads: int = Field(1, ge=1, description="intra-op CPU threads of each instance's torch")
+    invariant_batch: int | None = Field(
+        None, ge=1,
+        description="torch backend: batch-invariant decoding, every decode step run as chunks of exactly this many "
+        "rows, so a request's tokens do not depend on the other requests of its steps (nor on a migration)",
+    )
     watermark: float = Field(0.01, ge=0, lt=1, description="fraction of KV blocks kept free when admitting prompts")
     max_num_seqs: int = Field(256, ge=1, description="most running sequences per instance")
     max_batched_tokens: int = Field(12_288, ge=1, description="most prompt tokens in one prefill step")
@@ -70,6 +75,8 @@ class InstanceSpec(BaseModel):
                 raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
         if self.backend == "profile" and self.device != "cpu":
             raise ValueError("the profile backend runs no model: leave device at cpu")
+        if self.backend != "torch" and self.invariant_batch is not None:
+            raise ValueError(f"invariant_batch is a torch backend setting; drop it with backend {self.backend}")
         if self.backend == "vllm":
             from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE, check_model
 
