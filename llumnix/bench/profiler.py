@@ -324,10 +324,13 @@ def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     kv_bytes_per_token = mc.kv_bytes_per_token(dtype)
     assumptions = [
-        f"engine: llumnix's own paged-KV LLaMA in eager PyTorch {torch.__version__}"
+        f"engine: llumnix's own paged-KV LLaMA in PyTorch {torch.__version__}"
         + (f" (CUDA {torch.version.cuda})" if cuda else "")
-        + "; random weights (seeded), no CUDA graphs, no fused kernels: prefill attention is SDPA per sequence, decode"
-        " attention gathers each sequence's paged K/V and reduces in fp32",
+        + "; random weights (seeded); prefill attention is SDPA per sequence; decode steps "
+        + ("replayed as CUDA graphs (one per batch bucket)" if runner.cuda_graphs else "run eagerly")
+        + ", decode attention "
+        + ("read in place from the paged KV by a Triton kernel" if runner.paged_kernel
+           else "over each sequence's paged K/V gathered into a padded copy (SDPA)"),
         "prefill points: one step over b equal prompts of n tokens (sum_sq_tokens = b * n^2), median of "
         f"{cfg.repeats} after {cfg.warmup} warm-up; time includes building the inputs and greedy sampling",
         "decode points: one step over b sequences whose total context is split evenly; each batch size also has its "
