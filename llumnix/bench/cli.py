@@ -32,6 +32,19 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """'a, b,' -> ('a', 'b')."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _write_csv(df, output: Path, summary_columns: list[str]) -> None:
+    """Write a benchmark's table and echo its main columns (stderr)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    click.echo(df[summary_columns].to_string(index=False), err=True)
+    click.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
 def _device(device: str) -> str:
     if device.startswith("cuda"):
         import torch
@@ -111,18 +124,14 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
             repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
             output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
             migrations=migrations, steps_between=steps_between,
-            transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
+            transports=_names(transports),
             channel_timeout_s=channel_timeout, seed=seed,
             cpu_threads=threads or None, invariant_batch=invariant_batch)
         df = run_migration_bench(cfg, progress=_progress())
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(output, index=False)
-    cols = ["transport", "seq_len", "recompute_s", "blocking_copy_s", "downtime_s", "stages", "decode_step_s",
-            "decode_step_migrating_s", "token_identical", "kv_identical"]
-    click.echo(df[cols].to_string(index=False), err=True)
-    click.echo(f"wrote {len(df)} rows to {output}", err=True)
+    _write_csv(df, output, ["transport", "seq_len", "recompute_s", "blocking_copy_s", "downtime_s", "stages",
+                            "decode_step_s", "decode_step_migrating_s", "token_identical", "kv_identical"])
 
 
 @bench.command("decode-floor", context_settings=CONTEXT)
@@ -185,17 +194,13 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
     try:
         cfg = DeterminismConfig(
             model=model, device=device, dtype=dtype, lengths=_ints(lengths), batches=_ints(batches),
-            modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else default_modes(device),
+            modes=_names(modes) if modes else default_modes(device),
             output_tokens=output_tokens, repeats=repeats, max_background_tokens=max_background_tokens, seed=seed)
         df = probe(cfg, progress=_progress())
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(output, index=False)
-    cols = ["mode", "length", "batch", "tokens_stable", "logits_identical", "tokens_match_alone", "first_mismatch",
-            "max_logit_diff", "min_top2_gap"]
-    click.echo(df[cols].to_string(index=False), err=True)
-    click.echo(f"wrote {len(df)} rows to {output}", err=True)
+    _write_csv(df, output, ["mode", "length", "batch", "tokens_stable", "logits_identical", "tokens_match_alone",
+                            "first_mismatch", "max_logit_diff", "min_top2_gap"])
 
 
 @click.command(context_settings=CONTEXT)
