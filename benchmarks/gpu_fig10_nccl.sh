@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|more]; writes the CSVs and log-WHAT.txt under $OUT.
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|more]; writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-smoke}
@@ -30,6 +30,13 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
         timeout 270 $L bench migration --model llama-7b $ARGS --lengths $LENGTHS --transport $t \
           -o "$OUT/h100x2-$t-llama-7b.csv"
       done
+      ;;
+    graphs)
+      # 2026-11-26: the nccl line again with the current engine (CUDA graphs, paged decode kernel), files named by GPU
+      G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
+      timeout 300 $L bench migration --model llama-7b $ARGS --lengths $LENGTHS --transport nccl \
+        -o "$OUT/${G}x2-nccl-llama-7b-graphs.csv"
       ;;
     more)
       # the paper's transport (gloo: through host memory) between the same two processes / GPUs, fewer samples
