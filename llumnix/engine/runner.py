@@ -144,7 +144,7 @@ class StaticDecode:
 
 class ModelRunner:
     """``cuda_graphs`` (default: on CUDA): decode steps run as replays of CUDA graphs captured per batch bucket
-    (``batch_buckets``; per context bucket too on the gather path, which only graphs steps whose sequences fit one
+    (``BATCH_BUCKETS``; per context bucket too on the gather path, which only graphs steps whose sequences fit one
     padded group), which removes the per-kernel launch cost of eager PyTorch; other steps, and every step on CPU,
     run eagerly. ``paged_kernel`` (default: where Triton runs, i.e. on CUDA): decode attention reads K/V in place
     through the block tables (``paged_attention``) instead of gathering a padded copy of every sequence's context
@@ -164,7 +164,6 @@ class ModelRunner:
         seed: int = 0,
         cuda_graphs: bool | None = None,
         paged_kernel: bool | None = None,
-        batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
         invariant_batch: int | None = None,
     ):
         self.config = get_model_config(config) if isinstance(config, str) else config
@@ -187,9 +186,6 @@ class ModelRunner:
         self.paged_kernel = paged_attention.available(self.device) and shape_ok if paged_kernel is None else paged_kernel
         if self.paged_kernel and not paged_attention.available(self.device):
             raise ValueError("the paged decode kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-        if not batch_buckets or list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
-            raise ValueError(f"batch_buckets must be increasing positive sizes, got {batch_buckets}")
-        self.batch_buckets = tuple(batch_buckets)
         if invariant_batch is not None and invariant_batch < 1:
             raise ValueError(f"invariant_batch must be a positive number of rows, got {invariant_batch}")
         self.invariant_batch = invariant_batch
@@ -302,7 +298,7 @@ class ModelRunner:
     def _static_decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None) -> StaticDecode | None:
         """The static-shape step for this batch's shape (``rows`` rows, or the batch's bucket), its inputs filled
         with ``seqs``, captured as a CUDA graph first if new and ``cuda_graphs``; or None: run eagerly."""
-        batch = rows or _bucket(len(lens), self.batch_buckets)
+        batch = rows or _bucket(len(lens), BATCH_BUCKETS)
         if batch is None:  # too many rows
             return None
         if not self.paged_kernel and len(group_by_length(lens)) > 1:  # gathering padded contexts: > 2x the KV
