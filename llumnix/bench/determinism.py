@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llumnix.bench.migration import device_name
 from llumnix.engine.runner import ModelRunner, SeqInput
 
 log = logging.getLogger(__name__)
@@ -121,19 +122,16 @@ def _top2_gap(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    from llumnix.machine import cpu_model
-
-    return cpu_model()
-
-
 def probe(cfg: DeterminismConfig, progress: Callable[[Iterable], Iterable] | None = None) -> pd.DataFrame:
     rng = np.random.default_rng(cfg.seed)
     max_batch = max(cfg.batches)
     dtype = getattr(torch, cfg.dtype)
-    out = max(cfg.output_tokens, 2)
+    out = cfg.output_tokens
+    # Pool layout: two regions of target_blocks (+1: a repeat may start one block later) for the alone repeats, then
+    # the batched run's target and the others.
+    target_blocks = _blocks(max(cfg.lengths) + out, cfg.block_size)
+    batch_start = 2 * target_blocks + 1
+    pool = batch_start + target_blocks + (max_batch - 1) * _blocks(cfg.max_background_tokens + out, cfg.block_size)
     # Per length: the target's prompt and the others' (shared by every mode and batch).
     work = {}
     for length in cfg.lengths:
@@ -153,9 +151,6 @@ def probe(cfg: DeterminismConfig, progress: Callable[[Iterable], Iterable] | Non
             gc.collect()  # the runner and its captured steps refer to each other: free the last mode's GPU memory
             if cfg.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            longest = max(cfg.lengths) + out
-            others_blocks = (max_batch - 1) * _blocks(cfg.max_background_tokens + out, cfg.block_size)
-            pool = 2 * _blocks(longest, cfg.block_size) + others_blocks + 1
             runner = ModelRunner(cfg.model, pool, cfg.block_size, device=cfg.device, dtype=dtype, seed=cfg.seed,
                                  **opts, **invariant)
             runner_mode = mode
@@ -163,14 +158,13 @@ def probe(cfg: DeterminismConfig, progress: Callable[[Iterable], Iterable] | Non
         target, others = work[length]
         target = [t % vocab for t in target]
         others = [[t % vocab for t in o] for o in others]
-        target_blocks = _blocks(max(cfg.lengths) + out, cfg.block_size)
         # Alone: repeats alternate between two regions of the pool (and shift within them) so block ids differ.
         alone = [generate(runner, [target], out, (r % 2) * target_blocks + (r // 2) % 2) for r in range(cfg.repeats)]
         ref = alone[0]
         reference.setdefault(length, ref.tokens)
         gaps = [_top2_gap(x) for x in ref.logits]
         base = {
-            "mode": mode, "device": cfg.device, "device_name": _device_name(cfg.device), "model": cfg.model,
+            "mode": mode, "device": cfg.device, "device_name": device_name(cfg.device), "model": cfg.model,
             "dtype": cfg.dtype, "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "",
             "length": length, "output_tokens": out, "min_top2_gap": min(gaps),
             "matches_first_mode": ref.tokens == reference[length],
@@ -185,7 +179,7 @@ def probe(cfg: DeterminismConfig, progress: Callable[[Iterable], Iterable] | Non
         for b in cfg.batches:
             if b == 1:
                 continue
-            run = generate(runner, [target, *others[: b - 1]], out, 2 * target_blocks)
+            run = generate(runner, [target, *others[: b - 1]], out, batch_start)
             diff = max(float((x - y).abs().max()) for x, y in zip(run.logits, ref.logits, strict=True))
             mismatch = _first_mismatch(run.tokens, ref.tokens)
             rows.append(base | {"batch": b, "runs": 1, "tokens_stable": None, "logits_identical": diff == 0.0,
