@@ -580,9 +580,9 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 samples[t].append(run)
         stable = all(r.tokens == refs[0].tokens for r in refs)  # the baseline gives the same tokens every repeat
         # The identity check: an untimed rerun with and without migration that also compares the KV bits on both
-        # sides at every commit. On CUDA it runs under deterministic kernels: the default index_add_ (decode
-        # attention) sums with atomics, so bits can differ run to run and a near-tie in greedy sampling then flips a
-        # token with or without migration.
+        # sides at every commit. On CUDA it runs under torch's deterministic algorithms as well; the paged decode
+        # kernel (the CUDA default) is deterministic by itself, the gather + SDPA path is not (`llumnix bench
+        # determinism`), and there a last-bit difference flips near-tied greedy tokens with or without migration.
         with _identity_mode(cfg, bench):
             ref = bench.reference(length)
             checks = {t: bench.migration(length, t, verify_kv=True) for t in cfg.transports}
