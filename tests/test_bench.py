@@ -9,11 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from llumnix.bench.cli import COMMANDS
-from llumnix.bench.migration import KVTransfer, MigrationBenchConfig, measurements_table, run_migration_bench
+from llumnix.bench.migration import MigrationBenchConfig, measurements_table, run_migration_bench
 from llumnix.bench.profiler import ProfileConfig, decode_grid, measure_profile, prefill_grid
+from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.executor import TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
+from llumnix.engine.kv_transfer import ExecutorTransfer, PendingCopy, PoolTransfer
 from llumnix.profiles import Profile
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 from llumnix.sim import SimConfig, simulate
@@ -68,7 +70,7 @@ def test_migration_token_identical_under_deterministic_kernels():
     executors = [TorchExecutor("tiny", cfg.pool_blocks) for _ in range(2)]
     pools = [e.runner.kv_cache for e in executors]
     bench = m._Bench(cfg, *(EngineInstance(i, e) for i, e in enumerate(executors)),
-                     {"device": (KVTransfer(pools[0], pools[1]), KVTransfer(pools[1], pools[0]))}, 1024)
+                     {"device": (PoolTransfer(pools[0], {1: pools[1]}), PoolTransfer(pools[1], {0: pools[0]}))}, 1024)
     with m.deterministic_kernels():
         assert torch.are_deterministic_algorithms_enabled()
         ref = bench.reference(64)
@@ -137,11 +139,12 @@ def test_kv_transfer_copies_blocks_exactly():
     kw = dict(num_kv_heads=2, head_dim=8)
     src, dst = KVCachePool(2, 10, 4, **kw), KVCachePool(2, 6, 4, **kw)
     src.cache.normal_()
-    transfer = KVTransfer(src, dst)
-    assert transfer.copy([7, 2, 5], [0, 4, 1])() is True
+    transfer = PoolTransfer(src, {1: dst})
+    pending = transfer.start(Copy(0, 1, 0, (7, 2, 5), (0, 4, 1), False))
+    assert pending.done() and pending.num_bytes == 3 * src.bytes_per_block
     torch.testing.assert_close(dst.read_blocks([0, 4, 1]), src.read_blocks([7, 2, 5]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="destination blocks"):
-        transfer.copy([1, 2], [3])
+        transfer.start(Copy(0, 1, 0, (1, 2), (3,), False))
 
 
 def test_migrate_in_process_keeps_stepping_until_an_async_copy_lands():
@@ -159,15 +162,18 @@ def test_migrate_in_process_keeps_stepping_until_an_async_copy_lands():
         src.step()
     polls = {"left": 0}
 
-    def late_transfer(s, d, stage):
-        d.executor.write_blocks(stage.dst_blocks, s.executor.read_blocks(stage.src_blocks))
-        polls["left"] = 0 if stage.final else 4
+    class LateTransfer(ExecutorTransfer):
+        def start(self, copy):
+            landed = super().start(copy)
+            polls["left"] = 0 if copy.final else 4
 
-        def done():
-            polls["left"] -= 1
-            return polls["left"] < 0
+            def done():
+                polls["left"] -= 1
+                return polls["left"] < 0
 
-        return done
+            return PendingCopy(landed.num_bytes, done)
+
+    late_transfer = LateTransfer(src.executor, {1: dst.executor})
 
     before = len(src.steps)
     mig = migrate_in_process(1, req, src, dst, transfer=late_transfer)
@@ -179,18 +185,18 @@ def test_migrate_in_process_keeps_stepping_until_an_async_copy_lands():
 def test_kv_check_catches_a_corrupted_copy():
     import llumnix.bench.migration as m
 
-    class Corrupting(KVTransfer):
-        def copy(self, src_blocks, dst_blocks):
-            done = super().copy(src_blocks, dst_blocks)
-            if dst_blocks:
-                self.dst.cache[:, :, dst_blocks[0], 0] += 1.0
-            return done
+    class Corrupting(PoolTransfer):
+        def start(self, copy):
+            pending = super().start(copy)
+            if copy.dst_blocks:
+                self.destinations[copy.dst].cache[:, :, copy.dst_blocks[0], 0] += 1.0
+            return pending
 
     cfg = MigrationBenchConfig(lengths=(64,), repeats=1, warmup=0)
     executors = [TorchExecutor("tiny", cfg.pool_blocks) for _ in range(2)]
     pools = [e.runner.kv_cache for e in executors]
     bench = m._Bench(cfg, *(EngineInstance(i, e) for i, e in enumerate(executors)),
-                     {"device": (Corrupting(pools[0], pools[1]), KVTransfer(pools[1], pools[0]))}, 1024)
+                     {"device": (Corrupting(pools[0], {1: pools[1]}), PoolTransfer(pools[1], {0: pools[0]}))}, 1024)
     assert bench.migration(64, "device", verify_kv=True).kv_identical is False
 
 

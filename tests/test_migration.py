@@ -1,15 +1,21 @@
-"""Protocol unit tests: commit and every abort path, with block accounting checked after each."""
+"""Protocol unit tests: commit and every abort path, with block accounting checked after each; the llumlet's rules."""
+
+import math
+
+import pytest
 
 from llumnix.core.block_manager import BlockManager
 from llumnix.core.llumlet import Llumlet, LlumletConfig
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig
-from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase
+from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase, answer_locally
+from llumnix.core.migration_protocol import Abort, Commit, Copied, Copy, Failed, PreAlloc, PreAllocated
 from llumnix.core.request import HIGH, Request, RequestStatus
 
 
-def instance(iid, blocks=64, priorities=False):
+def instance(iid, blocks=64, priorities=False, **llumlet):
     cfg = SchedulerConfig(enable_priorities=priorities)
-    return Llumlet(iid, LocalScheduler(BlockManager(blocks, 16, 0.0), cfg), LlumletConfig(enable_priorities=priorities))
+    return Llumlet(iid, LocalScheduler(BlockManager(blocks, 16, 0.0), cfg),
+                   LlumletConfig(enable_priorities=priorities, **llumlet))
 
 
 def running_request(ll: Llumlet, prompt=100, output=200, rid=0, steps=3, priority=0):
@@ -32,31 +38,42 @@ def decode(ll: Llumlet, t: float, n: int) -> float:
     return t
 
 
+def new_migration(src, dst, r, config=None):
+    assert dst.reserve_in(0, src.instance_id)
+    return Migration(0, r, src, dst.instance_id, config or MigrationConfig())
+
+
 def test_multi_stage_commit_moves_request_and_frees_source():
     src, dst = instance(0), instance(1)
     r, t = running_request(src, prompt=100, output=300)
-    mig = Migration(0, r, src, dst, MigrationConfig(last_stage_max_blocks=1))
-    stage = mig.start(t)
-    assert stage.index == 0 and not stage.final
-    assert len(stage.src_blocks) == (r.seq_len - 1) // 16  # complete blocks only while it keeps decoding
+    mig = new_migration(src, dst, r, MigrationConfig(last_stage_max_blocks=1))
+    assert src.migrations_out == 1 and dst.migrations_in == 1 and r.request_id in src.migrating
+    action = mig.start(t)
+    assert isinstance(action, PreAlloc) and action.num_blocks == (r.seq_len - 1) // 16  # complete blocks only
+    copy = answer_locally(mig, action, dst, t)
+    assert isinstance(copy, Copy) and copy.stage == 0 and not copy.final
     t = decode(src, t, 40)  # the request keeps decoding during stage 0: 40 tokens -> 2-3 more blocks
-    stage = mig.end_stage(t)
-    while stage is not None and not stage.final:
+    copy = answer_locally(mig, mig.on_result(Copied(), t), dst, t)
+    while copy is not None and not copy.final:
         t = decode(src, t, 1)
-        stage = mig.end_stage(t)
-    assert stage.final and r.status is RequestStatus.FROZEN
+        copy = answer_locally(mig, mig.on_result(Copied(), t), dst, t)
+    assert copy.final and r.status is RequestStatus.FROZEN and mig.phase is MigrationPhase.STOP_AND_COPY
     assert src.scheduler.schedule(t) is None  # frozen: not scheduled during stop-and-copy
     src_table = list(src.blocks.table(r.request_id))
-    assert mig.end_stage(t + 0.02) is None
+    commit = mig.on_result(Copied(), t + 0.02)
+    assert isinstance(commit, Commit) and commit.request is r and mig.phase is MigrationPhase.COMMITTING
+    assert mig.on_result(dst.commit_in(commit.migration_id, r), t + 0.02) is None
     assert mig.phase is MigrationPhase.COMMITTED
     assert abs(mig.downtime_s - 0.02) < 1e-9
-    assert r.status is RequestStatus.RUNNING and r in dst.scheduler.running
+    assert r.status is RequestStatus.RUNNING and r in dst.scheduler.running and r.instances[-1] == 1
     assert src.blocks.num_used_blocks == 0 and src.scheduler.num_requests == 0
     assert dst.blocks.num_blocks_of(r.request_id) == len(src_table)
     # the stages together copied exactly the source's table, in order, once
     copied = [b for s in mig.stages for b in s.src_blocks]
-    assert copied == src_table
-    assert src.migrations_out == 0 and dst.migrations_in == 0
+    assert copied == src_table and mig.blocks == len(src_table)
+    assert src.migrations_out == 0 and dst.migrations_in == 0 and src.is_idle()
+    rec = r.migrations[-1]
+    assert rec.committed and rec.src == 0 and rec.dst == 1 and rec.stages == len(mig.stages) and rec.abort_reason == ""
     decode(dst, t, 1000)
     assert r.finished and r.num_generated == r.output_tokens
     src.blocks.check()
@@ -64,31 +81,37 @@ def test_multi_stage_commit_moves_request_and_frees_source():
     assert dst.blocks.num_used_blocks == 0
 
 
-def test_abort_when_destination_lacks_blocks():
-    src, dst = instance(0), instance(1, blocks=4)
-    r, t = running_request(src, prompt=200)
-    assert mig_abort_leaves_running(src, dst, r, t) == "destination lacks free blocks"
-
-
-def mig_abort_leaves_running(src, dst, r, t):
-    mig = Migration(0, r, src, dst)
-    assert mig.start(t) is None
+def assert_aborted_and_running(src, dst, mig, r):
     assert mig.phase is MigrationPhase.ABORTED
     assert r.status is RequestStatus.RUNNING and r in src.scheduler.running
     assert dst.blocks.num_used_blocks == 0
     assert src.migrations_out == 0 and dst.migrations_in == 0 and not src.migrating
-    return mig.abort_reason
+    assert not r.migrations[-1].committed and r.migrations[-1].abort_reason == mig.abort_reason
+    src.blocks.check()
+    dst.blocks.check()
+
+
+def test_abort_when_destination_lacks_blocks():
+    src, dst = instance(0), instance(1, blocks=4)
+    r, t = running_request(src, prompt=200)
+    mig = new_migration(src, dst, r)
+    assert answer_locally(mig, mig.start(t), dst, t) is None
+    assert_aborted_and_running(src, dst, mig, r)
+    assert mig.abort_reason == "destination lacks free blocks"
 
 
 def test_abort_when_request_finishes_during_a_stage():
     src, dst = instance(0), instance(1)
     r, t = running_request(src, prompt=100, output=6)
-    mig = Migration(0, r, src, dst)
-    assert mig.start(t) is not None
+    mig = new_migration(src, dst, r)
+    assert isinstance(answer_locally(mig, mig.start(t), dst, t), Copy)
     decode(src, t, 10)  # finishes on the source meanwhile
     assert r.finished
-    assert mig.end_stage(t + 10) is None and mig.phase is MigrationPhase.ABORTED
-    assert dst.blocks.num_used_blocks == 0 and src.blocks.num_used_blocks == 0
+    action = mig.on_result(Copied(), t + 10)
+    assert isinstance(action, Abort) and mig.phase is MigrationPhase.ABORTED
+    assert dst.blocks.num_used_blocks > 0  # the destination still holds stage 0's blocks until it hears the abort
+    assert answer_locally(mig, action, dst, t + 10) is None
+    assert dst.blocks.num_used_blocks == 0 and src.blocks.num_used_blocks == 0 and dst.migrations_in == 0
 
 
 def test_abort_when_request_preempted_during_a_stage():
@@ -96,35 +119,77 @@ def test_abort_when_request_preempted_during_a_stage():
     r, t = running_request(src, prompt=100, output=150, rid=5)  # 7 blocks growing to 16
     other = Request(1, -1.0, 100, 150)  # arrived earlier: r is the preemption victim
     src.scheduler.add_request(other)
-    mig = Migration(0, r, src, dst)
-    assert mig.start(t) is not None
+    mig = new_migration(src, dst, r)
+    assert isinstance(answer_locally(mig, mig.start(t), dst, t), Copy)
     t = decode(src, t, 60)
     assert r.preemptions_s, "setup: the request must have been preempted"
-    assert mig.end_stage(t) is None and mig.phase is MigrationPhase.ABORTED
-    assert "preempted" in mig.abort_reason
+    assert answer_locally(mig, mig.on_result(Copied(), t), dst, t) is None
+    assert mig.phase is MigrationPhase.ABORTED and "preempted" in mig.abort_reason
     assert dst.blocks.num_used_blocks == 0
     src.blocks.check()
 
 
-def test_abort_during_stop_and_copy_unfreezes_on_source():
+@pytest.mark.parametrize("failure", ["copy", "commit", "runtime"])
+def test_abort_during_stop_and_copy_unfreezes_on_source(failure):
+    """A failed final copy, a failed commit (the destination died) or the runtime's own abort: the request resumes
+    on the source, where it was, and its downtime counts the frozen time."""
     src, dst = instance(0), instance(1)
     r, t = running_request(src, prompt=20, output=100)  # 2 blocks: goes straight to stop-and-copy
-    mig = Migration(0, r, src, dst)
-    stage = mig.start(t)
-    assert stage.final and r.status is RequestStatus.FROZEN
-    mig.abort(t + 0.01, "destination died")
-    assert r.status is RequestStatus.RUNNING and r in src.scheduler.running
-    assert dst.blocks.num_used_blocks == 0
-    assert mig.downtime_s > 0
+    mig = new_migration(src, dst, r)
+    copy = answer_locally(mig, mig.start(t), dst, t)
+    assert copy.final and r.status is RequestStatus.FROZEN
+    if failure == "copy":
+        action = mig.on_result(Failed("channel broke"), t + 0.01)
+    elif failure == "commit":
+        assert isinstance(mig.on_result(Copied(), t + 0.01), Commit)
+        action = mig.on_result(Failed("destination died"), t + 0.01)
+    else:
+        action = mig.abort(t + 0.01, "source stopping")
+    assert isinstance(action, Abort) and answer_locally(mig, action, dst, t + 0.01) is None
+    assert_aborted_and_running(src, dst, mig, r)
+    assert mig.downtime_s == pytest.approx(0.01)
     decode(src, t, 1000)
     assert r.finished
+
+
+def test_results_must_answer_the_phase():
+    src, dst = instance(0), instance(1)
+    r, t = running_request(src)
+    mig = new_migration(src, dst, r)
+    mig.start(t)
+    with pytest.raises(ValueError, match="does not answer phase pre_alloc"):
+        mig.on_result(Copied(), t)
+    with pytest.raises(RuntimeError, match="already started"):
+        mig.start(t)
+
+
+def test_a_pre_allocation_of_the_wrong_size_aborts():
+    src, dst = instance(0), instance(1)
+    r, t = running_request(src, prompt=100)
+    mig = new_migration(src, dst, r)
+    action = mig.start(t)
+    assert isinstance(mig.on_result(PreAllocated([0]), t), Abort) and "pre-allocated 1 blocks" in mig.abort_reason
+    assert action.num_blocks != 1
 
 
 def test_destination_draining_refuses():
     src, dst = instance(0), instance(1)
     r, t = running_request(src)
+    mig = new_migration(src, dst, r)
     dst.draining = True
-    assert mig_abort_leaves_running(src, dst, r, t) == "destination lacks free blocks"
+    assert answer_locally(mig, mig.start(t), dst, t) is None
+    assert_aborted_and_running(src, dst, mig, r)
+    assert mig.abort_reason == "destination is draining"
+    assert not dst.reserve_in(1, 0)  # and it takes no new migration
+
+
+def test_destination_slots_and_pre_alloc_need_a_reservation():
+    dst = instance(1, max_migrations_in=1)
+    assert dst.pre_alloc(7, 1).reason == "destination holds no slot for the migration"
+    assert dst.reserve_in(7, 0) and dst.reserve_in(7, 0)  # idempotent
+    assert not dst.reserve_in(8, 0) and not dst.load().can_migrate_in
+    assert isinstance(dst.commit_in(9, Request(0, 0.0, 1, 1)), Failed)
+    assert dst.drop_incoming_from(0) == 1 and dst.migrations_in == 0 and dst.is_idle()
 
 
 def test_candidate_is_last_arrived_normal_with_output():
@@ -137,19 +202,21 @@ def test_candidate_is_last_arrived_normal_with_output():
     assert ll.pick_migration_candidate() is None  # nothing has output yet
     ll.scheduler.on_step_done(ll.scheduler.schedule(0), 1)
     assert ll.pick_migration_candidate() is b  # high priority is never migrated
+    assert not ll.can_migrate(h) and ll.can_migrate(a)
     ll.migrating.add(b.request_id)
-    assert ll.pick_migration_candidate() is a
+    assert ll.pick_migration_candidate() is a and not ll.can_migrate(b)
+    assert not ll.can_migrate(Request(9, 0.0, 10, 50))  # not held here
 
 
 def test_freeness_virtual_usage_and_priority_reserve():
     ll = instance(0, blocks=100, priorities=True)
     load = ll.load()
-    assert load.freeness == 100 and load.num_running == 0
+    assert load.freeness == 100 and load.num_running == 0 and load.is_idle
     ll.scheduler.add_request(Request(0, 0.0, 160, 10))  # 10 blocks + 1 for its first output
     ll.scheduler.on_step_done(ll.scheduler.schedule(0), 1)
     ll.scheduler.add_request(Request(1, 1.0, 320, 10))  # waiting: 20 blocks of demand
     load = ll.load()
-    assert load.num_waiting == 1
+    assert load.num_waiting == 1 and not load.is_idle
     assert load.freeness == (100 - 10 - 20) / 2  # (free - queued) / (running + 1 waiting)
     ll.scheduler.add_request(Request(2, 2.0, 16, 10, priority=HIGH))
     reserve = ll.priority_reserve_blocks()
@@ -159,3 +226,28 @@ def test_freeness_virtual_usage_and_priority_reserve():
     assert load.freeness_high - load.freeness == 80 / 2 and load.num_high == 1
     ll.draining = True
     assert ll.load().freeness == float("-inf")
+
+
+@pytest.mark.parametrize("queued_demand", ["all", "head"])
+@pytest.mark.parametrize("priorities", [False, True])
+def test_pending_dispatches_count_as_if_queued(queued_demand, priorities):
+    """A load plus the requests dispatched since it was reported equals the load the instance reports once it has
+    queued them: one freeness rule for the global scheduler's view and the instance's own."""
+    ll = instance(0, blocks=100, priorities=priorities, queued_demand=queued_demand, high_priority_kv_tokens=320)
+    ll.scheduler.add_request(Request(0, 0.0, 160, 10))
+    ll.scheduler.on_step_done(ll.scheduler.schedule(0), 1)
+    for waiting in ([], [Request(1, 1.0, 48, 10)]):
+        for r in waiting:
+            ll.scheduler.add_request(r)
+        before = ll.load()
+        pending = [Request(10, 2.0, 70, 10), Request(11, 3.0, 33, 10, priority=HIGH)]
+        expected = before.with_pending([(-(-r.prompt_tokens // 16), r.is_high) for r in pending])
+        for r in pending:
+            ll.scheduler.add_request(r)
+        assert ll.load() == expected
+        for r in pending:
+            ll.scheduler.waiting.remove(r)
+            ll.scheduler.waiting_demand_blocks -= -(-r.prompt_tokens // 16)
+            ll.scheduler.num_high -= r.is_high
+    draining = ll.load().with_draining()
+    assert draining.with_pending([(1, False)]).freeness == -math.inf and not draining.can_migrate_in

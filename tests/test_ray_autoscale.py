@@ -74,7 +74,7 @@ def test_autoscale_settings_validate_and_map_to_the_simulators_scaler():
         build_serve_config({"autoscale": True, "scale_up": 50, "scale_down": 40})
     with pytest.raises(ServeConfigError, match="initial number of instances"):
         build_serve_config({"autoscale": True, "initial_instances": 5, "max_instances": 4})
-    from llumnix.runtime.ray_cluster import ClusterManager
+    from llumnix.runtime.cluster import ClusterManager
 
     with pytest.raises(RuntimeError, match="16 --max-instances x 1 CPU"):
         ClusterManager(build_serve_config({"autoscale": True, "instances": 1}))._check_resources({"CPU": 8.0})

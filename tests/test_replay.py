@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from llumnix.metrics import fragmentation
 from llumnix.runtime.cli import replay as replay_command
 from llumnix.runtime.frontend import BackgroundServer
-from llumnix.runtime.replay import fragmentation, load_trace
+from llumnix.runtime.replay import instance_samples, load_trace
 from llumnix.runtime.serve_config import build_serve_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -102,12 +103,18 @@ def test_load_trace_checks_columns(tmp_path: Path):
     assert list(df["request_id"]) == [1, 0] and list(df["priority"]) == [0, 0]  # sorted by arrival
 
 
-def test_fragmentation_matches_the_simulators_definition():
+def test_fragmentation_of_admin_rows_is_the_simulators():
+    """The replay's samples (``/admin/instances`` rows) go through the simulator's own fragmentation function."""
+
     def row(iid, free, waiting=0, demand=0):
-        return {"instance_id": iid, "alive": True, "total_blocks": 100, "free_blocks": free, "watermark_blocks": 0,
-                "waiting": waiting, "draining": False, "head_demand_blocks": demand}
+        return {"instance_id": iid, "alive": True, "running": 1, "total_blocks": 100, "free_blocks": free,
+                "watermark_blocks": 0, "waiting": waiting, "draining": False, "head_demand_blocks": demand,
+                "freeness": None}
+
+    def frag(rows):
+        return fragmentation(instance_samples(rows))
 
     # 30 + 30 free, a head-of-line request needs 50: the cluster has room, no instance does -> fragmented
-    assert fragmentation([row(0, 30, waiting=1, demand=50), row(1, 30)]) == pytest.approx(60 / 200)
-    assert fragmentation([row(0, 30, waiting=1, demand=20), row(1, 30)]) == 0.0
-    assert fragmentation([row(0, 30, waiting=1, demand=80), row(1, 30)]) == 0.0
+    assert frag([row(0, 30, waiting=1, demand=50), row(1, 30)]) == pytest.approx(60 / 200)
+    assert frag([row(0, 30, waiting=1, demand=20), row(1, 30)]) == 0.0
+    assert frag([row(0, 30, waiting=1, demand=80), row(1, 30)]) == 0.0

@@ -266,7 +266,7 @@ def test_migration_between_vllm_actors_is_seamless_and_loads_are_reported(cluste
     assert moved["started"] and moved["src"] == src, moved
     assert final["migrations"] == 1 and final["instances"] == [src, moved["dst"]], final
     (record,) = final["migration_records"]
-    assert record[2:4] == [src, moved["dst"]] and record[6] is True and record[4] < 1.0
+    assert (record["src"], record["dst"]) == (src, moved["dst"]) and record["committed"] and record["downtime_s"] < 1.0
 
     text = seen["metrics"]  # while the 300-token prompt held ~10 of the source's blocks
     total = _metric(text, "llumnix_instance_total_blocks", src)
@@ -319,4 +319,4 @@ def test_a_refused_migration_leaves_the_request_running_on_its_source(cluster, e
     assert tokens == reference
     assert final["migrations"] == 0 and final["instances"] == [results[0]["src"]], final
     (record,) = final["migration_records"]
-    assert record[2:4] == [results[0]["src"], held] and record[6] is False  # attempted, aborted
+    assert (record["src"], record["dst"]) == (results[0]["src"], held) and not record["committed"]  # aborted

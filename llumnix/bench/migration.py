@@ -21,7 +21,6 @@ import contextlib
 import logging
 import statistics
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +32,17 @@ import torch
 from llumnix.bench.worker import WorkerExecutor, WorkerSpec
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
-from llumnix.core.migration import MigrationConfig, MigrationPhase, Stage
+from llumnix.core.migration import MigrationConfig, MigrationPhase
+from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.executor import Executor, TorchExecutor
-from llumnix.engine.kv_cache import KVCachePool
+from llumnix.engine.kv_transfer import POOL_MODES, KVTransfer, PendingCopy, PoolTransfer, check_copy
 from llumnix.engine.runner import SeqInput
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("device", "host")  # both instances in this process (KVTransfer)
+TRANSPORTS = POOL_MODES  # both instances in this process (PoolTransfer)
 PROCESS_TRANSPORTS = ("gloo", "nccl")  # the destination in a child process, KV over a torch.distributed channel
 TRANSPORT_NOTES = {
     "device": "KV gathered and scattered within the one device",
@@ -151,114 +151,38 @@ class MigrationBenchConfig:
 
 
 # -- KV transfers between two executors -----------------------------------------------------------------------------
-class BlockTransfer(ABC):
-    """Copies KV blocks from the source's executor to the destination's; usable as ``migrate_in_process``'s transfer:
-    ``copy`` starts a copy and returns a poll that says when it has landed."""
-
-    def __call__(self, src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
-        return self.copy(stage.src_blocks, stage.dst_blocks)
-
-    def copy(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Callable[[], bool]:
-        if len(src_blocks) != len(dst_blocks):
-            raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
-        if not src_blocks:
-            return lambda: True
-        return self._copy(list(src_blocks), list(dst_blocks))
-
-    @abstractmethod
-    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]: ...
-
-    @abstractmethod
-    def synchronize(self) -> None:
-        """Return once every copy started so far has landed."""
-
-    def blocking_copy_s(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> float:
-        """Wall time of copying these blocks in one go, synchronised."""
-        self.synchronize()
-        t0 = time.perf_counter()
-        self.copy(src_blocks, dst_blocks)
-        self.synchronize()
-        return time.perf_counter() - t0
-
-
-class KVTransfer(BlockTransfer):
-    """Copies KV blocks from one paged pool to another of the same geometry, in this process.
-
-    On CUDA the copy is issued on a side stream (after the work already queued on the current stream, so the source's
-    last writes land first) and returns at once; the poll it returns says when the copy has landed, so decode steps on
-    the default stream overlap it. ``host`` stages the payload through a reused pinned host buffer. On CPU the copy is
-    synchronous.
-    """
-
-    def __init__(self, src: KVCachePool, dst: KVCachePool, mode: str = "device", chunk_blocks: int = 32) -> None:
-        import torch
-
-        if mode not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {mode!r}")
-        if src.cache.shape[:2] != dst.cache.shape[:2] or src.cache.shape[3:] != dst.cache.shape[3:]:
-            raise ValueError(f"pools differ in geometry: {tuple(src.cache.shape)} vs {tuple(dst.cache.shape)}")
-        self.src, self.dst, self.mode = src, dst, mode
-        self.torch = torch
-        self.device = src.device
-        self.cuda = self.device.type == "cuda"
-        if mode == "host" and not self.cuda:
-            raise ValueError("the host transport needs a CUDA device")
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # The host path moves this many blocks per device->host->device leg, so the decode steps' own small copies
-        # queue behind one chunk, not behind the whole request's KV.
-        self.chunk_blocks = chunk_blocks
-        self._staging = None  # flat pinned host buffer, grown on demand
-
-    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]:
-        if not self.cuda:
-            self.dst.write_blocks(dst_blocks, self.src.read_blocks(src_blocks))
-            return lambda: True
-        torch = self.torch
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            src_idx = torch.tensor(src_blocks, dtype=torch.long, device=self.device)
-            dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=self.device)
-            if self.mode == "device":
-                self.dst.cache.index_copy_(2, dst_idx, self.src.cache.index_select(2, src_idx))
-            else:
-                per_block = self.src.cache[:, :, 0].numel()
-                staging = self._staging_flat(len(src_blocks) * per_block)
-                for a in range(0, len(src_blocks), self.chunk_blocks):
-                    b = min(len(src_blocks), a + self.chunk_blocks)
-                    payload = self.src.cache.index_select(2, src_idx[a:b])
-                    host = staging[a * per_block : b * per_block].view(payload.shape)
-                    host.copy_(payload, non_blocking=True)
-                    self.dst.cache.index_copy_(2, dst_idx[a:b], host.to(self.device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done.query
-
-    def _staging_flat(self, numel: int):
-        if self._staging is None or self._staging.numel() < numel:
-            self._staging = None
-            self._staging = self.torch.empty(numel, dtype=self.src.dtype, pin_memory=True)
-        return self._staging
-
-    def synchronize(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-
-
-class ChannelTransfer(BlockTransfer):
+class ChannelTransfer(KVTransfer):
     """Copies KV blocks between this process's executor and a ``WorkerExecutor`` over their channel: ``to_worker``
     pushes (the local executor is the source), else pulls (the worker is the source)."""
 
     def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool) -> None:
         self.local, self.worker, self.to_worker = local, worker, to_worker
+        self.name = worker.spec.backend
 
-    def _copy(self, src_blocks: list[int], dst_blocks: list[int]) -> Callable[[], bool]:
+    def start(self, copy: Copy) -> PendingCopy:
+        check_copy(copy)
+        src_blocks, dst_blocks = list(copy.src_blocks), list(copy.dst_blocks)
+        if not src_blocks:
+            return PendingCopy(0)
+        num_bytes = self.local.runner.kv_cache.bytes_per_block * len(src_blocks)
         if self.to_worker:
-            return self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
-        return self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
+            poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
+        else:
+            poll = self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
+        return PendingCopy(num_bytes, poll, self.synchronize)
 
     def synchronize(self) -> None:
         self.local.synchronize()
         self.worker.synchronize()
+
+
+def blocking_copy_s(transfer: KVTransfer, dst: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> float:
+    """Wall time of copying these blocks in one go, synchronised (the request stopped meanwhile)."""
+    transfer.synchronize()
+    t0 = time.perf_counter()
+    transfer.start(Copy(-1, dst, 0, tuple(src_blocks), tuple(dst_blocks), True))
+    transfer.synchronize()
+    return time.perf_counter() - t0
 
 
 # -- one repeat ------------------------------------------------------------------------------------------------------
@@ -286,7 +210,7 @@ class _Bench:
     cfg: MigrationBenchConfig
     src: EngineInstance
     dst: EngineInstance
-    transfers: dict[str, tuple[BlockTransfer, BlockTransfer]]  # transport -> (src to dst, dst to src)
+    transfers: dict[str, tuple[KVTransfer, KVTransfer]]  # transport -> (src to dst, dst to src)
     vocab_size: int
     next_id: int = 0
     next_mig_id: int = 0
@@ -320,7 +244,7 @@ class _Bench:
         first = len(src.steps)
         while not target.finished:
             src.step()
-        decode = [s.duration_s for s in src.steps[first:] if s.kind is StepKind.DECODE]
+        decode = [s.duration_s for s in src.steps[first:] if s.kind == StepKind.DECODE.value]
         src.run_until_idle()
         return _Reference(list(target.output_token_ids), statistics.fmean(decode))
 
@@ -358,7 +282,7 @@ class _Bench:
         src_blocks = src.blocks.table(target.request_id)
         scratch = dst.blocks.allocate_blocks(owner, len(src_blocks))
         try:
-            blocking_s = forward.blocking_copy_s(src_blocks, scratch)
+            blocking_s = blocking_copy_s(forward, dst.instance_id, src_blocks, scratch)
         finally:
             dst.blocks.free(owner)
 
@@ -376,7 +300,7 @@ class _Bench:
             moved: tuple[list[int], list[int]] = ([], [])
             transfer = forward if here is src else backward
 
-            def on_stage(stage: Stage, elapsed_s: float, here=here, there=there, seen=seen, stage_log=stage_log,
+            def on_stage(stage: Copy, elapsed_s: float, here=here, there=there, seen=seen, stage_log=stage_log,
                          moved=moved) -> None:
                 nonlocal kv_identical
                 stage_log.append((stage.final, elapsed_s, len(here.steps) - seen[0]))
@@ -398,7 +322,7 @@ class _Bench:
                 break
             downtimes.append(mig.downtime_s)
             stages.append(len(mig.stages))
-            blocks.append(mig.bytes_blocks)
+            blocks.append(mig.blocks)
             for final, sec, n in stage_log:
                 if not final and n > 0:
                     staged_s += sec
@@ -504,8 +428,9 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
         if isinstance(dst_ex, WorkerExecutor):
             transfers = {cfg.transports[0]: (ChannelTransfer(src_ex, dst_ex, True), ChannelTransfer(src_ex, dst_ex, False))}
         else:
-            pools = src_ex.runner.kv_cache, dst_ex.runner.kv_cache
-            transfers = {t: (KVTransfer(*pools, t), KVTransfer(*reversed(pools), t)) for t in cfg.transports}
+            src_pool, dst_pool = src_ex.runner.kv_cache, dst_ex.runner.kv_cache
+            transfers = {t: (PoolTransfer(src_pool, {1: dst_pool}, t), PoolTransfer(dst_pool, {0: src_pool}, t))
+                         for t in cfg.transports}
         bench = _Bench(cfg, EngineInstance(0, src_ex), EngineInstance(1, dst_ex), transfers, src_ex.vocab_size)
         devices = device_name(cfg.device)
         if cfg.cross_process:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llumnix.bench.migration import TRANSPORT_NOTES, TRANSPORTS, KVTransfer, device_name, torch_threads
+from llumnix.bench.migration import TRANSPORT_NOTES, TRANSPORTS, device_name, torch_threads
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepPlan
+from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.executor import Executor
+from llumnix.engine.kv_transfer import PoolTransfer
 from llumnix.profiles import BlockingCopyPoint, DecodePoint, PrefillPoint, Profile
 
 log = logging.getLogger(__name__)
@@ -305,12 +307,12 @@ def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None
     # KV block copies between two pools: one migration stage of n blocks, or a blocking copy of n * block_size tokens.
     dst = KVCachePool(mc.num_layers, max(copy_grid), cfg.block_size, num_kv_heads=mc.num_kv_heads,
                       head_dim=mc.head_dim, dtype=dtype, device=runner.device)
-    transfer = KVTransfer(runner.kv_cache, dst, cfg.transport)
+    transfer = PoolTransfer(runner.kv_cache, {1: dst}, cfg.transport)
     copy_times = []
     for n in copy_grid:
         src_ids = sorted(rng.choice(cfg.num_blocks, n, replace=False).tolist())
         dst_ids = list(range(n))
-        t = timed(lambda s=src_ids, d=dst_ids: transfer.copy(s, d))
+        t = timed(lambda s=src_ids, d=dst_ids: transfer.start(Copy(-1, 1, 0, tuple(s), tuple(d), True)))
         copy_times.append(t)
         log.info("copy %d blocks (%s): %.3f ms", n, cfg.transport, t * 1e3)
         bar and bar.update()

@@ -6,7 +6,7 @@ designs:
 
 - ``llumlet`` (Llumnix): at each step boundary an instance computes its own ``InstanceLoad`` and posts it (a dict
   write: a push that nobody waits on); the global scheduler dispatches from the latest posted loads (plus the requests
-  it sent since, as ``account_pending`` adds them) and pairs migrations on a 100 ms timer;
+  it sent since, as ``InstanceLoad.with_pending`` adds them) and pairs migrations on a 100 ms timer;
 - ``centralized``: at each step boundary an instance asks the global scheduler and waits for its answer; the
   scheduler, one request at a time, consults every instance's current state (N ``load()`` calls) before answering,
   and dispatches new requests the same way (they queue with the step consults).
@@ -36,7 +36,6 @@ from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig
 from llumnix.core.request import Request
 from llumnix.engine.executor import ProfileExecutor
 from llumnix.policies.system import GlobalScheduler, SystemConfig
-from llumnix.runtime.ray_cluster import account_pending
 
 DESIGNS = ("llumlet", "centralized")
 
@@ -153,7 +152,7 @@ class SchedulerBench:
 
     def _loads(self) -> list[InstanceLoad]:
         if self.design == "llumlet":
-            return [account_pending(self.reports[i], self.pending[i]) for i in self.reports]
+            return [self.reports[i].with_pending(self.pending[i]) for i in self.reports]
         return [inst.llumlet.load() for inst in self.instances]  # consult every instance now
 
     def _dispatch(self, req: Request, arrived: float) -> None:

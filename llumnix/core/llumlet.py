@@ -1,13 +1,24 @@
-"""The llumlet: an instance's agent. Reports load (virtual usage, freeness), picks requests to migrate, and is one
-endpoint of the migration protocol (see ``llumnix.core.migration``)."""
+"""The llumlet: an instance's agent. Every rule about an instance's load and its part in migrations lives here, so
+that the simulator and the real runtimes (Ray actors over our engine or vLLM) apply the same ones:
+
+- load: virtual usage and freeness (``InstanceLoad``, computed from ``LoadInputs`` by ``freeness``), and the same
+  load with requests dispatched but not yet reported (``InstanceLoad.with_pending``);
+- source side of a migration: which request may move (``can_migrate``, ``pick_migration_candidate``), whether it is
+  still movable (``is_migratable``), how many migrations may run at once;
+- destination side: reserving a slot, PRE-ALLOC (``pre_alloc`` answers with the result the source's ``Migration``
+  consumes), COMMIT (``commit_in``) and ABORT (``abort_in``);
+- ``is_idle``: nothing queued, running, frozen or migrating (a draining instance may stop then).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import LocalScheduler
+from llumnix.core.migration_protocol import Committed, Failed, PreAllocated, Refused
 from llumnix.core.request import Request, RequestStatus
 
 QUEUED_DEMAND_MODES = ("all", "head")
@@ -39,6 +50,38 @@ class LlumletConfig:
 
 
 @dataclass(frozen=True)
+class LoadInputs:
+    """What freeness is computed from (blocks and request counts of one instance at one moment)."""
+
+    free_blocks: int
+    watermark_blocks: int
+    queued_blocks: int  # virtual usage of the waiting requests (all of them, or the head of line: ``queued_demand``)
+    head_blocks: int  # the head-of-line waiting request's demand (0 when nothing waits)
+    num_running: int  # running and frozen (mid-migration) requests
+    num_waiting: int
+    num_high: int  # high-priority requests held (waiting, running or frozen)
+    reserve_blocks: int  # headroom held back from normal requests while the instance holds high priority
+    queued_demand: str = "all"
+    draining: bool = False
+    priorities: bool = False  # the local queue puts high priority first
+    head_high: bool = False  # the head-of-line waiting request is high priority
+
+
+def freeness(x: LoadInputs) -> tuple[float, float]:
+    """(freeness seen by a normal request, by a high-priority one), in blocks per request.
+
+    F = (free - watermark - virtual usage of the queue - priority reserve) / (running + 1 if anything waits): the
+    reserve applies only to normal requests and only on an instance holding high priority. A draining instance
+    reports -inf (the paper's fake request of infinite usage)."""
+    if x.draining:
+        return -math.inf, -math.inf
+    denom = max(1, x.num_running + (1 if x.num_waiting else 0))
+    room = x.free_blocks - x.watermark_blocks - x.queued_blocks
+    high = room / denom
+    return ((room - x.reserve_blocks) / denom if x.num_high else high), high
+
+
+@dataclass(frozen=True)
 class InstanceLoad:
     """A load report. Freeness is in blocks per running request and can be negative (or -inf while draining)."""
 
@@ -55,6 +98,60 @@ class InstanceLoad:
     migrations_in: int
     can_migrate_out: bool
     can_migrate_in: bool
+    inputs: LoadInputs | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_inputs(cls, instance_id: int, x: LoadInputs, total_blocks: int, migrations_out: int,
+                    migrations_in: int, can_migrate_out: bool, can_migrate_in: bool) -> InstanceLoad:
+        f, f_high = freeness(x)
+        return cls(instance_id, x.num_running, x.num_waiting, x.free_blocks, total_blocks, x.num_high, f, f_high,
+                   x.draining, migrations_out, migrations_in, can_migrate_out, can_migrate_in, x)
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing queued, running or migrating (as of this report)."""
+        return not (self.num_running or self.num_waiting or self.migrations_out or self.migrations_in)
+
+    def with_pending(self, pending: Sequence[tuple[int, bool]]) -> InstanceLoad:
+        """This load as it will be once the instance has queued requests dispatched after it reported: (blocks the
+        request needs, is high priority) each, appended to its queue. The same ``freeness`` rule on the new inputs."""
+        if not pending or self.inputs is None:
+            return self
+        x = self.inputs
+        head, head_high = (x.head_blocks, x.head_high) if x.num_waiting else pending[0]
+        if x.priorities and not head_high:  # a high-priority request enters the queue ahead of normal ones
+            head, head_high = next(((b, h) for b, h in pending if h), (head, head_high))
+        queued = x.queued_blocks + sum(b for b, _ in pending) if x.queued_demand == "all" else head
+        new = replace(x, queued_blocks=queued, head_blocks=head, head_high=head_high,
+                      num_waiting=x.num_waiting + len(pending), num_high=x.num_high + sum(1 for _, h in pending if h))
+        return InstanceLoad.from_inputs(self.instance_id, new, self.num_total_blocks, self.migrations_out,
+                                        self.migrations_in, self.can_migrate_out, self.can_migrate_in)
+
+    def with_draining(self) -> InstanceLoad:
+        """This load once the instance has been told to drain (before it reports so itself)."""
+        x = replace(self.inputs, draining=True) if self.inputs is not None else None
+        return replace(self, draining=True, freeness=-math.inf, freeness_high=-math.inf, can_migrate_in=False,
+                       inputs=x)
+
+    def with_migration_out(self) -> InstanceLoad:
+        """This load once a migration out of the instance has been asked for (before it reports it)."""
+        return replace(self, migrations_out=self.migrations_out + 1, can_migrate_out=False)
+
+    def with_migration_in(self) -> InstanceLoad:
+        """This load once a migration into the instance has been asked for (before it reports it)."""
+        return replace(self, migrations_in=self.migrations_in + 1, can_migrate_in=False)
+
+
+@dataclass
+class IncomingMigration:
+    """The destination side of one migration: its source and the blocks pre-allocated for it so far."""
+
+    migration_id: int
+    src: int
+
+    @property
+    def owner_key(self) -> tuple[str, int]:
+        return ("migration", self.migration_id)
 
 
 class Llumlet:
@@ -64,12 +161,16 @@ class Llumlet:
         self.config = config or LlumletConfig()
         self.draining = False
         self.migrations_out = 0
-        self.migrations_in = 0
         self.migrating: set[int] = set()  # request ids with a migration out in flight
+        self.incoming: dict[int, IncomingMigration] = {}  # migration id -> its destination side here
 
     @property
     def blocks(self):
         return self.scheduler.blocks
+
+    @property
+    def migrations_in(self) -> int:
+        return len(self.incoming)
 
     # -- load ----------------------------------------------------------------------------------------------------
     def _queued_blocks(self) -> int:
@@ -77,50 +178,78 @@ class Llumlet:
             return self.scheduler.head_demand_blocks()
         return self.scheduler.waiting_demand_blocks
 
-    def priority_reserve_blocks(self) -> int:
-        if not (self.config.enable_priorities and self.scheduler.num_high > 0):
+    def high_priority_reserve_blocks(self) -> int:
+        """Blocks held back from normal requests whenever this instance holds high priority (0 with priorities off)."""
+        if not self.config.enable_priorities:
             return 0
         cap = blocks_for(self.config.high_priority_kv_tokens, self.blocks.block_size)
         return max(0, self.blocks.num_blocks - self.blocks.watermark_blocks - cap)
 
-    def load(self) -> InstanceLoad:
+    def priority_reserve_blocks(self) -> int:
+        """The reserve in force now: only while this instance holds high-priority requests."""
+        return self.high_priority_reserve_blocks() if self.scheduler.num_high > 0 else 0
+
+    def load_inputs(self) -> LoadInputs:
         s = self.scheduler
         bm = s.blocks
-        free = bm.num_free_blocks
-        num_running = len(s.running) + len(s.frozen)
-        denom = max(1, num_running + (1 if s.waiting else 0))
-        room = free - bm.watermark_blocks - self._queued_blocks()
-        if self.draining:
-            freeness = freeness_high = -math.inf
-        else:
-            freeness_high = room / denom
-            freeness = (room - self.priority_reserve_blocks()) / denom if s.num_high else freeness_high
+        return LoadInputs(
+            free_blocks=bm.num_free_blocks,
+            watermark_blocks=bm.watermark_blocks,
+            queued_blocks=self._queued_blocks(),
+            head_blocks=s.head_demand_blocks(),
+            num_running=len(s.running) + len(s.frozen),
+            num_waiting=len(s.waiting),
+            num_high=s.num_high,
+            reserve_blocks=self.high_priority_reserve_blocks(),
+            queued_demand=self.config.queued_demand,
+            draining=self.draining,
+            priorities=s.config.enable_priorities,
+            head_high=bool(s.waiting) and s.waiting[0].is_high,
+        )
+
+    def load(self) -> InstanceLoad:
         cfg = self.config
-        return InstanceLoad(
+        return InstanceLoad.from_inputs(
             self.instance_id,
-            num_running,
-            len(s.waiting),
-            free,
-            bm.num_blocks,
-            s.num_high,
-            freeness,
-            freeness_high,
-            self.draining,
+            self.load_inputs(),
+            self.blocks.num_blocks,
             self.migrations_out,
             self.migrations_in,
             self.migrations_out < cfg.max_migrations_out,
             (not self.draining) and self.migrations_in < cfg.max_migrations_in,
         )
 
+    def is_idle(self) -> bool:
+        """No request queued, running or frozen here and no migration in either direction."""
+        return self.scheduler.num_requests == 0 and not (self.migrations_out or self.incoming or self.migrating)
+
     # -- migration: source side ----------------------------------------------------------------------------------
+    def _may_move(self, req: Request) -> bool:
+        return (
+            req.num_generated >= 1
+            and req.request_id not in self.migrating
+            and not (req.is_high and self.config.enable_priorities)
+        )
+
+    def can_migrate(self, req: Request) -> bool:
+        """May ``req`` start migrating out: running here, already produced output, no migration of it in flight,
+        and not high priority with priorities on (those are never migrated)."""
+        return req.status is RequestStatus.RUNNING and self._may_move(req) and any(
+            r is req for r in self.scheduler.running
+        )
+
+    def can_start_migration_out(self) -> bool:
+        return self.migrations_out < self.config.max_migrations_out
+
     def pick_migration_candidate(self) -> Request | None:
-        """LCFS: the last-arrived running normal-priority request that already produced output."""
+        """LCFS: the last-arrived running request that may migrate."""
         for req in reversed(self.scheduler.running):
-            if req.is_high and self.config.enable_priorities:
-                continue
-            if req.num_generated >= 1 and req.request_id not in self.migrating:
+            if self._may_move(req):
                 return req
         return None
+
+    def running_request(self, request_id: int) -> Request | None:
+        return next((r for r in self.scheduler.running if r.request_id == request_id), None)
 
     def is_migratable(self, req: Request, preemptions_at_start: int) -> bool:
         """Still running (or frozen by this migration) here, and not preempted since the migration began."""
@@ -138,8 +267,51 @@ class Llumlet:
         return req.seq_len - 1
 
     # -- migration: destination side ----------------------------------------------------------------------------
-    def pre_alloc(self, owner: object, num_blocks: int) -> list[int] | None:
-        """Reserve blocks for an incoming stage, or None (the destination lacks memory: ABORT)."""
-        if self.draining or not self.blocks.can_allocate_blocks(num_blocks):
-            return None
-        return self.blocks.allocate_blocks(owner, num_blocks)
+    def can_accept_migration(self) -> bool:
+        return not self.draining and self.migrations_in < self.config.max_migrations_in
+
+    def reserve_in(self, migration_id: int, src: int) -> bool:
+        """Claim a slot for an incoming migration (when the pairing decides it); False if this instance takes none."""
+        if migration_id in self.incoming:
+            return True
+        if not self.can_accept_migration():
+            return False
+        self.incoming[migration_id] = IncomingMigration(migration_id, src)
+        return True
+
+    def has_room_for(self, num_blocks: int) -> bool:
+        """Can this instance take ``num_blocks`` more blocks of a migrating request (above the admission
+        watermark, and not while draining)."""
+        return not self.draining and self.blocks.can_allocate_blocks(num_blocks)
+
+    def pre_alloc(self, migration_id: int, num_blocks: int) -> PreAllocated | Refused:
+        """PRE-ALLOC: reserve blocks for a migration's next stage (ACK with their ids) or refuse (ABORT)."""
+        inc = self.incoming.get(migration_id)
+        if inc is None:
+            return Refused("destination holds no slot for the migration")
+        if not self.has_room_for(num_blocks):
+            return Refused("destination is draining" if self.draining else "destination lacks free blocks")
+        return PreAllocated(self.blocks.allocate_blocks(inc.owner_key, num_blocks))
+
+    def commit_in(self, migration_id: int, req: Request) -> Committed | Failed:
+        """COMMIT: adopt ``req`` (its KV fills the blocks pre-allocated for the migration)."""
+        inc = self.incoming.pop(migration_id, None)
+        if inc is None:
+            return Failed("destination holds no such migration")
+        self.scheduler.adopt(req, inc.owner_key)
+        return Committed()
+
+    def abort_in(self, migration_id: int) -> bool:
+        """ABORT: free what the migration pre-allocated here; False if it was not (or no longer) here."""
+        inc = self.incoming.pop(migration_id, None)
+        if inc is None:
+            return False
+        self.blocks.free(inc.owner_key)
+        return True
+
+    def drop_incoming_from(self, src: int) -> int:
+        """The source ``src`` is gone: abort every migration from it; return how many."""
+        dead = [mid for mid, inc in self.incoming.items() if inc.src == src]
+        for mid in dead:
+            self.abort_in(mid)
+        return len(dead)

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llumnix.core.block_manager import BlockManager, blocks_for
+from llumnix.core.records import StepRecord
 from llumnix.core.request import Request, RequestStatus
 
 
@@ -60,6 +61,14 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(self.prefill_tokens) if self.kind is StepKind.PREFILL else len(self.requests)
+
+    def record(self, instance_id: int, start_s: float, end_s: float, migrating: bool) -> StepRecord:
+        prefill = self.kind is StepKind.PREFILL
+        return StepRecord(
+            instance_id, start_s, end_s, self.kind.value, len(self.requests),
+            sum(self.prefill_tokens) if prefill else 0, sum(n * n for n in self.prefill_tokens) if prefill else 0,
+            0 if prefill else int(self.context_tokens), migrating,
+        )  # fmt: skip
 
 
 def _order_key(r: Request, priorities: bool) -> tuple:

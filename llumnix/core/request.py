@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from llumnix.core.records import MigrationRecord
+
 NORMAL = 0
 HIGH = 1
 
@@ -42,8 +44,7 @@ class Request:
     prefill_starts_s: list[float] = field(default_factory=list)
     prefill_ends_s: list[float] = field(default_factory=list)
     preemptions_s: list[float] = field(default_factory=list)
-    # (start_s, end_s, src, dst, downtime_s, stages, committed)
-    migrations: list[tuple[float, float, int, int, float, int, bool]] = field(default_factory=list)
+    migrations: list[MigrationRecord] = field(default_factory=list)
     instances: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -54,6 +55,10 @@ class Executor(ABC):
     @abstractmethod
     def write_blocks(self, block_ids: list[int], payload: Any) -> None:
         """Write a payload read from another executor into these blocks."""
+
+    def copy_time_s(self, num_blocks: int) -> float:
+        """Time a migration stage of ``num_blocks`` takes beyond the real copy (a modelled engine's modelled copy)."""
+        return 0.0
 
 
 class TorchExecutor(Executor):
@@ -118,7 +123,19 @@ class ProfileExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> list[int]:
         self.sleep(self.step_time_s(plan) / self.speed)
+        return self.tokens(plan)
+
+    async def execute_async(self, plan: StepPlan) -> list[int]:
+        """``execute`` for an asyncio caller: the step's time passes on the event loop's clock (a virtual one too)."""
+        await asyncio.sleep(self.step_time_s(plan) / self.speed)
+        return self.tokens(plan)
+
+    @staticmethod
+    def tokens(plan: StepPlan) -> list[int]:
         return [synthetic_token(r.request_id, r.seq_len) for r in plan.requests]
+
+    def copy_time_s(self, num_blocks: int) -> float:
+        return self.profile.migration_stage_time_s(num_blocks) / self.speed
 
     def bind(self, block_manager) -> None:
         pass

@@ -9,13 +9,8 @@
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable
-
 import numpy as np
 import pandas as pd
-
-from llumnix.core.request import Request
 
 SUMMARY_LATENCY_KEYS = (
     "prefill_mean_s",
@@ -28,50 +23,6 @@ SUMMARY_LATENCY_KEYS = (
     "e2e_p50_s",
     "e2e_p99_s",
 )
-
-
-def _preemption_loss(r: Request) -> float:
-    loss = 0.0
-    for t in r.preemptions_s:
-        i = bisect.bisect_right(r.prefill_ends_s, t)
-        end = r.prefill_ends_s[i] if i < len(r.prefill_ends_s) else r.finish_s
-        loss += (end if end is not None else t) - t
-    return loss
-
-
-def request_table(requests: Iterable[Request]) -> pd.DataFrame:
-    """One row per request with its timeline and latencies."""
-    rows = []
-    for r in requests:
-        decode = (
-            (r.finish_s - r.first_token_s) / (r.output_tokens - 1)
-            if r.output_tokens > 1 and r.finish_s is not None and r.first_token_s is not None
-            else np.nan
-        )
-        committed = [m for m in r.migrations if m[6]]
-        rows.append(
-            {
-                "request_id": r.request_id,
-                "priority": r.priority,
-                "arrival_s": r.arrival_s,
-                "prompt_tokens": r.prompt_tokens,
-                "output_tokens": r.output_tokens,
-                "dispatch_s": r.dispatch_s,
-                "first_token_s": r.first_token_s,
-                "finish_s": r.finish_s,
-                "prefill_latency_s": (r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.nan,
-                "decode_latency_s": decode,
-                "e2e_latency_s": (r.finish_s - r.arrival_s) if r.finish_s is not None else np.nan,
-                "num_generated": r.num_generated,
-                "num_preemptions": len(r.preemptions_s),
-                "preemption_loss_s": _preemption_loss(r),
-                "num_migrations": len(committed),
-                "num_migration_aborts": len(r.migrations) - len(committed),
-                "migration_downtime_s": sum(m[4] for m in committed),
-                "instances": ">".join(str(i) for i in r.instances),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def _latency_stats(df: pd.DataFrame) -> dict[str, float]:

@@ -40,8 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from llumnix.runtime.ray_cluster import ClientRequest, ClusterManager, NoInstanceError
+from llumnix.runtime.cluster import ClusterManager, NoInstanceError
 from llumnix.runtime.serve_config import ServeConfig
+from llumnix.runtime.streams import ClientRequest
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
                     "object": "model",
                     "owned_by": "llumnix",
                     "vocab_size": manager.vocab_size,
+                    "kv_bytes_per_block": manager.any_info.get("kv_bytes_per_block"),
                     "max_context_tokens": manager.max_context_tokens,
                     "instances": len(manager.live_instances()),
                 }

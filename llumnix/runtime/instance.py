@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llumnix.core.block_manager import BlockManager
 from llumnix.core.llumlet import Llumlet, LlumletConfig
-from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
-from llumnix.core.migration import Migration, MigrationConfig, Stage
+from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepPlan
+from llumnix.core.migration import Migration, MigrationConfig, answer_locally
+from llumnix.core.migration_protocol import Copied, Copy
+from llumnix.core.records import StepRecord
 from llumnix.core.request import Request
 from llumnix.engine.executor import Executor
-
-
-@dataclass
-class StepRecord:
-    kind: StepKind
-    batch_size: int
-    start_s: float
-    duration_s: float
-    migrating: bool
+from llumnix.engine.kv_transfer import ExecutorTransfer, KVTransfer
 
 
 class EngineInstance:
@@ -43,7 +36,7 @@ class EngineInstance:
         executor.bind(blocks)
         self.llumlet = Llumlet(instance_id, LocalScheduler(blocks, scheduler_config), llumlet_config)
         self.clock = clock
-        self.steps: list[StepRecord] = []
+        self.steps: list[StepRecord] = []  # every step run, on ``clock``
         self.on_token: Callable[[Request, int], None] | None = None  # streaming hook (token id per step)
 
     @property
@@ -71,7 +64,7 @@ class EngineInstance:
             return []
         tokens = self.executor.execute(plan)
         end = self.clock()
-        self.steps.append(StepRecord(plan.kind, len(plan.requests), now, end - now, bool(self.llumlet.migrating)))
+        self.steps.append(plan.record(self.instance_id, now, end, bool(self.llumlet.migrating)))
         finished = self.scheduler.on_step_done(plan, end, tokens)
         if self.on_token is not None:
             for req, tok in zip(plan.requests, tokens, strict=True):
@@ -87,17 +80,6 @@ class EngineInstance:
         return done
 
 
-# Starts one stage's KV copy from src to dst; the returned poll is True once the copy has landed.
-StageTransfer = Callable[["EngineInstance", "EngineInstance", Stage], Callable[[], bool]]
-
-
-def copy_stage(src: EngineInstance, dst: EngineInstance, stage: Stage) -> int:
-    """Move one stage's KV blocks between two executors in this process; return the blocks copied."""
-    if stage.src_blocks:
-        dst.executor.write_blocks(stage.dst_blocks, src.executor.read_blocks(stage.src_blocks))
-    return len(stage.src_blocks)
-
-
 def migrate_in_process(
     mig_id: int,
     req: Request,
@@ -105,37 +87,35 @@ def migrate_in_process(
     dst: EngineInstance,
     config: MigrationConfig | None = None,
     steps_per_stage: int = 1,
-    on_stage: Callable[[Stage, float], None] | None = None,
-    transfer: StageTransfer | None = None,
+    on_stage: Callable[[Copy, float], None] | None = None,
+    transfer: KVTransfer | None = None,
 ) -> Migration:
-    """Live-migrate ``req`` from ``src`` to ``dst`` (same process). Between stage copies the source keeps stepping
-    (``steps_per_stage`` steps), so new blocks appear and are copied by the next stage, as on a real cluster where the
-    copy runs alongside decoding. The downtime is the stop-and-copy stage, measured on the wall clock.
+    """Live-migrate ``req`` from ``src`` to ``dst`` (same process), driving the source's ``Migration`` to its end.
+    While a non-final stage's copy is in flight the source keeps stepping (at least ``steps_per_stage`` steps, and
+    until the copy has landed), so new blocks appear and are copied by the next stage, as on a real cluster where the
+    copy runs alongside decoding. The downtime is the stop-and-copy stage, measured on the source's clock.
 
-    ``transfer`` starts a stage's copy and returns a poll that says when it has landed; with an asynchronous one (a
-    side CUDA stream) the source keeps stepping until the copy is done, at least ``steps_per_stage`` steps. The
-    default copies synchronously (``copy_stage``)."""
-    mig = Migration(mig_id, req, src.llumlet, dst.llumlet, config or MigrationConfig())
-    start_copy = transfer or _sync_transfer
-    stage = mig.start(src.clock())
-    while stage is not None:
+    ``transfer`` moves the blocks (default: ``ExecutorTransfer``, synchronous; a ``PoolTransfer`` on CUDA copies on a
+    side stream while the source steps). ``on_stage`` sees each stage's copy and how long it took."""
+    transfer = transfer or ExecutorTransfer(src.executor, {dst.instance_id: dst.executor})
+    if not dst.llumlet.reserve_in(mig_id, src.instance_id):
+        raise RuntimeError(f"instance {dst.instance_id} takes no migration now (draining or at its limit)")
+    mig = Migration(mig_id, req, src.llumlet, dst.instance_id, config or MigrationConfig())
+    copy = answer_locally(mig, mig.start(src.clock()), dst.llumlet, src.clock())
+    while copy is not None:
         t0 = src.clock()
-        copied = start_copy(src, dst, stage)
-        if not stage.final:
+        pending = transfer.start(copy)
+        if not copy.final:
             steps = 0
-            while steps < steps_per_stage or not copied():
+            while steps < steps_per_stage or not pending.done():
                 src.step()
                 steps += 1
+        transfer.synchronize()
         _sync(src, dst)
         if on_stage is not None:
-            on_stage(stage, src.clock() - t0)
-        stage = mig.end_stage(src.clock())
+            on_stage(copy, src.clock() - t0)
+        copy = answer_locally(mig, mig.on_result(Copied(pending.num_bytes), src.clock()), dst.llumlet, src.clock())
     return mig
-
-
-def _sync_transfer(src: EngineInstance, dst: EngineInstance, stage: Stage) -> Callable[[], bool]:
-    copy_stage(src, dst, stage)
-    return lambda: True
 
 
 def _sync(*instances: EngineInstance) -> None:
@@ -145,4 +125,4 @@ def _sync(*instances: EngineInstance) -> None:
             sync()
 
 
-__all__ = ["EngineInstance", "StageTransfer", "StepPlan", "copy_stage", "migrate_in_process"]
+__all__ = ["EngineInstance", "StepPlan", "migrate_in_process"]

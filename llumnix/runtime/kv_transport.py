@@ -1,7 +1,11 @@
-"""How a migration stage's KV blocks travel from the source actor to the destination actor.
+"""How a migration stage's KV blocks travel from the source instance actor to the destination actor: the
+``llumnix.engine.kv_transfer.KVTransfer`` interface over Ray.
 
-The source reads its blocks (``executor.read_blocks``) and ``send``s them; the transport returns once the destination
-has written them into its pre-allocated blocks (``executor.write_blocks``). One small class per transport:
+``start(copy)`` reads the stage's blocks from the source's executor (``read_blocks``) at once and sends them in an
+asyncio task; the pending copy completes once the destination has written them into its pre-allocated blocks
+(``executor.write_blocks``). Destinations are other instance actors, looked up by id in ``peers``. A profile executor
+moves no bytes: its copy takes the time the profile gives a migration stage (``Executor.copy_time_s``). One small
+class per transport:
 
 - ``ObjectStoreTransport`` (``object-store``): the blocks, ``pack``ed as numpy, go through Ray's object store to the
   destination actor's ``mig_write`` (zero-copy reads on the destination's host).
@@ -16,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from llumnix.core.migration_protocol import Copy
+from llumnix.engine.kv_transfer import KVTransfer, PendingCopy, TaskCopy, check_copy
 
 log = logging.getLogger(__name__)
 
@@ -78,45 +86,56 @@ class TransportSpec:
     timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
 
 
-class KVTransport(ABC):
-    name = "base"
+class RayTransport(KVTransfer):
+    """What the Ray transports share: the source's executor, the peers by id, the asyncio task per copy."""
+
+    def __init__(self, executor: Any, peers: Mapping[int, Any]) -> None:
+        self.executor, self.peers = executor, peers
+
+    def start(self, copy: Copy) -> PendingCopy:
+        check_copy(copy)
+        data = self.executor.read_blocks(list(copy.src_blocks)) if copy.src_blocks else None
+        delay_s = self.executor.copy_time_s(len(copy.src_blocks))
+        return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, data, delay_s)))
+
+    async def _send(self, copy: Copy, data: Any, delay_s: float) -> int:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        if data is None:
+            return 0
+        return await self.send(self.peers[copy.dst], copy.dst, copy.migration_id, list(copy.dst_blocks), data)
 
     @abstractmethod
     async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
         """Deliver ``data`` (what ``read_blocks`` returned) into ``dst_blocks`` of the destination; return once it has
         been written there, with the bytes moved."""
 
-    def forget(self, peer_id: int) -> None:
-        """``peer_id`` is gone: drop what this transport holds for it (the object store holds nothing)."""
-        return None
 
-    def close(self) -> None:
-        """The instance stops: release what the transport holds."""
-        return None
-
-
-class ObjectStoreTransport(KVTransport):
+class ObjectStoreTransport(RayTransport):
     """Put the payload in Ray's object store and pass its reference to the destination's ``mig_write``."""
 
     name = "object-store"
 
     async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
-        import ray
-
         payload = pack(data, len(dst_blocks))
-        ref = ray.put(payload) if payload.array is not None else payload
-        await dst_actor.mig_write.remote(migration_id, dst_blocks, ref)
-        return payload.nbytes
+        num_bytes = payload.nbytes
+        if payload.array is not None:
+            import ray
+
+            payload = ray.put(payload)
+        await dst_actor.mig_write.remote(migration_id, dst_blocks, payload)
+        return num_bytes
 
 
-class TorchDistTransport(KVTransport):
+class TorchDistTransport(RayTransport):
     """KV blocks over torch.distributed channels (gloo: through host memory; NCCL: GPU to GPU), one per peer and
     direction: this instance holds rank 0 of the channels it sends on and rank 1 of those it receives on."""
 
-    def __init__(self, backend: str, instance_id: int, store_address: str | None, timeout_s: float = 60.0,
-                 hostname: str | None = None) -> None:
+    def __init__(self, executor: Any, peers: Mapping[int, Any], backend: str, instance_id: int,
+                 store_address: str | None, timeout_s: float = 60.0, hostname: str | None = None) -> None:
         from llumnix.runtime.dist_channel import BACKENDS
 
+        super().__init__(executor, peers)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not store_address:
@@ -132,7 +151,7 @@ class TorchDistTransport(KVTransport):
         import torch
 
         if not isinstance(data, torch.Tensor):  # the profile executor moves no data: only the call
-            return await ObjectStoreTransport().send(dst_actor, dst_id, migration_id, dst_blocks, data)
+            return await ObjectStoreTransport.send(self, dst_actor, dst_id, migration_id, dst_blocks, data)
         async with self._locks.setdefault(dst_id, asyncio.Lock()):  # one transfer per channel at a time
             channel = self._out.get(dst_id) or await self._open(dst_actor, dst_id)
             dtype = str(data.dtype).removeprefix("torch.")
@@ -207,13 +226,14 @@ class TorchDistTransport(KVTransport):
 TRANSPORTS = ("object-store", "gloo", "nccl")
 
 
-def make_transport(spec: TransportSpec | str = "object-store", instance_id: int = 0,
-                   hostname: str | None = None) -> KVTransport:
-    """The transport ``spec`` names, for instance ``instance_id`` (``hostname``: the address gloo listens on)."""
+def make_transport(spec: TransportSpec | str, instance_id: int, executor: Any, peers: Mapping[int, Any],
+                   hostname: str | None = None) -> RayTransport:
+    """The transport ``spec`` names, for the source ``instance_id`` (``hostname``: the address gloo listens on)."""
     if isinstance(spec, str):
         spec = TransportSpec(spec)
     if spec.name == ObjectStoreTransport.name:
-        return ObjectStoreTransport()
+        return ObjectStoreTransport(executor, peers)
     if spec.name in TRANSPORTS:
-        return TorchDistTransport(spec.name, instance_id, spec.store_address, spec.timeout_s, hostname)
+        return TorchDistTransport(executor, peers, spec.name, instance_id, spec.store_address, spec.timeout_s,
+                                  hostname)
     raise ValueError(f"unknown KV transport {spec.name!r}; choose one of {', '.join(TRANSPORTS)}")

@@ -1,21 +1,22 @@
 """One serving instance as a Ray actor: the same LocalScheduler / Llumlet / Migration objects as the simulator, around
 an executor, stepped by an asyncio loop.
 
-Threads: the actor's event loop owns every scheduler object; only ``executor.execute`` runs in a worker thread, so
-calls (new requests, load polls, the destination side of a migration) are served while a step computes. An
-``asyncio.Lock`` marks step boundaries: a step holds it from ``schedule()`` to ``on_step_done()``, and a migration takes
-it only to begin or end a stage (the state machine touches the running set then), so the source keeps stepping while a
-stage's blocks travel.
+Threads: the actor's event loop owns every scheduler object; only ``executor.execute`` runs in a worker thread (a
+profile executor's step is an asyncio sleep instead), so calls (new requests, load polls, the destination side of a
+migration) are served while a step computes. An ``asyncio.Lock`` marks step boundaries: a step holds it from
+``schedule()`` to ``on_step_done()``, and a migration takes it only to begin a stage (the state machine reads the
+request's blocks and may freeze it then), so the source keeps stepping while a stage's blocks travel.
 
-The instance never waits on the global scheduler: it queues its outputs and load, and the frontend's standing
-``poll()`` call returns them as soon as a step ends (a push over a long poll).
+The instance never waits on the global scheduler: it queues its outputs, and the frontend's standing ``poll()`` call
+returns them with its current load as soon as anything changed (a step began or ended, a request arrived, a
+migration moved on): a push over a long poll, so the global scheduler's view lags the instance by one call.
 
-Migration, source side (``_drive``): the source runs the ``Migration`` state machine with a ``RemoteDestination`` in
-place of the destination's Llumlet. Before each stage it asks the destination actor to PRE-ALLOC exactly the blocks the
-stage will take (``stage_blocks_needed``, under the step lock so no step changes the answer) and hands the reply to the
-proxy, which the state machine then consults synchronously. Blocks travel through a ``KVTransport``; COMMIT and ABORT
-are actor calls. Destination side: ``mig_pre_alloc``, ``mig_write`` (object store) or ``kv_accept`` / ``kv_recv``
-(a torch.distributed channel: gloo or NCCL), ``mig_commit``, ``mig_abort``.
+Migration, source side (``_drive``): the llumlet's ``Migration`` says what it needs next and the actor carries it out
+on the destination actor: PRE-ALLOC (``mig_pre_alloc``, under the step lock), the stage's copy (a ``KVTransfer`` from
+``llumnix.runtime.kv_transport``), COMMIT (``mig_commit``) or ABORT (``mig_abort``). A failed call or copy aborts: the
+request resumes on the source. Destination side: ``mig_reserve`` (the pairing's slot), ``mig_pre_alloc``,
+``mig_write`` (object store) or ``kv_accept`` / ``kv_recv`` (a torch.distributed channel: gloo or NCCL),
+``mig_commit``, ``mig_abort``: each one call of the destination's ``Llumlet``.
 """
 
 from __future__ import annotations
@@ -24,16 +25,29 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 from llumnix.core.llumlet import InstanceLoad, Llumlet, LlumletConfig
-from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
-from llumnix.core.migration import Migration, MigrationConfig, MigrationPhase, Stage
-from llumnix.core.request import Request, RequestStatus
+from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepPlan
+from llumnix.core.migration import Migration, MigrationConfig
+from llumnix.core.migration_protocol import (
+    Abort,
+    Action,
+    Committed,
+    Copied,
+    Copy,
+    Failed,
+    PreAlloc,
+    PreAllocated,
+    Refused,
+)
+from llumnix.core.records import MigrationRecord, StepRecord
+from llumnix.core.request import Request
 from llumnix.engine.executor import Executor
+from llumnix.engine.kv_transfer import KVTransfer
 from llumnix.runtime.instance import EngineInstance
 from llumnix.runtime.kv_transport import TorchDistTransport, TransportSpec, make_transport, unpack
 from llumnix.runtime.serve_config import InstanceSpec
@@ -53,11 +67,10 @@ class TokenBatch:
 
 @dataclass(frozen=True)
 class RequestStats:
-    """The engine-side timeline of a finished request (wall-clock seconds, ``time.time()``)."""
+    """The engine-side timeline of a finished request on the instance that finished it (its ``clock``, seconds)."""
 
     preemptions_s: list[float]
     prefill_ends_s: list[float]
-    migrations: list[tuple[float, float, int, int, float, int, bool]]
     instances: list[int]
     dispatch_s: float | None = None  # when the first instance queued it
 
@@ -69,20 +82,11 @@ class RequestDone:
 
 
 @dataclass(frozen=True)
-class RequestMoved:
-    """A migration committed: the destination holds the request now."""
+class MigrationDone:
+    """A migration out of this instance ended: committed (the destination holds the request now) or aborted (it
+    runs here still)."""
 
-    request_id: int
-    dst: int
-    downtime_s: float
-
-
-@dataclass(frozen=True)
-class RequestLost:
-    """The source released the request but the destination never adopted it (it died): the frontend recomputes it."""
-
-    request_id: int
-    reason: str
+    record: MigrationRecord
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,7 @@ class Report:
 
 
 def request_stats(req: Request) -> RequestStats:
-    return RequestStats(
-        list(req.preemptions_s), list(req.prefill_ends_s), list(req.migrations), list(req.instances), req.dispatch_s
-    )
+    return RequestStats(list(req.preemptions_s), list(req.prefill_ends_s), list(req.instances), req.dispatch_s)
 
 
 # -- executors ------------------------------------------------------------------------------------------------------
@@ -156,92 +158,40 @@ def build_executor(spec: InstanceSpec) -> tuple[Executor, dict[str, Any]]:
     return ProfileExecutor(profile, speed=spec.speed), info
 
 
-# -- the destination, as the source's Migration sees it -------------------------------------------------------------
-class RemoteDestination:
-    """Stands in for the destination's ``Llumlet`` inside the source's ``Migration``.
-
-    The state machine calls ``pre_alloc`` synchronously; the source has already asked the real destination for exactly
-    that many blocks and ``offer``ed the reply. ABORT (``blocks.free``) and COMMIT (``scheduler.adopt``) are recorded
-    here and sent by the source once the state machine call returns.
-    """
-
-    def __init__(self, instance_id: int) -> None:
-        self.instance_id = instance_id
-        self.migrations_in = 0  # the state machine's bookkeeping; the real destination counts its own
-        self.blocks = SimpleNamespace(free=self._free)
-        self.scheduler = SimpleNamespace(adopt=self._adopt)
-        self.adopted: Request | None = None
-        self.freed = False
-        self._offer: tuple[int, list[int] | None] | None = None
-
-    def offer(self, num_blocks: int, block_ids: list[int] | None) -> None:
-        self._offer = (num_blocks, block_ids)
-
-    def pre_alloc(self, owner: object, num_blocks: int) -> list[int] | None:
-        offer, self._offer = self._offer, None
-        if offer is None:
-            log.error("migration %s: pre-alloc of %d blocks without a reply from the destination", owner, num_blocks)
-            return None
-        asked, ids = offer
-        if asked != num_blocks:
-            # Only if Migration._begin_stage and stage_blocks_needed disagree (a change in the core): abort, loudly.
-            log.error("migration %s: the stage takes %d blocks but %d were pre-allocated", owner, num_blocks, asked)
-            return None
-        return ids
-
-    def _free(self, owner: object) -> int:
-        self.freed = True
-        return 0
-
-    def _adopt(self, req: Request, owner: object) -> None:
-        self.adopted = req
-
-
-def stage_blocks_needed(mig: Migration, first: bool) -> int | None:
-    """How many blocks the next stage of ``mig`` will pre-allocate, or None when the request has left the source's
-    running / frozen sets (the stage will abort without asking)."""
-    req, sched = mig.request, mig.src.scheduler
-    if not (req.request_id in sched.frozen or any(r is req for r in sched.running)):
-        return None
-    copied = mig.copied_blocks + (0 if first else len(mig.stages[-1].src_blocks))
-    upto, _ = mig.next_stage_extent(copied)
-    return upto - copied
-
-
-@dataclass
-class _IncomingMigration:
-    src: int
-    owner: object
-    started_s: float = field(default_factory=time.time)
-
-
 # -- the actor ------------------------------------------------------------------------------------------------------
 class InstanceActor:
-    """Create with ``ray.remote(InstanceActor).options(...).remote(instance_id, spec)``, then ``await start()``."""
+    """Create with ``ray.remote(InstanceActor).options(...).remote(instance_id, spec)``, then ``await start()``.
 
-    def __init__(self, instance_id: int, spec: InstanceSpec, transport: TransportSpec | str = "object-store") -> None:
+    ``clock`` (default ``time.time``) stamps the engine's timeline; ``idle_wait_s`` bounds how long an idle step loop
+    sleeps before it looks for work again (None: until told there is some; the lock-step harness of
+    ``llumnix.runtime.lockstep`` runs so, where a missed wake-up must show rather than be hidden)."""
+
+    # vLLM cannot freeze a request while its engine steps: its actor holds the step lock through the stop-and-copy.
+    lock_through_stop_and_copy = False
+
+    def __init__(self, instance_id: int, spec: InstanceSpec, transport: TransportSpec | str = "object-store",
+                 clock: Callable[[], float] | None = None, idle_wait_s: float | None = 0.05) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.instance_id = instance_id
         self.spec = spec
+        self.clock = clock or time.time
+        self.idle_wait_s = idle_wait_s
         self.engine, self.info = self._build_engine()
-        self.mig_config = MigrationConfig(last_stage_max_blocks=spec.last_stage_blocks, max_stages=spec.max_stages)
-        self.transport = make_transport(transport, instance_id, _node_address())
-        self.clock = time.time
+        self.mig_config = self._migration_config()
+        self._peers: dict[int, Any] = {}  # instance id -> actor handle of the destinations this instance sent to
+        self.transport = self._build_transport(transport)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance{instance_id}-step")
         self._outbox: list[Any] = []
         self._num_received = 0
         self._steps = 0
         self._busy_s = 0.0
-        # Per step: (start, end) on the perf counter from scheduling to the emitted tokens, kind, batch size, prefill
-        # tokens and their sum of squares, decode context tokens: the in-situ profile (llumnix.bench.insitu).
-        self._step_log: list[tuple[float, float, str, int, int, int, int]] = []
+        self._step_log: list[StepRecord] = []  # every step: the in-situ profile (llumnix.bench.insitu)
         self._finished = 0
         self._mig_committed = 0
         self._mig_aborted = 0
         self._mig_downtime_s = 0.0
         self._mig_bytes = 0
-        self._incoming: dict[int, _IncomingMigration] = {}
-        self._drives = 0  # source-side migrations whose driver has not finished (commit news included)
+        self._drives: dict[int, Migration] = {}  # source-side migrations whose driver has not finished
         self._tasks: set[asyncio.Task] = set()
         self._failed: str | None = None
         self._stopping = False
@@ -257,8 +207,15 @@ class InstanceActor:
             enable_priorities=spec.priorities,
         )
         ll_cfg = LlumletConfig(enable_priorities=spec.priorities)
-        engine = EngineInstance(self.instance_id, executor, sched_cfg, ll_cfg, watermark=spec.watermark, clock=time.time)
+        engine = EngineInstance(self.instance_id, executor, sched_cfg, ll_cfg, watermark=spec.watermark,
+                                clock=self.clock)
         return engine, info
+
+    def _migration_config(self) -> MigrationConfig:
+        return MigrationConfig(last_stage_max_blocks=self.spec.last_stage_blocks, max_stages=self.spec.max_stages)
+
+    def _build_transport(self, transport: TransportSpec | str) -> KVTransfer:
+        return make_transport(transport, self.instance_id, self.engine.executor, self._peers, _node_address())
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     @property
@@ -299,6 +256,14 @@ class InstanceActor:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
 
+    def terminate(self) -> None:
+        """Stop at once, whatever is in flight (a killed actor): the step loop and every task of this actor."""
+        self._stopping = True
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        self.transport.close()
+
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -307,6 +272,12 @@ class InstanceActor:
     def _emit(self, event: Any) -> None:
         self._outbox.append(event)
         self._has_output.set()
+
+    def _changed(self, work: bool = False) -> None:
+        """The load changed (the next poll reports it at once); ``work``: the step loop may have something to run."""
+        self._has_output.set()
+        if work:
+            self._work.set()
 
     # -- the step loop -------------------------------------------------------------------------------------------
     async def _step_loop(self) -> None:
@@ -324,32 +295,31 @@ class InstanceActor:
                 await asyncio.sleep(0)  # let polls and migration stages in between steps
             else:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), 0.05)
+                    await asyncio.wait_for(self._work.wait(), self.idle_wait_s)
 
     async def _step_once(self) -> bool:
         """One engine step (the step lock is held); False when there was nothing to run."""
-        started = time.perf_counter()
-        plan = self.scheduler.schedule(self.clock())
+        start = self.clock()
+        plan = self.scheduler.schedule(start)
         if plan is None:
             return False
+        self._changed()  # admissions and preemptions change the load
         if plan.requests:
             t0 = time.perf_counter()
-            tokens = await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.execute, plan)
+            tokens = await self._execute(plan)
             self._busy_s += time.perf_counter() - t0
             self._after_step(plan, tokens)
-            self._log_step(plan, started)
+            self._step_log.append(plan.record(self.instance_id, start, self.clock(), bool(self.llumlet.migrating)))
         return True  # (with no requests: every request of a decode step was preempted, so schedule again)
 
-    def _log_step(self, plan: StepPlan, started: float) -> None:
-        prefill = plan.kind is StepKind.PREFILL
-        self._step_log.append((
-            started, time.perf_counter(), plan.kind.value, len(plan.requests),
-            sum(plan.prefill_tokens) if prefill else 0, sum(n * n for n in plan.prefill_tokens) if prefill else 0,
-            0 if prefill else int(plan.context_tokens),
-        ))  # fmt: skip
+    async def _execute(self, plan: StepPlan) -> list[int]:
+        run = getattr(self.executor, "execute_async", None)
+        if run is not None:
+            return await run(plan)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.execute, plan)
 
-    async def step_log(self) -> list[tuple[float, float, str, int, int, int, int]]:
-        """Every step this instance ran so far (see ``_step_log``)."""
+    async def step_log(self) -> list[StepRecord]:
+        """Every step this instance ran so far."""
         return list(self._step_log)
 
     def _after_step(self, plan: StepPlan, tokens: list[int]) -> None:
@@ -373,29 +343,26 @@ class InstanceActor:
         if self._failed:
             raise RuntimeError(f"instance {self.instance_id} takes no requests: {self._failed}")
         if self._stopping or self.llumlet.draining:
+            self._changed()
             return False
         self.engine.add_request(req)
-        self._work.set()
+        self._changed(work=True)
         return True
 
     # -- auto-scaling: drain, then retire ------------------------------------------------------------------------
-    async def drain(self) -> list[int]:
-        """Start draining (the simulator's scale-down): the llumlet reports freeness -inf from now on, so no request is
+    async def drain(self) -> list[Request]:
+        """Start draining (the scale-down): the llumlet reports freeness -inf from now on, so no request is
         dispatched or migrated here and the pairing policy moves the running ones away; the waiting requests are
-        handed back (their engine request ids) for the frontend to dispatch elsewhere. Running requests that are not
-        migrated (no migration, high priority) finish here."""
-        async with self._lock:  # between steps, as the simulator does it
-            self.llumlet.draining = True
-            taken = self.scheduler.take_waiting()  # queued requests hold no blocks (preemption frees them)
-        self._work.set()
-        return [r.request_id for r in taken]
+        handed back (as they are: a preempted one keeps its outputs so far) for the frontend to dispatch elsewhere. Running requests that are not
+        migrated (no migration, high priority) finish here. No step boundary needed: a step in flight holds no
+        waiting request."""
+        self.llumlet.draining = True
+        taken = self.scheduler.take_waiting()  # queued requests hold no blocks (preemption frees them)
+        self._changed(work=True)
+        return taken
 
     def _idle(self) -> bool:
-        s, ll = self.scheduler, self.llumlet
-        return not (
-            s.running or s.waiting or s.frozen or self._incoming or self._drives
-            or ll.migrations_out or ll.migrations_in or ll.migrating
-        )
+        return self.llumlet.is_idle() and not self._drives
 
     async def retire(self) -> Report | None:
         """If this draining instance holds nothing (no request, no migration in either direction), stop taking work
@@ -408,12 +375,12 @@ class InstanceActor:
         return Report(self.instance_id, self.llumlet.load(), self._num_received, events, self._stats(), self._failed)
 
     async def poll(self, timeout_s: float) -> Report:
-        """Wait until a step produced output (or ``timeout_s``), then return the events since the last poll and the
-        load now. One poller at a time (the frontend)."""
-        if not self._outbox and not self._failed:
-            self._has_output.clear()
+        """Wait until something changed (or ``timeout_s``), then return the events since the last poll and the load
+        now. One poller at a time (the frontend)."""
+        if not self._has_output.is_set() and not self._failed:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._has_output.wait(), timeout_s)
+        self._has_output.clear()
         events, self._outbox = self._outbox, []
         return Report(self.instance_id, self.llumlet.load(), self._num_received, events, self._stats(), self._failed)
 
@@ -441,7 +408,7 @@ class InstanceActor:
             "running": [r.request_id for r in self.scheduler.running],
             "waiting": [r.request_id for r in self.scheduler.waiting],
             "frozen": list(self.scheduler.frozen),
-            "incoming_migrations": len(self._incoming),
+            "incoming_migrations": self.llumlet.migrations_in,
             "migrations_out": self.llumlet.migrations_out,
             "migrations_in": self.llumlet.migrations_in,
         }
@@ -455,99 +422,103 @@ class InstanceActor:
         ll = self.llumlet
         if self._failed or self._stopping:
             return {"started": False, "reason": "source instance failed or stopping"}
-        if ll.migrations_out >= ll.config.max_migrations_out:
+        if not ll.can_start_migration_out():
             return {"started": False, "reason": "a migration out of this instance is in flight"}
-        if request_id is None:
-            req = ll.pick_migration_candidate()
-        else:
-            req = next((r for r in self.scheduler.running if r.request_id == request_id), None)
-            high_pinned = req is not None and req.is_high and ll.config.enable_priorities  # never migrated
-            if req is not None and (req.num_generated < 1 or req.request_id in ll.migrating or high_pinned):
-                req = None
-        if req is None:
+        req = ll.pick_migration_candidate() if request_id is None else ll.running_request(request_id)
+        if req is None or not ll.can_migrate(req):
             return {"started": False, "reason": "no running request to migrate"}
-        ll.migrations_out += 1  # claim the slot now; the Migration takes it over when it starts
-        self._drives += 1
-        self._spawn(self._drive(migration_id, req, dst_id, dst_actor))
+        mig = Migration(migration_id, req, ll, dst_id, self.mig_config)  # claims the slot and the request
+        self._peers[dst_id] = dst_actor
+        self._drives[migration_id] = mig
+        self._changed()
+        self._spawn(self._drive(mig, dst_actor))
         return {"started": True, "reason": "", "request_id": req.request_id}
 
-    async def _stage_boundary(self, mig: Migration, proxy: RemoteDestination, dst: Any, first: bool) -> Stage | None:
-        """Begin the next stage (or commit). Call with the step lock held."""
-        if not first and mig.stages[-1].final:
-            return mig.end_stage(self.clock())
-        need = stage_blocks_needed(mig, first)
-        if need is not None:
-            ids = await dst.mig_pre_alloc.remote(mig.migration_id, mig.owner_key, self.instance_id, need)
-            proxy.offer(need, ids)
-        if first:
-            self.llumlet.migrations_out -= 1  # hand the claimed slot to Migration.start
-            return mig.start(self.clock())
-        return mig.end_stage(self.clock())
-
-    async def _drive(self, migration_id: int, req: Request, dst_id: int, dst: Any) -> None:
+    async def _drive(self, mig: Migration, dst: Any) -> None:
+        """Carry out ``mig``'s actions until it has ended; every failure of the destination aborts it."""
         try:
-            await self._drive_once(migration_id, req, dst_id, dst)
+            if await _call(dst.mig_reserve, mig.migration_id, self.instance_id) is not True:
+                action = mig.abort(self.clock(), "destination takes no migration now")
+            else:
+                async with self._lock:  # a stage begins at a step boundary
+                    action = await self._answer(mig, mig.start(self.clock()), dst)
+                    if self.lock_through_stop_and_copy and isinstance(action, Copy) and action.final:
+                        action = await self._answer(mig, mig.on_result(await self._copy(action), self.clock()), dst)
+            while action is not None:  # a Copy: its blocks travel while the source keeps stepping
+                result = await self._copy(action)
+                if action.final or not isinstance(result, Copied):
+                    action = await self._answer(mig, mig.on_result(result, self.clock()), dst)
+                    continue
+                async with self._lock:  # the next stage begins at a step boundary and may freeze the request
+                    action = await self._answer(mig, mig.on_result(result, self.clock()), dst)
+                    if self.lock_through_stop_and_copy and isinstance(action, Copy) and action.final:
+                        action = await self._answer(mig, mig.on_result(await self._copy(action), self.clock()), dst)
+        except Exception as e:  # a bug: the request must not stay frozen here
+            log.exception("instance %d: migration %d failed", self.instance_id, mig.migration_id)
+            abort = mig.abort(self.clock(), f"driver failed: {e!r}")
+            if abort is not None:
+                await _call(dst.mig_abort, abort.migration_id)
         finally:
-            self._drives -= 1
+            self._drives.pop(mig.migration_id, None)
+            self._migration_ended(mig)
 
-    async def _drive_once(self, migration_id: int, req: Request, dst_id: int, dst: Any) -> None:
-        proxy = RemoteDestination(dst_id)
-        mig = Migration(migration_id, req, self.llumlet, proxy, self.mig_config)
-        started = False
-        moved = 0
+    async def _answer(self, mig: Migration, action: Action | None, dst: Any) -> Action | None:
+        """Carry out the actions the destination answers (PRE-ALLOC, COMMIT, ABORT); return the next ``Copy`` or None
+        once the migration has ended."""
+        while action is not None and not isinstance(action, Copy):
+            if isinstance(action, Abort):
+                await _call(dst.mig_abort, action.migration_id)
+                return None
+            if isinstance(action, PreAlloc):
+                result = await _call(dst.mig_pre_alloc, action.migration_id, action.num_blocks)
+            else:
+                result = await _call(dst.mig_commit, action.migration_id, action.request)
+            action = mig.on_result(result, self.clock())
+        return action
+
+    async def _copy(self, copy: Copy) -> Copied | Failed:
         try:
-            async with self._lock:
-                stage = await self._stage_boundary(mig, proxy, dst, first=True)
-                started = True
-            while stage is not None:
-                if stage.src_blocks:
-                    data = self.executor.read_blocks(stage.src_blocks)
-                    moved += await self.transport.send(dst, dst_id, migration_id, stage.dst_blocks, data)
-                async with self._lock:
-                    stage = await self._stage_boundary(mig, proxy, dst, first=False)
-        except Exception as e:  # the destination died or the transfer failed: the request stays here
-            log.warning("instance %d: migration %d to %d failed: %r", self.instance_id, migration_id, dst_id, e)
-            if not started:
-                self.llumlet.migrations_out -= 1
-                with contextlib.suppress(Exception):
-                    await dst.mig_abort.remote(migration_id)
-                return
-            async with self._lock:
-                mig.abort(self.clock(), f"transfer failed: {e!r}")
-        if mig.phase is MigrationPhase.COMMITTED:
-            try:
-                adopted = await dst.mig_commit.remote(migration_id, req)
-            except Exception as e:
-                adopted, err = False, repr(e)
-            else:
-                err = "destination refused the commit"
-            if adopted:
-                self._mig_committed += 1
-                self._mig_downtime_s += mig.downtime_s
-                self._mig_bytes += moved
-                self._emit(RequestMoved(req.request_id, dst_id, mig.downtime_s))
-            else:
-                self._emit(RequestLost(req.request_id, f"migration {migration_id} to {dst_id} lost it: {err}"))
-        elif mig.phase is MigrationPhase.ABORTED:
+            return Copied(await self.transport.start(copy).wait())
+        except Exception as e:
+            log.warning("instance %d: migration %d: copy to %d failed: %r", self.instance_id, copy.migration_id,
+                        copy.dst, e)
+            return Failed(repr(e))
+
+    def _migration_ended(self, mig: Migration) -> None:
+        record = mig.record()
+        if record.committed:
+            self._mig_committed += 1
+            self._mig_downtime_s += record.downtime_s
+            self._mig_bytes += mig.num_bytes
+        else:
             self._mig_aborted += 1
-            log.info("instance %d: migration %d aborted: %s", self.instance_id, migration_id, mig.abort_reason)
-            with contextlib.suppress(Exception):  # free the destination's pre-allocation (idempotent there)
-                await dst.mig_abort.remote(migration_id)
-        self._work.set()  # an unfrozen request, or freed blocks
+            log.info("instance %d: migration %d aborted: %s", self.instance_id, mig.migration_id, record.abort_reason)
+        self._emit(MigrationDone(record))
+        self._changed(work=True)  # an unfrozen request, or freed blocks
 
     # -- migration: destination side -----------------------------------------------------------------------------
-    async def mig_pre_alloc(self, migration_id: int, owner: Any, src_id: int, num_blocks: int) -> list[int] | None:
-        """PRE-ALLOC: reserve ``num_blocks`` for the next stage (ACK with their ids) or None (ABORT: no memory)."""
+    async def mig_reserve(self, migration_id: int, src_id: int) -> bool:
+        """A source was paired with this instance: hold a migration slot for it (False: take none now)."""
         if self._failed or self._stopping:
-            return None
-        if migration_id not in self._incoming:
-            self._incoming[migration_id] = _IncomingMigration(src_id, owner)
-            self.llumlet.migrations_in += 1
-        return self.llumlet.pre_alloc(owner, num_blocks)
+            return False
+        ok = self.llumlet.reserve_in(migration_id, src_id)
+        self._changed()
+        return ok
+
+    async def mig_pre_alloc(self, migration_id: int, num_blocks: int) -> PreAllocated | Refused:
+        """PRE-ALLOC: reserve ``num_blocks`` for the next stage (ACK with their ids) or refuse (ABORT)."""
+        if self._failed or self._stopping:
+            return Refused("destination failed or stopping")
+        result = self.llumlet.pre_alloc(migration_id, num_blocks)
+        self._changed()
+        return result
+
+    def _check_incoming(self, migration_id: int) -> None:
+        if migration_id not in self.llumlet.incoming:
+            raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
 
     async def mig_write(self, migration_id: int, dst_blocks: list[int], payload: Any) -> None:
-        if migration_id not in self._incoming:
-            raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
+        self._check_incoming(migration_id)
         self.executor.write_blocks(dst_blocks, unpack(payload))
 
     async def kv_accept(self, src_id: int, key: str) -> None:
@@ -559,8 +530,7 @@ class InstanceActor:
         """Receive a stage's blocks from ``src_id`` over channel ``key`` and write them; the data is drained even
         when the migration was aborted meanwhile (its blocks may belong to another request by then: not written)."""
         data = await self._dist_transport().receive(src_id, key, shape, dtype)
-        if migration_id not in self._incoming:
-            raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
+        self._check_incoming(migration_id)
         self.executor.write_blocks(dst_blocks, data)
 
     def _dist_transport(self) -> TorchDistTransport:
@@ -569,30 +539,33 @@ class InstanceActor:
                                "instances of a cluster must use the same one")
         return self.transport
 
-    async def mig_commit(self, migration_id: int, req: Request) -> bool:
+    async def mig_commit(self, migration_id: int, req: Request) -> Committed | Failed:
         """COMMIT: adopt the request whose KV now fills the pre-allocated blocks."""
-        inc = self._incoming.pop(migration_id, None)
-        if inc is None or self._failed:
-            return False
-        self.llumlet.migrations_in -= 1
-        self.scheduler.adopt(req, inc.owner)
-        self._work.set()
-        return True
+        if self._failed:
+            return Failed(f"destination failed: {self._failed}")
+        result = self.llumlet.commit_in(migration_id, req)
+        self._changed(work=True)
+        return result
 
     async def mig_abort(self, migration_id: int) -> None:
-        inc = self._incoming.pop(migration_id, None)
-        if inc is not None:
-            self.llumlet.migrations_in -= 1
-            self.engine.blocks.free(inc.owner)
-            self._work.set()
+        if self.llumlet.abort_in(migration_id):
+            self._changed(work=True)
 
     async def peer_died(self, instance_id: int) -> int:
         """Free what incoming migrations from a dead source hold; return how many were dropped."""
         self.transport.forget(instance_id)
-        dead = [mid for mid, inc in self._incoming.items() if inc.src == instance_id]
-        for mid in dead:
-            await self.mig_abort(mid)
-        return len(dead)
+        dropped = self.llumlet.drop_incoming_from(instance_id)
+        if dropped:
+            self._changed(work=True)
+        return dropped
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """An actor call whose failure (the actor died, the call raised) is an answer, not an exception: False / Failed."""
+    try:
+        return await method.remote(*args)
+    except Exception as e:
+        return Failed(f"{getattr(method, '_method_name', 'call')} failed: {e!r}")
 
 
 def _node_address() -> str | None:
@@ -619,15 +592,11 @@ def actor_class(spec: InstanceSpec) -> type[InstanceActor]:
 __all__ = [
     "InstanceActor",
     "InstanceStats",
-    "RemoteDestination",
+    "MigrationDone",
     "Report",
     "RequestDone",
-    "RequestLost",
-    "RequestMoved",
     "RequestStats",
-    "RequestStatus",
     "TokenBatch",
     "actor_class",
     "build_executor",
-    "stage_blocks_needed",
 ]

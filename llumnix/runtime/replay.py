@@ -20,16 +20,26 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from llumnix.core.records import MigrationRecord
 from llumnix.core.request import Request, RequestStatus
-from llumnix.metrics import request_table, summarize
-from llumnix.sim.run import write_outputs
+from llumnix.metrics import (
+    InstanceSample,
+    instance_rows,
+    instance_table,
+    migration_summary,
+    migration_table,
+    request_table,
+    summarize,
+    write_outputs,
+)
+from llumnix.metrics.tables import records_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +65,8 @@ def load_trace(path: Path) -> pd.DataFrame:
 @dataclass
 class ReplayResult:
     requests: list[Request]
-    samples: list[dict]
-    migrations: list[dict]
+    samples: list[tuple]  # rows of llumnix.metrics.INSTANCE_COLUMNS
+    migrations: list[MigrationRecord]
     errors: list[str]
     wall_s: float
     max_send_lag_s: float
@@ -64,22 +74,16 @@ class ReplayResult:
     scaling: list[dict[str, Any]] = field(default_factory=list)  # /admin/scaling before the first and after the last
 
 
-def fragmentation(rows: list[dict]) -> float:
-    """The simulator's fragmentation of one sample: the share of the cluster's free blocks left idle while some queued
-    head-of-line request waits although the cluster as a whole, but no single instance, has room for it."""
-    live = [r for r in rows if r["alive"]]
-    if not live:
-        return 0.0
-    total = sum(r["total_blocks"] for r in live)
-    free = {r["instance_id"]: r["free_blocks"] - r["watermark_blocks"] for r in live}
-    cluster_free = sum(max(0, f) for f in free.values())
-    max_free = max(free.values())
-    fragmented = any(
-        r["waiting"] and not r["draining"] and free[r["instance_id"]] < (d := r["head_demand_blocks"])
-        and cluster_free >= d and max_free < d
-        for r in live
-    )
-    return cluster_free / total if fragmented and total else 0.0
+def instance_samples(rows: list[dict]) -> list[InstanceSample]:
+    """``/admin/instances`` rows as the samples ``llumnix.metrics`` tabulates (fragmentation included)."""
+    return [
+        InstanceSample(
+            int(r["instance_id"]), bool(r["alive"]), int(r["running"]), int(r["waiting"]), int(r["free_blocks"]),
+            int(r["total_blocks"]), int(r["watermark_blocks"]), int(r["head_demand_blocks"]),
+            float("nan") if r["freeness"] is None else float(r["freeness"]), bool(r["draining"]),
+        )
+        for r in rows
+    ]
 
 
 async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list[dict], stop: asyncio.Event) -> None:
@@ -89,24 +93,7 @@ async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list
         except Exception as e:  # a missed sample is not worth failing the replay for
             log.debug("sample failed: %r", e)
         else:
-            now = time.time() - t0
-            frag = fragmentation(rows)
-            for r in rows:
-                out.append(
-                    {
-                        "time_s": now,
-                        "instance_id": r["instance_id"],
-                        "alive": r["alive"],
-                        "running": r["running"],
-                        "waiting": r["waiting"],
-                        "used_blocks": r["total_blocks"] - r["free_blocks"],
-                        "free_blocks": r["free_blocks"],
-                        "freeness": float("nan") if r["freeness"] is None else float(r["freeness"]),
-                        "draining": r["draining"],
-                        "fragmentation": frag,
-                        "migration_bytes": r["migration_bytes"],
-                    }
-                )
+            out.extend(instance_rows(time.time() - t0, instance_samples(rows)))
         try:
             await asyncio.wait_for(stop.wait(), interval_s)
         except asyncio.TimeoutError:
@@ -185,23 +172,10 @@ def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result
     req.prefill_ends_s = [t - t0 for t in info.get("prefill_ends_s", [])]
     if info.get("dispatch_s") is not None:
         req.dispatch_s = info["dispatch_s"] - t0
-    records = []
-    for m in info.get("migration_records", []):
-        start, end, src, dst, downtime, stages, committed = m
-        records.append((start - t0, end - t0, int(src), int(dst), float(downtime), int(stages), bool(committed)))
-        result.migrations.append(
-            {
-                "request_id": req.request_id,
-                "src": int(src),
-                "dst": int(dst),
-                "start_s": start - t0,
-                "end_s": end - t0,
-                "stages": int(stages),
-                "downtime_s": float(downtime),
-                "committed": bool(committed),
-            }
-        )
-    req.migrations = records
+    records = records_from_rows(MigrationRecord, info.get("migration_records", []))
+    # On the client's time axis, under the trace's request id.
+    req.migrations = [replace(m, request_id=req.request_id, start_s=m.start_s - t0, end_s=m.end_s - t0) for m in records]
+    result.migrations.extend(req.migrations)
 
 
 async def replay(
@@ -258,26 +232,10 @@ async def replay(
 
 def write_replay_outputs(result: ReplayResult, out_dir: Path, extra: dict[str, Any]) -> dict:
     req_df = request_table(result.requests)
-    inst_df = pd.DataFrame(
-        result.samples,
-        columns=[
-            "time_s", "instance_id", "alive", "running", "waiting", "used_blocks", "free_blocks", "freeness",
-            "draining", "fragmentation", "migration_bytes",
-        ],
-    )
-    mig_df = pd.DataFrame(
-        result.migrations,
-        columns=["request_id", "src", "dst", "start_s", "end_s", "stages", "downtime_s", "committed"],
-    )
-    done = mig_df[mig_df["committed"].astype(bool)] if len(mig_df) else mig_df
-    last = inst_df[inst_df["time_s"] == inst_df["time_s"].max()] if len(inst_df) else inst_df
-    migrations = {
-        "migration_attempts": int(len(mig_df)),
-        "migration_aborts": int(len(mig_df) - len(done)),
-        "migration_downtime_mean_s": float(done["downtime_s"].mean()) if len(done) else 0.0,
-        "migration_downtime_p99_s": float(done["downtime_s"].quantile(0.99)) if len(done) else 0.0,
-        "migration_bytes": int(last["migration_bytes"].sum()) if len(last) else 0,
-    }
+    inst_df = instance_table(result.samples)
+    mig_df = migration_table(result.migrations)
+    kv_bytes_per_block = int(result.model.get("kv_bytes_per_block") or 0)
+    migrations = migration_summary(mig_df, kv_bytes_per_block)
     cost: dict[str, Any] = {}
     if len(result.scaling) == 2:
         before, after = result.scaling

@@ -1,29 +1,32 @@
 """A vLLM engine as a Ray instance actor (``llumnix serve --backend vllm``): ``InstanceActor``'s step loop, load
-reports, token streaming, draining and retiring over a ``VllmInstance``, with vLLM's blocking migration in place of
-the multi-stage protocol.
+reports, token streaming, draining, retiring and migration driver over a ``VllmInstance``.
 
 vLLM's engine is not thread-safe, so its step runs on the actor's event loop (the torch actor computes in a worker
 thread): calls (new requests, polls, migrations) are served between steps, the only time vLLM's state is touched.
 
-Migration, source side (``_drive_once``): holding the step lock, the source exports the request (prompt and tokens so
-far; with ``vllm_migration: kv`` also its KV blocks, which travel in the call) and asks the destination to take it
-(``mig_accept``). Only once the destination has queued it does the source release it, so if the destination refuses
-(draining, or too little free KV for the request: the paper's PRE-ALLOC refusal) or the call fails, nothing changed
-on the source and the request keeps running there. The destination continues it by recomputing its prefix or from the
-copied KV (``VllmInstance.migrate_in``); under greedy decoding the stream is token-identical. Accepting never takes
-the destination's step lock, so two instances migrating to each other cannot deadlock.
+Migration goes through the same ``Migration`` states as the torch actor's, in one stop-and-copy stage (vLLM offers no
+hook to copy blocks while the request decodes), with the step lock held from the stage's start to its commit:
+PRE-ALLOC reserves the request's blocks on the destination (refused when it is draining or lacks the free KV: the
+request keeps running on the source); the copy hands the destination the request's tokens so far and, with
+``vllm_migration: kv``, its KV blocks (``VllmTransfer``); COMMIT continues it there, by recomputing its prefix or
+from the copied KV (``VllmInstance.migrate_in``), and only then does the source release it. Under greedy decoding the
+stream is token-identical. Accepting never takes the destination's step lock, so two instances migrating to each
+other cannot deadlock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import LlumletConfig
-from llumnix.core.request import Request
-from llumnix.runtime.ray_instance import InstanceActor, RequestMoved
+from llumnix.core.migration import MigrationConfig
+from llumnix.core.migration_protocol import Copy
+from llumnix.engine.kv_transfer import KVTransfer, PendingCopy, TaskCopy, check_copy
+from llumnix.runtime.ray_instance import InstanceActor
 
 if TYPE_CHECKING:
     from llumnix.runtime.vllm_instance import MigratedRequest, VllmInstance
@@ -31,10 +34,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class VllmTransfer(KVTransfer):
+    """A migration's copy between vLLM actors: the request's tokens so far (and, ``with_kv``, a copy of its KV blocks)
+    in one actor call to the destination's ``mig_receive``."""
+
+    name = "vllm"
+
+    def __init__(self, engine: VllmInstance, peers: Mapping[int, Any], with_kv: bool) -> None:
+        self.engine, self.peers, self.with_kv = engine, peers, with_kv
+
+    def start(self, copy: Copy) -> PendingCopy:
+        check_copy(copy)
+        migrated = self.engine.export(copy.request_id, with_kv=self.with_kv)
+        return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, migrated)))
+
+    async def _send(self, copy: Copy, migrated: MigratedRequest) -> int:
+        await self.peers[copy.dst].mig_receive.remote(copy.migration_id, migrated)
+        return migrated.kv.num_bytes if migrated.kv is not None else 0
+
+
 class VllmInstanceActor(InstanceActor):
     """Create with ``ray.remote(VllmInstanceActor)`` like ``InstanceActor`` (``ray_instance.actor_class`` picks it)."""
 
     engine: VllmInstance
+    lock_through_stop_and_copy = True
 
     def _build_engine(self) -> tuple[VllmInstance, dict[str, Any]]:
         import torch
@@ -63,10 +86,9 @@ class VllmInstanceActor(InstanceActor):
             watermark=spec.watermark,
             seed=spec.seed,
         )
-        engine = VllmInstance(self.instance_id, config, LlumletConfig(enable_priorities=spec.priorities), time.time)
+        engine = VllmInstance(self.instance_id, config, LlumletConfig(enable_priorities=spec.priorities), self.clock)
         self._step_tokens: list[tuple[int, int, int]] = []
         engine.on_token = lambda req, tok: self._step_tokens.append((req.request_id, req.num_generated - 1, tok))
-        self._with_kv = spec.vllm_migration == "kv"
         info = {
             "vocab_size": engine.vocab_size,
             "max_position": engine.max_model_len,
@@ -77,6 +99,14 @@ class VllmInstanceActor(InstanceActor):
                  engine.blocks.num_blocks, engine.block_size)
         return engine, info
 
+    def _migration_config(self) -> MigrationConfig:
+        from llumnix.runtime.vllm_instance import VLLM_MIGRATION
+
+        return VLLM_MIGRATION
+
+    def _build_transport(self, transport) -> KVTransfer:
+        return VllmTransfer(self.engine, self._peers, with_kv=self.spec.vllm_migration == "kv")
+
     async def _step_once(self) -> bool:
         if not self.engine.has_work():
             return False
@@ -85,65 +115,18 @@ class VllmInstanceActor(InstanceActor):
         self._busy_s += time.perf_counter() - t0
         tokens, self._step_tokens = self._step_tokens, []
         self._report_step(tokens, finished)
+        self._changed()
         return True
 
     async def check(self) -> dict[str, Any]:
         """``InstanceActor.check`` plus the tokens whose KV migrations loaded rather than recomputed here."""
         return {**await super().check(), "kv_loaded_tokens": self.engine.connector.num_loaded_tokens}
 
-    # -- migration: source side ----------------------------------------------------------------------------------
-    async def _drive_once(self, migration_id: int, req: Request, dst_id: int, dst: Any) -> None:
-        ll = self.llumlet
-        ll.migrating.add(req.request_id)
-        start = self.clock()
-        moved, reason, num_bytes = False, "the request left the instance", 0
-        try:
-            async with self._lock:  # between steps: the request does not decode while it moves
-                if self.engine.holds(req.request_id):
-                    try:
-                        migrated = self.engine.export(req.request_id, with_kv=self._with_kv)
-                        moved = bool(await dst.mig_accept.remote(migration_id, migrated, self.instance_id, start))
-                        reason = "the destination refused it (draining or too little free KV)"
-                    except Exception as e:  # the destination died or the export failed: the request stays here
-                        reason = f"failed: {e!r}"
-                    if moved:
-                        self.engine.release(req.request_id)
-                        num_bytes = migrated.kv.num_bytes if migrated.kv is not None else 0
-        finally:
-            ll.migrating.discard(req.request_id)
-            ll.migrations_out -= 1  # the slot migrate_out claimed
-        end = self.clock()
-        if moved:
-            self._mig_committed += 1
-            self._mig_downtime_s += end - start
-            self._mig_bytes += num_bytes
-            self._emit(RequestMoved(req.request_id, dst_id, end - start))
-        else:
-            self._mig_aborted += 1
-            if self.engine.holds(req.request_id):
-                req.migrations.append((start, end, self.instance_id, dst_id, 0.0, 1, False))
-            log.info("instance %d: migration %d to %d aborted: %s", self.instance_id, migration_id, dst_id, reason)
-        self._work.set()
-
     # -- migration: destination side -----------------------------------------------------------------------------
-    async def mig_accept(self, migration_id: int, migrated: MigratedRequest, src_id: int, started_s: float) -> bool:
-        """Continue a request the source exported (it releases its copy once this returns True). False when this
-        instance takes no requests or lacks the free KV blocks for the request's tokens so far plus one."""
-        req = migrated.request
-        if self._failed or self._stopping or self.llumlet.draining or not self._has_room_for(req):
-            return False
-        now = self.clock()
-        req.migrations.append((started_s, now, src_id, self.instance_id, now - started_s, 1, True))
-        self.engine.migrate_in(migrated)
-        self._work.set()
-        log.debug("instance %d: took request %d from %d (migration %d)", self.instance_id, req.request_id, src_id,
-                  migration_id)
-        return True
-
-    def _has_room_for(self, req: Request) -> bool:
-        blocks = self.engine.blocks
-        room = blocks.num_free_blocks - blocks.watermark_blocks - self.scheduler.waiting_demand_blocks
-        return room >= blocks_for(req.seq_len + 1, blocks.block_size)
+    async def mig_receive(self, migration_id: int, migrated: MigratedRequest) -> None:
+        """A migration's copy: keep the request's tokens (and KV) until its COMMIT continues it here."""
+        self._check_incoming(migration_id)
+        self.engine.stash(self.llumlet.incoming[migration_id].owner_key, migrated)
 
 
-__all__ = ["VllmInstanceActor"]
+__all__ = ["VllmInstanceActor", "VllmTransfer"]

@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import Llumlet, LlumletConfig
+from llumnix.core.migration import Migration, MigrationConfig, answer_locally
+from llumnix.core.migration_protocol import Copied
 from llumnix.core.request import Request, RequestStatus
 from llumnix.engine.executor import prompt_ids_for
 
@@ -103,13 +105,17 @@ class VllmInstanceConfig:
         )
 
 
-@dataclass
 class VllmBlockView:
-    """The part of ``BlockManager`` that ``Llumlet.load`` reads, over vLLM's block pool."""
+    """The part of ``BlockManager`` the llumlet and a migration read, over vLLM's block pool. vLLM allocates its own
+    blocks, so a migration's PRE-ALLOC is a reservation here: reserved blocks count as used until the migration
+    commits (vLLM then allocates them as it admits the request) or aborts."""
 
-    pool: Any  # vllm.v1.core.block_pool.BlockPool
-    block_size: int
-    watermark_blocks: int
+    def __init__(self, instance: VllmInstance, pool: Any, block_size: int, watermark_blocks: int) -> None:
+        self._inst = instance
+        self.pool = pool  # vllm.v1.core.block_pool.BlockPool
+        self.block_size = block_size
+        self.watermark_blocks = watermark_blocks
+        self._reserved: dict[object, int] = {}  # owner (a migration) -> blocks reserved for it
 
     @property
     def num_blocks(self) -> int:
@@ -117,11 +123,30 @@ class VllmBlockView:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.pool.get_num_free_blocks()
+        return max(0, self.pool.get_num_free_blocks() - sum(self._reserved.values()))
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
+
+    def table(self, request_id: int) -> list[int]:
+        """vLLM's block ids holding the request's computed tokens, in order."""
+        return self._inst.block_ids(request_id)
+
+    def num_blocks_of(self, request_id: int) -> int:
+        return len(self.table(request_id))
+
+    def can_allocate_blocks(self, num_blocks: int) -> bool:
+        return self.num_free_blocks - num_blocks >= self.watermark_blocks
+
+    def allocate_blocks(self, owner: object, num_blocks: int) -> list[int]:
+        """Reserve ``num_blocks`` for ``owner`` (ids are placeholders: vLLM places the request's blocks itself)."""
+        self._reserved[owner] = self._reserved.get(owner, 0) + num_blocks
+        return list(range(num_blocks))
+
+    def free(self, owner: object) -> int:
+        self._inst.drop_stash(owner)
+        return self._reserved.pop(owner, 0)
 
     def check(self) -> None:
         """Raise if the pool's counts are out of range (vLLM owns the tables; this is what can be checked)."""
@@ -130,13 +155,18 @@ class VllmBlockView:
 
 
 class VllmSchedulerView:
-    """The part of ``LocalScheduler`` that ``Llumlet`` reads, over vLLM's scheduler: queues hold our ``Request``
-    objects in vLLM's order. vLLM has no frozen state (migration is stop-and-copy), so ``frozen`` stays empty."""
+    """The part of ``LocalScheduler`` that ``Llumlet`` and ``Migration`` use, over vLLM's scheduler: queues hold our
+    ``Request`` objects in vLLM's order. A frozen request (the stop-and-copy of a migration) stays in vLLM's running
+    set, but the actor does not step the engine until the migration has ended (it holds its step lock)."""
 
     def __init__(self, instance: VllmInstance) -> None:
         self._inst = instance
         self.blocks = instance.block_view
         self.frozen: dict[int, Request] = {}
+
+    @property
+    def config(self) -> VllmInstanceConfig:
+        return self._inst.config
 
     def _ours(self, vllm_requests) -> list[Request]:
         by_id = self._inst._by_vllm_id
@@ -144,7 +174,7 @@ class VllmSchedulerView:
 
     @property
     def running(self) -> list[Request]:
-        return self._ours(self._inst._scheduler.running)
+        return [r for r in self._ours(self._inst._scheduler.running) if r.request_id not in self.frozen]
 
     @property
     def waiting(self) -> list[Request]:
@@ -155,6 +185,10 @@ class VllmSchedulerView:
     @property
     def num_high(self) -> int:
         return sum(r.is_high for r in self._inst._by_vllm_id.values())
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._inst._by_vllm_id)
 
     @property
     def waiting_demand_blocks(self) -> int:
@@ -170,6 +204,28 @@ class VllmSchedulerView:
 
     def take_waiting(self) -> list[Request]:
         return self._inst.take_waiting()
+
+    # -- what a migration does to the source and the destination ------------------------------------------------------
+    def freeze(self, req: Request) -> None:
+        req.status = RequestStatus.FROZEN
+        self.frozen[req.request_id] = req
+
+    def unfreeze(self, req: Request) -> None:
+        del self.frozen[req.request_id]
+        req.status = RequestStatus.RUNNING
+
+    def release(self, req: Request) -> None:
+        """The request moved away: drop it from vLLM (its blocks are freed at once)."""
+        del self.frozen[req.request_id]
+        self._inst.release(req.request_id)
+
+    def adopt(self, req: Request, blocks_owner: object) -> None:
+        """Continue a migrated-in request from what its migration delivered (tokens, and KV with ``kv``)."""
+        migrated = self._inst.drop_stash(blocks_owner)
+        self.blocks.free(blocks_owner)
+        if migrated is None:
+            raise RuntimeError(f"instance {self._inst.instance_id}: migration {blocks_owner} delivered nothing")
+        self._inst.migrate_in(replace(migrated, request=req))
 
 
 @dataclass(frozen=True)
@@ -206,7 +262,8 @@ class VllmInstance:
         self.vocab_size = self.engine.model_config.get_vocab_size()
         pool = self._scheduler.kv_cache_manager.block_pool
         self.block_size = self._scheduler.block_size
-        self.block_view = VllmBlockView(pool, self.block_size, int(config.watermark * (pool.num_gpu_blocks - 1)))
+        self.block_view = VllmBlockView(self, pool, self.block_size, int(config.watermark * (pool.num_gpu_blocks - 1)))
+        self._stash: dict[object, MigratedRequest] = {}  # what incoming migrations delivered, until they commit
         self._by_vllm_id: dict[str, Request] = {}  # vLLM's internal request id -> request
         self._vllm_id: dict[int, str] = {}  # our request id -> vLLM's internal request id
         self._seen_preemptions: dict[str, int] = {}
@@ -242,7 +299,7 @@ class VllmInstance:
         req.instances.append(self.instance_id)
         if req.dispatch_s is None:
             req.dispatch_s = self.clock()
-        self._submit(req, prompt_ids_for(req, self.vocab_size))
+        self._submit(req, prompt_ids_for(req, self.vocab_size) + list(req.output_token_ids))  # a resumed one: its outputs
 
     def _submit(self, req: Request, prompt_token_ids: list[int]) -> str:
         if req.request_id in self._vllm_id:
@@ -357,13 +414,23 @@ class VllmInstance:
         self.engine.engine_core.shutdown()
 
     # -- migration ------------------------------------------------------------------------------------------------
+    def block_ids(self, request_id: int) -> list[int]:
+        """vLLM's blocks holding the request's computed tokens, in order."""
+        vllm_id = self._vllm_id[request_id]
+        num_tokens = self._scheduler.requests[vllm_id].num_computed_tokens
+        return list(self._scheduler.kv_cache_manager.get_block_ids(vllm_id)[0][: blocks_for(num_tokens, self.block_size)])
+
+    def stash(self, owner: object, migrated: MigratedRequest) -> None:
+        """Keep what a migration delivered (tokens, and KV) until it commits (``adopt``) or aborts."""
+        self._stash[owner] = migrated
+
+    def drop_stash(self, owner: object) -> MigratedRequest | None:
+        return self._stash.pop(owner, None)
+
     def read_kv(self, request_id: int) -> MigratedKV:
         """Copy the blocks holding the request's computed tokens out of this engine's paged KV tensors."""
-        vllm_id = self._vllm_id[request_id]
-        vreq = self._scheduler.requests[vllm_id]
-        num_tokens = vreq.num_computed_tokens
-        ids = self._scheduler.kv_cache_manager.get_block_ids(vllm_id)[0][: blocks_for(num_tokens, self.block_size)]
-        index = torch.tensor(ids, dtype=torch.long)
+        num_tokens = self._scheduler.requests[self._vllm_id[request_id]].num_computed_tokens
+        index = torch.tensor(self.block_ids(request_id), dtype=torch.long)
         layers = {name: layer.kv_cache.index_select(0, index) for name, layer in self._kv_layers.items()}
         return MigratedKV(num_tokens, self.block_size, layers)
 
@@ -397,15 +464,22 @@ class VllmInstance:
             self.connector.expect(vllm_id, migrated.kv)
 
 
-def migrate(src: VllmInstance, dst: VllmInstance, request_id: int, with_kv: bool = True) -> float:
-    """Move a request between two instances at a step boundary; record it on the request; return the seconds the
-    hand-over took (the KV copy or nothing, plus re-queueing; the recompute itself shows in the next step)."""
-    start = src.clock()
-    migrated = src.migrate_out(request_id, with_kv=with_kv)
-    dst.migrate_in(migrated)
-    end = src.clock()
-    migrated.request.migrations.append((start, end, src.instance_id, dst.instance_id, end - start, 1, True))
-    return end - start
+def migrate(src: VllmInstance, dst: VllmInstance, request_id: int, with_kv: bool = True, migration_id: int = 0) -> Migration:
+    """Move a request between two instances of this process at a step boundary, through the same ``Migration``
+    states as a Ray actor (one stop-and-copy stage: vLLM cannot copy while the request decodes)."""
+    req = src._by_vllm_id[src._vllm_id[request_id]]
+    if not dst.llumlet.reserve_in(migration_id, src.instance_id):
+        raise RuntimeError(f"instance {dst.instance_id} takes no migration now")
+    mig = Migration(migration_id, req, src.llumlet, dst.instance_id, VLLM_MIGRATION)
+    copy = answer_locally(mig, mig.start(src.clock()), dst.llumlet, src.clock())
+    while copy is not None:
+        dst.stash(dst.llumlet.incoming[migration_id].owner_key, src.export(request_id, with_kv=with_kv))
+        copy = answer_locally(mig, mig.on_result(Copied(), src.clock()), dst.llumlet, src.clock())
+    return mig
 
 
-__all__ = ["MigratedRequest", "VllmInstance", "VllmInstanceConfig", "VllmSchedulerView", "migrate"]
+#: vLLM migrations copy in one stop-and-copy stage.
+VLLM_MIGRATION = MigrationConfig(max_stages=1)
+
+
+__all__ = ["VLLM_MIGRATION", "MigratedRequest", "VllmInstance", "VllmInstanceConfig", "VllmSchedulerView", "migrate"]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llumnix.core.migration import MigrationPhase
 from llumnix.core.request import Request
-from llumnix.metrics import request_table, summarize
-from llumnix.sim.simulator import SimConfig, SimResult, Simulator
+from llumnix.metrics import (
+    instance_table,
+    migration_summary,
+    migration_table,
+    request_table,
+    summarize,
+    write_outputs,
+)
+from llumnix.sim.simulator import SimConfig, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -26,46 +30,6 @@ def requests_from_trace(df: pd.DataFrame) -> list[Request]:
     ]
 
 
-MIGRATION_COLUMNS = (
-    "migration_id", "request_id", "src", "dst", "start_s", "end_s", "stages", "blocks", "downtime_s", "committed",
-    "abort_reason",
-)
-
-
-def migration_table(result: SimResult) -> pd.DataFrame:
-    rows = [
-        (
-            m.migration_id, m.request.request_id, m.src.instance_id, m.dst.instance_id, m.start_s, m.end_s,
-            len(m.stages), m.bytes_blocks, m.downtime_s, m.phase is MigrationPhase.COMMITTED, m.abort_reason or "",
-        )
-        for m in result.migrations
-    ]
-    return pd.DataFrame.from_records(rows, columns=list(MIGRATION_COLUMNS))
-
-
-def migration_summary(mig: pd.DataFrame, kv_bytes_per_block: int) -> dict:
-    done = mig.loc[mig["committed"].astype(bool)]
-    return {
-        "migration_attempts": int(len(mig)),
-        "migration_aborts": int(len(mig) - len(done)),
-        "migration_downtime_mean_s": float(done["downtime_s"].mean()) if len(done) else 0.0,
-        "migration_downtime_p99_s": float(done["downtime_s"].quantile(0.99)) if len(done) else 0.0,
-        "migration_bytes": int(done["blocks"].sum()) * kv_bytes_per_block,
-    }
-
-
-def write_outputs(out_dir: Path, requests: pd.DataFrame, instances: pd.DataFrame, summary: dict, **tables) -> None:
-    """Write the tables, then ``summary.json`` last and atomically: its presence means the run is complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    requests.to_parquet(out_dir / "requests.parquet", index=False)
-    instances.to_parquet(out_dir / "instances.parquet", index=False)
-    for name, table in tables.items():
-        table.to_parquet(out_dir / f"{name}.parquet", index=False)
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=True) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
-
-
 def run_simulation(trace: pd.DataFrame, profile, config: SimConfig, out_dir: Path, progress: bool = True) -> dict:
     requests = requests_from_trace(trace)
     sim = Simulator(requests, profile, config)
@@ -74,8 +38,8 @@ def run_simulation(trace: pd.DataFrame, profile, config: SimConfig, out_dir: Pat
         result = sim.run(progress=bar.update)
     wall = time.perf_counter() - t0
     req_df = request_table(result.requests)
-    inst_df = pd.DataFrame(result.samples)
-    mig_df = migration_table(result)
+    inst_df = instance_table(result.samples)
+    mig_df = migration_table(m.record() for m in result.migrations)
     summary = summarize(
         req_df,
         inst_df,

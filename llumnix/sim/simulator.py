@@ -11,15 +11,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from llumnix.core.block_manager import BlockManager, blocks_for
 from llumnix.core.llumlet import Llumlet, LlumletConfig
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
-from llumnix.core.migration import Migration, MigrationConfig
+from llumnix.core.migration import Migration, MigrationConfig, answer_locally
+from llumnix.core.migration_protocol import Action, Copied, Copy
 from llumnix.core.request import Request
+from llumnix.metrics.tables import InstanceSample, instance_rows
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class SimInstance:
 @dataclass
 class SimResult:
     requests: list[Request]
-    samples: list[dict]
+    samples: list[tuple]  # rows of llumnix.metrics.INSTANCE_COLUMNS
     migrations: list[Migration]
     instance_spans: list[tuple[int, float, float]]  # (instance id, launch_s, stop_s)
     end_s: float
@@ -100,7 +101,7 @@ class Simulator:
         self.gs = GlobalScheduler(self.config.system)
         self.instances: dict[int, SimInstance] = {}
         self.migrations: list[Migration] = []
-        self.samples: list[dict] = []
+        self.samples: list[tuple] = []
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._mig_ids = itertools.count()
@@ -258,43 +259,37 @@ class Simulator:
             req = src.llumlet.pick_migration_candidate()
             if req is None:
                 continue
-            mig = Migration(next(self._mig_ids), req, src.llumlet, dst.llumlet, self.config.migration)
+            # Both slots are claimed now (so the next tick does not pair these instances again); the migration
+            # itself starts at the source's next step boundary.
+            mig = Migration(next(self._mig_ids), req, src.llumlet, dst_id, self.config.migration)
+            dst.llumlet.reserve_in(mig.migration_id, src_id)
             self.migrations.append(mig)
-            # Claim the concurrency slots now so that the next tick does not pair these instances again.
-            src.llumlet.migrations_out += 1
-            dst.llumlet.migrations_in += 1
-            self._at_boundary(src, now, lambda t, m=mig: self._start_migration(m, t))
+            self._at_boundary(src, now, lambda t, m=mig: self._execute(m, m.start(t), t))
         if self._unfinished > 0:
             self._push(now + self.config.system.pairing_interval_s, PAIR_TICK)
 
-    def _start_migration(self, mig: Migration, now: float) -> None:
-        mig.src.migrations_out -= 1
-        mig.dst.migrations_in -= 1
-        self._after_stage(mig, mig.start(now), now)
-
-    def _after_stage(self, mig: Migration, stage, now: float) -> None:
-        if stage is not None:
-            self._push(now + self.profile.migration_stage_time_s(len(stage.src_blocks)), STAGE_DONE, mig)
+    def _execute(self, mig: Migration, action: Action | None, now: float) -> None:
+        """Carry out the migration's actions until one takes time (a copy) or the migration has ended."""
+        copy = answer_locally(mig, action, self.instances[mig.dst_id].llumlet, now)
+        if copy is not None:
+            self._push(now + self.profile.migration_stage_time_s(len(copy.src_blocks)), STAGE_DONE, (mig, copy))
             return
         # Committed or aborted: both instances may have new work (adopted request, unfrozen request, freed blocks).
-        for iid in (mig.src.instance_id, mig.dst.instance_id):
+        for iid in (mig.src.instance_id, mig.dst_id):
             self._kick(self.instances[iid], now)
 
-    def _on_stage_done(self, now: float, mig: Migration) -> None:
-        src = self.instances[mig.src.instance_id]
-        dst = self.instances[mig.dst.instance_id]
-        if dst.stop_s is not None and not mig.done:
-            mig.abort(now, "destination stopped")
-        if mig.done:
-            self._after_stage(mig, None, now)
-            return
-        if mig.stages[-1].final:
+    def _on_stage_done(self, now: float, payload: tuple[Migration, Copy]) -> None:
+        mig, copy = payload
+        if self.instances[mig.dst_id].stop_s is not None:
+            self._execute(mig, mig.abort(now, "destination stopped"), now)
+        elif copy.final:
             # COMMIT touches only the frozen request (not part of any step in flight): no need to wait for the
             # source's step boundary, which would add up to a decode step to the downtime.
-            self._after_stage(mig, mig.end_stage(now), now)
-            return
-        # The next stage may freeze the request: that happens between the source's steps.
-        self._at_boundary(src, now, lambda t: self._after_stage(mig, mig.end_stage(t), t))
+            self._execute(mig, mig.on_result(Copied(), now), now)
+        else:
+            # The next stage may freeze the request: that happens between the source's steps.
+            src = self.instances[mig.src.instance_id]
+            self._at_boundary(src, now, lambda t: self._execute(mig, mig.on_result(Copied(), t), t))
 
     def _on_scale_tick(self, now: float, _: object) -> None:
         scaler = self.gs.scaler
@@ -316,7 +311,7 @@ class Simulator:
 
     def _maybe_stop(self, inst: SimInstance, now: float) -> None:
         ll = inst.llumlet
-        if ll.draining and inst.scheduler.num_requests == 0 and ll.migrations_in == 0 and ll.migrations_out == 0:
+        if ll.draining and ll.is_idle():
             inst.stop_s = now
             ll.blocks.check()
 
@@ -327,36 +322,14 @@ class Simulator:
 
     def _sample(self, now: float) -> None:
         live = self._live()
-        if not live:
-            return
-        total_blocks = sum(i.llumlet.blocks.num_blocks for i in live)
-        free = {i.instance_id: i.llumlet.blocks.num_free_blocks - i.llumlet.blocks.watermark_blocks for i in live}
-        cluster_free = sum(max(0, f) for f in free.values())
-        max_free = max(free.values())
-        fragmented = any(
-            i.scheduler.waiting
-            and not i.llumlet.draining
-            and free[i.instance_id] < (d := i.scheduler.head_demand_blocks())
-            and cluster_free >= d
-            and max_free < d
-            for i in live
-        )
-        frag = cluster_free / total_blocks if fragmented else 0.0
-        for i in live:
-            ld = i.llumlet.load()
-            self.samples.append(
-                {
-                    "time_s": now,
-                    "instance_id": i.instance_id,
-                    "running": ld.num_running,
-                    "waiting": ld.num_waiting,
-                    "used_blocks": i.llumlet.blocks.num_used_blocks,
-                    "free_blocks": ld.num_free_blocks,
-                    "freeness": ld.freeness if math.isfinite(ld.freeness) else float("nan"),
-                    "draining": ld.draining,
-                    "fragmentation": frag,
-                }
-            )
+        if live:
+            self.samples.extend(instance_rows(now, [instance_sample(i.llumlet) for i in live]))
+
+
+def instance_sample(llumlet: Llumlet) -> InstanceSample:
+    ld, bm = llumlet.load(), llumlet.blocks
+    return InstanceSample(ld.instance_id, True, ld.num_running, ld.num_waiting, ld.num_free_blocks, bm.num_blocks,
+                          bm.watermark_blocks, llumlet.scheduler.head_demand_blocks(), ld.freeness, ld.draining)
 
 
 def simulate(requests: Iterable[Request], profile, config: SimConfig | None = None, progress=None) -> SimResult:

@@ -1,0 +1,138 @@
+"""Where instance actors run: in Ray (one process per instance, anywhere in the Ray cluster) or in this process.
+
+The cluster manager talks to its instance actors only through a handle (``handle.method.remote(*args)`` is awaited)
+and a launcher (start, kill, what resources there are, how a dead actor shows). ``RayLauncher`` is the serving
+default. ``LocalLauncher`` runs the same actor classes as objects on this process's event loop, with arguments and
+results copied as Ray would serialize them: the lock-step harness (``llumnix.runtime.lockstep``) runs a whole cluster
+that way on a virtual clock, and tests use it to drive the cluster's code without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+
+class ActorLauncher(ABC):
+    #: The exception an actor call raises when the actor is dead.
+    actor_died: type[BaseException] = RuntimeError
+
+    @abstractmethod
+    def launch(self, cls: type, instance_id: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+        """Start ``cls(instance_id, *args)`` as an actor; return its handle."""
+
+    @abstractmethod
+    def kill(self, handle: Any) -> None:
+        """Stop the actor now, whatever it is doing."""
+
+    @abstractmethod
+    def resources(self) -> dict[str, float]:
+        """The cluster's total resources (CPU, GPU, ...)."""
+
+    def node_address(self) -> str:
+        """This node's address (where a KV rendezvous store listens)."""
+        return "127.0.0.1"
+
+
+class RayLauncher(ActorLauncher):
+    def __init__(self) -> None:
+        import ray
+
+        self.actor_died = ray.exceptions.RayActorError
+
+    def launch(self, cls: type, instance_id: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+        import ray
+
+        options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1000}
+        return ray.remote(cls).options(**options).remote(instance_id, *args)
+
+    def kill(self, handle: Any) -> None:
+        import ray
+
+        ray.kill(handle, no_restart=True)
+
+    def resources(self) -> dict[str, float]:
+        import ray
+
+        return ray.cluster_resources()
+
+    def node_address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+
+class LocalActorDied(RuntimeError):
+    """The in-process actor was killed."""
+
+
+class LocalActor:
+    """A Ray-like handle on an object of this process: ``handle.method.remote(*args)`` runs the method as a task on
+    the running event loop and returns it (await it for the result). Arguments and results are deep-copied, as Ray's
+    serialization copies them; handles themselves are passed as they are."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+        self._dead = False
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _LocalMethod(self, name)
+
+    def __deepcopy__(self, memo: dict) -> LocalActor:
+        return self
+
+    def kill(self) -> None:
+        self._dead = True
+        terminate = getattr(self._obj, "terminate", None)
+        if terminate is not None:
+            terminate()
+
+
+class _LocalMethod:
+    def __init__(self, handle: LocalActor, name: str) -> None:
+        self._handle, self._method_name = handle, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Task:
+        args, kwargs = copy.deepcopy((args, kwargs))
+        return asyncio.get_running_loop().create_task(self._call(args, kwargs))
+
+    async def _call(self, args: tuple, kwargs: dict) -> Any:
+        handle = self._handle
+        if handle._dead:
+            raise LocalActorDied(f"actor {type(handle._obj).__name__} is dead ({self._method_name})")
+        result = getattr(handle._obj, self._method_name)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        if handle._dead:
+            raise LocalActorDied(f"actor {type(handle._obj).__name__} died during {self._method_name}")
+        return copy.deepcopy(result)
+
+
+class LocalLauncher(ActorLauncher):
+    """Actors as objects of this process, on its event loop (see ``LocalActor``). ``clock`` and ``actor_kwargs`` are
+    passed to every actor (e.g. a virtual clock)."""
+
+    actor_died = LocalActorDied
+
+    def __init__(self, resources: dict[str, float] | None = None, clock: Callable[[], float] | None = None,
+                 **actor_kwargs: Any) -> None:
+        self._resources = resources or {"CPU": 1e9, "GPU": 1e9}
+        self.actor_kwargs = {**actor_kwargs, **({"clock": clock} if clock is not None else {})}
+        self.handles: list[LocalActor] = []
+
+    def launch(self, cls: type, instance_id: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+        handle = LocalActor(cls(instance_id, *args, **self.actor_kwargs))
+        self.handles.append(handle)
+        return handle
+
+    def kill(self, handle: Any) -> None:
+        handle.kill()
+
+    def resources(self) -> dict[str, float]:
+        return dict(self._resources)

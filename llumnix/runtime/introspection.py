@@ -1,0 +1,56 @@
+"""What the serving cluster shows of itself: per-instance rows (``/admin/instances``, ``/metrics``, the replay tool's
+samples), every instance's engine steps (``/admin/steps``) and block accounting checks (tests, debugging)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llumnix.runtime.cluster import ClusterManager
+
+
+def instance_rows(manager: ClusterManager) -> list[dict[str, Any]]:
+    """One row per instance: its latest load and counters."""
+    rows = []
+    for inst in manager.instances.values():
+        ld, st = inst.load, inst.stats
+        rows.append(
+            {
+                "instance_id": inst.instance_id,
+                "alive": inst.alive,
+                "running": ld.num_running if ld else 0,
+                "waiting": ld.num_waiting if ld else 0,
+                "free_blocks": ld.num_free_blocks if ld else 0,
+                "total_blocks": ld.num_total_blocks if ld else inst.info["num_blocks"],
+                "freeness": ld.freeness if ld else float("nan"),
+                "draining": inst.draining or (bool(ld.draining) if ld else False),
+                "migrations_in_flight": (ld.migrations_out + ld.migrations_in) if ld else 0,
+                "steps": st.steps if st else 0,
+                "busy_s": st.busy_s if st else 0.0,
+                "finished": st.finished if st else 0,
+                "preemptions": st.preemptions if st else 0,
+                "head_demand_blocks": st.head_demand_blocks if st else 0,
+                "watermark_blocks": st.watermark_blocks if st else inst.info["watermark_blocks"],
+                "migrations_committed": st.migrations_committed if st else 0,
+                "migrations_aborted": st.migrations_aborted if st else 0,
+                "migration_downtime_s": st.migration_downtime_s if st else 0.0,
+                "migration_bytes": st.migration_bytes if st else 0,
+            }
+        )
+    return rows
+
+
+async def step_logs(manager: ClusterManager) -> list[dict[str, Any]]:
+    """Every step of every live instance (``InstanceActor.step_log``), one dict per step (``StepRecord`` fields)."""
+    live = [inst for inst in manager.instances.values() if inst.alive]
+    logs = await asyncio.gather(*(inst.actor.step_log.remote() for inst in live), return_exceptions=True)
+    return [asdict(step) for rows in logs if not isinstance(rows, BaseException) for step in rows]
+
+
+async def check_instances(manager: ClusterManager) -> dict[int, dict[str, Any]]:
+    """Every live instance's block accounting (raises if broken)."""
+    ids = [i.instance_id for i in manager.live_instances()]
+    results = await asyncio.gather(*(manager.instances[i].actor.check.remote() for i in ids))
+    return dict(zip(ids, results, strict=True))
