@@ -156,7 +156,7 @@ class SchedulerBench:
         return [inst.llumlet.load() for inst in self.instances]  # consult every instance now
 
     def _dispatch(self, req: Request, arrived: float) -> None:
-        iid = self.gs.dispatch.choose(req, self._loads())
+        iid = self.gs.choose_instance(req, self._loads(), self.now())
         self.instances[iid].add(req, self.now())
         if self.design == "llumlet":
             self.pending[iid].append((blocks_for(req.prompt_tokens, self.profile.block_size), req.is_high))
@@ -187,7 +187,7 @@ class SchedulerBench:
         while True:
             await asyncio.sleep(self.config.pairing_interval_s)
             t0 = time.perf_counter()
-            self.gs.pairing.pairs(self._loads())  # decisions only: this benchmark measures scheduling, not copies
+            self.gs.pairs(self._loads(), self.now())  # decisions only: this benchmark measures scheduling, not copies
             self.pairing_s.append(time.perf_counter() - t0)
 
     async def run(self) -> dict:

@@ -299,6 +299,7 @@ class Llumlet:
         if inc is None:
             return Failed("destination holds no such migration")
         self.scheduler.adopt(req, inc.owner_key)
+        req.instances.append(self.instance_id)
         return Committed()
 
     def abort_in(self, migration_id: int) -> bool:

@@ -213,7 +213,6 @@ class Migration:
         self.src.scheduler.release(self.request)
         self.downtime_s = now - (self._freeze_s if self._freeze_s is not None else now)
         self._finish(now, MigrationPhase.COMMITTED)
-        self.request.instances.append(self.dst_id)
 
     def _finish(self, now: float, phase: MigrationPhase) -> None:
         self.phase = phase

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from llumnix.core.llumlet import InstanceLoad
+from llumnix.core.request import Request
 from llumnix.policies.dispatch import DispatchPolicy, make_dispatch_policy
 from llumnix.policies.pairing import PairingPolicy, make_pairing_policy
-from llumnix.policies.scaling import Scaler, ScalingConfig
+from llumnix.policies.scaling import Scaler, ScalingConfig, ScalingDecision
 
 # system name -> (dispatch policy, pairing policy when migration is on)
 SYSTEMS: dict[str, tuple[str, str]] = {
@@ -32,14 +35,30 @@ class SystemConfig:
             raise ValueError(f"--pairing-interval must be > 0, got {self.pairing_interval_s}")
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One decision of the global scheduler, at ``time_s`` of the runtime's clock: ``dispatch`` (request to
+    ``instance``), ``pair`` (``instance`` sends to ``dst``), ``start`` (one instance), ``drain`` (``instance``)."""
+
+    time_s: float
+    kind: str
+    instance: int = -1
+    dst: int = -1
+    request_id: int = -1
+
+
 @dataclass
 class GlobalScheduler:
-    """Dispatch, migration pairing and scaling decisions from the instances' latest load reports."""
+    """Dispatch, migration pairing and scaling decisions from the instances' latest load reports. Runtimes ask
+    ``choose_instance``, ``pairs`` and ``scale``; with ``record_decisions`` every answer is kept in ``decisions``
+    (the conformance test compares the simulator's with the real runtime's)."""
 
     config: SystemConfig
+    record_decisions: bool = False
     dispatch: DispatchPolicy = field(init=False)
     pairing: PairingPolicy = field(init=False)
     scaler: Scaler | None = field(init=False)
+    decisions: list[Decision] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         dispatch_name, pairing_name = SYSTEMS[self.config.policy]
@@ -52,3 +71,23 @@ class GlobalScheduler:
     @property
     def migrates(self) -> bool:
         return self.pairing.name != "none"
+
+    def choose_instance(self, request: Request, loads: Sequence[InstanceLoad], now: float) -> int:
+        iid = self.dispatch.choose(request, loads)
+        if self.record_decisions:
+            self.decisions.append(Decision(now, "dispatch", iid, request_id=request.request_id))
+        return iid
+
+    def pairs(self, loads: Sequence[InstanceLoad], now: float) -> list[tuple[int, int]]:
+        pairs = self.pairing.pairs(loads)
+        if self.record_decisions:
+            self.decisions.extend(Decision(now, "pair", src, dst) for src, dst in pairs)
+        return pairs
+
+    def scale(self, loads: Sequence[InstanceLoad], num_starting: int, now: float) -> ScalingDecision:
+        decision = self.scaler.decide(loads, num_starting)
+        if self.record_decisions:
+            self.decisions.extend(Decision(now, "start") for _ in range(decision.start))
+            if decision.drain is not None:
+                self.decisions.append(Decision(now, "drain", decision.drain))
+        return decision

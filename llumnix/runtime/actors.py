@@ -10,8 +10,9 @@ that way on a virtual clock, and tests use it to drive the cluster's code withou
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
+import itertools
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -70,25 +71,36 @@ class LocalActorDied(RuntimeError):
     """The in-process actor was killed."""
 
 
+_HANDLES: dict[int, LocalActor] = {}  # live in-process actors by key: a pickled handle is its key
+_handle_keys = itertools.count()
+
+
+def _handle(key: int) -> LocalActor:
+    return _HANDLES[key]
+
+
 class LocalActor:
     """A Ray-like handle on an object of this process: ``handle.method.remote(*args)`` runs the method as a task on
-    the running event loop and returns it (await it for the result). Arguments and results are deep-copied, as Ray's
-    serialization copies them; handles themselves are passed as they are."""
+    the running event loop and returns it (await it for the result). Arguments and results are copied through
+    pickle, as Ray's serialization copies them; a handle pickles as a reference to the same actor."""
 
     def __init__(self, obj: Any) -> None:
         self._obj = obj
         self._dead = False
+        self._key = next(_handle_keys)
+        _HANDLES[self._key] = self
 
     def __getattr__(self, name: str) -> _LocalMethod:
         if name.startswith("__"):
             raise AttributeError(name)
         return _LocalMethod(self, name)
 
-    def __deepcopy__(self, memo: dict) -> LocalActor:
-        return self
+    def __reduce__(self):
+        return _handle, (self._key,)
 
     def kill(self) -> None:
         self._dead = True
+        _HANDLES.pop(self._key, None)
         terminate = getattr(self._obj, "terminate", None)
         if terminate is not None:
             terminate()
@@ -99,7 +111,7 @@ class _LocalMethod:
         self._handle, self._method_name = handle, name
 
     def remote(self, *args: Any, **kwargs: Any) -> asyncio.Task:
-        args, kwargs = copy.deepcopy((args, kwargs))
+        args, kwargs = _copied((args, kwargs))
         return asyncio.get_running_loop().create_task(self._call(args, kwargs))
 
     async def _call(self, args: tuple, kwargs: dict) -> Any:
@@ -111,7 +123,11 @@ class _LocalMethod:
             result = await result
         if handle._dead:
             raise LocalActorDied(f"actor {type(handle._obj).__name__} died during {self._method_name}")
-        return copy.deepcopy(result)
+        return _copied(result)
+
+
+def _copied(value: Any) -> Any:
+    return pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class LocalLauncher(ActorLauncher):

@@ -33,7 +33,7 @@ class AutoScaler:
         while m.running:
             await asyncio.sleep(scaler.config.check_interval_s)
             try:
-                decision = scaler.decide(m.loads(), len(m.starting))
+                decision = m.gs.scale(m.loads(), len(m.starting), m.clock())
                 for _ in range(decision.start):
                     m.spawn(self.start_instance())
                 if decision.drain is not None:

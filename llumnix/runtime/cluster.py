@@ -23,13 +23,14 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import InstanceLoad
+from llumnix.core.records import MigrationRecord
 from llumnix.core.request import HIGH, NORMAL, Request
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 from llumnix.runtime.actors import ActorLauncher, RayLauncher
@@ -96,7 +97,7 @@ class ClusterManager:
     ``time.time``; the lock-step harness passes its virtual clock)."""
 
     def __init__(self, config: ServeConfig, launcher: ActorLauncher | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, record_decisions: bool = False) -> None:
         self.config = config
         self.launcher = launcher or RayLauncher()
         self.clock = clock
@@ -108,7 +109,8 @@ class ClusterManager:
                 pairing_interval_s=config.pairing_interval_s,
                 priorities=config.instance.priorities,
                 autoscale=config.scaling_config(),
-            )
+            ),
+            record_decisions=record_decisions,
         )
         self.instances: dict[int, InstanceHandle] = {}  # ready instances (serving or draining) and failed ones
         self.starting: dict[int, Any] = {}  # instance id -> actor, launched but not yet taking requests
@@ -122,6 +124,8 @@ class ClusterManager:
         self.started_s = self.clock()
         self.active: dict[str, ClientRequest] = {}
         self._by_engine: dict[int, ClientRequest] = {}
+        self._recently_done: OrderedDict[int, ClientRequest] = OrderedDict()  # news may trail a request's end
+        self.migration_log: deque[tuple[str, MigrationRecord]] = deque(maxlen=100_000)  # (client id, attempt)
         self._client_ids = itertools.count()
         self._engine_ids = itertools.count()
         self._migration_ids = itertools.count()
@@ -336,7 +340,7 @@ class ClusterManager:
                     raise NoInstanceError("no live instance can take the request")
                 req = req or self._engine_request(cr)
                 try:
-                    iid = self.gs.dispatch.choose(req, loads)
+                    iid = self.gs.choose_instance(req, loads, self.clock())
                 except RuntimeError as e:  # every ready instance is draining
                     raise NoInstanceError(str(e)) from None
                 t_choice = time.perf_counter() - t0
@@ -415,16 +419,21 @@ class ClusterManager:
 
     def _complete(self, cr: ClientRequest) -> None:
         cr.finish_s = self.clock()
-        self._by_engine.pop(cr.engine_id, None)
-        self.active.pop(cr.request_id, None)
+        self._retire_request(cr)
         self.counters["finished"] += 1
-        cr.notify()
 
     def _fail(self, cr: ClientRequest, reason: str) -> None:
         cr.error = reason
-        self._by_engine.pop(cr.engine_id, None)
-        self.active.pop(cr.request_id, None)
+        self._retire_request(cr)
         self.counters["failed"] += 1
+
+    def _retire_request(self, cr: ClientRequest) -> None:
+        engine = self._by_engine.pop(cr.engine_id, None)
+        if engine is not None:
+            self._recently_done[cr.engine_id] = cr
+            if len(self._recently_done) > 10_000:
+                self._recently_done.popitem(last=False)
+        self.active.pop(cr.request_id, None)
         cr.notify()
 
     # -- reports -------------------------------------------------------------------------------------------------
@@ -461,10 +470,17 @@ class ClusterManager:
             if isinstance(event, TokenBatch):
                 self._on_tokens(inst.instance_id, event.tokens)
             elif isinstance(event, MigrationDone):
-                cr = self._by_engine.get(event.record.request_id)
-                if cr is not None:
-                    cr.migration_ended(event.record)
-                    self._check_owner(cr)
+                self._migration_ended(event.record)
+
+    def _migration_ended(self, record: MigrationRecord) -> None:
+        """A migration attempt ended; an abort may come after its request finished (that is why it aborted)."""
+        cr = self._by_engine.get(record.request_id) or self._recently_done.get(record.request_id)
+        if cr is None:
+            return
+        self.migration_log.append((cr.request_id, record))
+        if not cr.done:
+            cr.migration_ended(record)
+            self._check_owner(cr)
 
     def _on_tokens(self, instance_id: int, tokens: list[tuple[int, int, int]]) -> None:
         now = self.clock()
@@ -502,7 +518,7 @@ class ClusterManager:
     # -- migration -----------------------------------------------------------------------------------------------
     async def _pairing_loop(self) -> None:
         while self._running:
-            for src, dst in self.gs.pairing.pairs(self.loads()):
+            for src, dst in self.gs.pairs(self.loads(), self.clock()):
                 self.spawn(self.migrate_between(src, dst))
             await asyncio.sleep(self.config.pairing_interval_s)
 
@@ -559,6 +575,11 @@ class ClusterManager:
         from llumnix.runtime.introspection import step_logs
 
         return await step_logs(self)
+
+    def migration_rows(self) -> list[dict[str, Any]]:
+        from llumnix.runtime.introspection import migration_rows
+
+        return migration_rows(self)
 
     async def check_instances(self) -> dict[int, dict[str, Any]]:
         from llumnix.runtime.introspection import check_instances

@@ -13,7 +13,9 @@ Endpoints
   draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
 - ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
-- ``GET /admin/steps``: every engine step of every live instance (perf-counter start/end, kind, batch, tokens).
+- ``GET /admin/steps``: every engine step of every live instance (start/end on its clock, kind, batch, tokens).
+- ``GET /admin/migrations``: every migration attempt (``MigrationRecord`` fields and the client request id), also
+  those that ended after their request (a migration aborts when its request finishes first).
 - ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
   and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
@@ -298,6 +300,10 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     @app.get("/admin/steps")
     async def admin_steps():
         return await manager.step_logs()
+
+    @app.get("/admin/migrations")
+    async def admin_migrations():
+        return manager.migration_rows()
 
     @app.get("/admin/scaling")
     async def admin_scaling():

@@ -1,5 +1,6 @@
 """What the serving cluster shows of itself: per-instance rows (``/admin/instances``, ``/metrics``, the replay tool's
-samples), every instance's engine steps (``/admin/steps``) and block accounting checks (tests, debugging)."""
+samples), every migration attempt (``/admin/migrations``), every instance's engine steps (``/admin/steps``) and block
+accounting checks (tests, debugging)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def instance_rows(manager: ClusterManager) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def migration_rows(manager: ClusterManager) -> list[dict[str, Any]]:
+    """Every migration attempt the cluster reported (``MigrationRecord`` fields, engine request ids and instance
+    clocks), with the client request id it belongs to, oldest first (the last 100,000)."""
+    return [{"client_request_id": client, **asdict(record)} for client, record in manager.migration_log]
 
 
 async def step_logs(manager: ClusterManager) -> list[dict[str, Any]]:

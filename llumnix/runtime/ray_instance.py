@@ -438,7 +438,7 @@ class InstanceActor:
         """Carry out ``mig``'s actions until it has ended; every failure of the destination aborts it."""
         try:
             if await _call(dst.mig_reserve, mig.migration_id, self.instance_id) is not True:
-                action = mig.abort(self.clock(), "destination takes no migration now")
+                action = await self._answer(mig, mig.abort(self.clock(), "destination takes no migration now"), dst)
             else:
                 async with self._lock:  # a stage begins at a step boundary
                     action = await self._answer(mig, mig.start(self.clock()), dst)
@@ -492,7 +492,7 @@ class InstanceActor:
             self._mig_bytes += mig.num_bytes
         else:
             self._mig_aborted += 1
-            log.info("instance %d: migration %d aborted: %s", self.instance_id, mig.migration_id, record.abort_reason)
+            log.debug("instance %d: migration %d aborted: %s", self.instance_id, mig.migration_id, record.abort_reason)
         self._emit(MigrationDone(record))
         self._changed(work=True)  # an unfrozen request, or freed blocks
 

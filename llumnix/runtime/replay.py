@@ -72,6 +72,8 @@ class ReplayResult:
     max_send_lag_s: float
     model: dict[str, Any] = field(default_factory=dict)
     scaling: list[dict[str, Any]] = field(default_factory=list)  # /admin/scaling before the first and after the last
+    client_ids: dict[str, Request] = field(default_factory=dict)  # the server's id of each request -> the request
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> the response's llumnix block
 
 
 def instance_samples(rows: list[dict]) -> list[InstanceSample]:
@@ -130,6 +132,7 @@ async def _one(client, url: str, req: Request, t0: float, send_at: float, result
     }
     extra: dict[str, Any] | None = None
     last = None
+    client_id: str | None = None
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout_s) as resp:
             if resp.status_code != 200:
@@ -147,6 +150,7 @@ async def _one(client, url: str, req: Request, t0: float, send_at: float, result
                     result.errors.append(f"request {req.request_id}: {chunk['error'].get('message')}")
                     return
                 now = time.time() - t0
+                client_id = chunk["id"]
                 ids = chunk["choices"][0]["token_ids"]
                 if ids and req.first_token_s is None:
                     req.first_token_s = now
@@ -164,6 +168,10 @@ async def _one(client, url: str, req: Request, t0: float, send_at: float, result
         result.errors.append(f"request {req.request_id}: got {req.num_generated} of {req.output_tokens} tokens")
     if extra:
         _apply_engine_timeline(req, extra, t0, result)
+    if client_id is not None:
+        result.client_ids[client_id] = req
+        if extra:
+            result.summaries[client_id] = extra
 
 
 def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result: ReplayResult) -> None:
@@ -172,10 +180,30 @@ def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result
     req.prefill_ends_s = [t - t0 for t in info.get("prefill_ends_s", [])]
     if info.get("dispatch_s") is not None:
         req.dispatch_s = info["dispatch_s"] - t0
-    records = records_from_rows(MigrationRecord, info.get("migration_records", []))
-    # On the client's time axis, under the trace's request id.
-    req.migrations = [replace(m, request_id=req.request_id, start_s=m.start_s - t0, end_s=m.end_s - t0) for m in records]
-    result.migrations.extend(req.migrations)
+
+
+async def _migrations(client, url: str, t0: float, result: ReplayResult) -> None:
+    """Every migration attempt from ``/admin/migrations`` (those that ended after their request too), on the
+    client's time axis under the trace's request ids; without that endpoint, what the responses carried."""
+    try:
+        resp = await client.get(f"{url}/admin/migrations", timeout=30.0)
+        rows = resp.json() if resp.status_code == 200 else None
+    except Exception as e:
+        log.debug("no migration log: %r", e)
+        rows = None
+    if rows is None:
+        rows = [{"client_request_id": cid, **m} for cid, info in result.summaries.items()
+                for m in info.get("migration_records", [])]
+    for req in result.requests:
+        req.migrations = []
+    for row in rows:
+        req = result.client_ids.get(row["client_request_id"])
+        if req is None:
+            continue  # a request of another client
+        (m,) = records_from_rows(MigrationRecord, [row])
+        m = replace(m, request_id=req.request_id, start_s=m.start_s - t0, end_s=m.end_s - t0)
+        req.migrations.append(m)
+        result.migrations.append(m)
 
 
 async def replay(
@@ -224,6 +252,7 @@ async def replay(
             stop.set()
             await sampler
         result.wall_s = time.perf_counter() - started
+        await _migrations(client, url, t0, result)
         after = await _scaling_status(client, url)
         if before is not None and after is not None:
             result.scaling = [before, after]

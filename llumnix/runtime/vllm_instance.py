@@ -458,7 +458,6 @@ class VllmInstance:
         req = migrated.request
         if req.remaining_tokens < 1:
             raise ValueError(f"request {req.request_id} has no tokens left to generate")
-        req.instances.append(self.instance_id)
         vllm_id = self._submit(req, migrated.prompt_token_ids + migrated.output_token_ids)
         if migrated.kv is not None:
             self.connector.expect(vllm_id, migrated.kv)

@@ -46,6 +46,7 @@ class SimConfig:
     delivery_latency_s: float = 0.0
     # Safety net against a wedged simulation (a bug): virtual seconds after the last arrival before giving up.
     max_drain_s: float = 1e6
+    record_decisions: bool = False  # keep every global-scheduler decision (GlobalScheduler.decisions)
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -98,7 +99,7 @@ class Simulator:
         self.config = config or SimConfig()
         self.profile = profile
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
-        self.gs = GlobalScheduler(self.config.system)
+        self.gs = GlobalScheduler(self.config.system, record_decisions=self.config.record_decisions)
         self.instances: dict[int, SimInstance] = {}
         self.migrations: list[Migration] = []
         self.samples: list[tuple] = []
@@ -204,7 +205,7 @@ class Simulator:
 
     # -- handlers ------------------------------------------------------------------------------------------------
     def _dispatch(self, req: Request, now: float) -> None:
-        iid = self.gs.dispatch.choose(req, self._loads())
+        iid = self.gs.choose_instance(req, self._loads(), now)
         inst = self.instances[iid]
         if req.dispatch_s is None:
             req.dispatch_s = now
@@ -254,7 +255,7 @@ class Simulator:
             self._kick(inst, now)
 
     def _on_pair_tick(self, now: float, _: object) -> None:
-        for src_id, dst_id in self.gs.pairing.pairs(self._loads()):
+        for src_id, dst_id in self.gs.pairs(self._loads(), now):
             src, dst = self.instances[src_id], self.instances[dst_id]
             req = src.llumlet.pick_migration_candidate()
             if req is None:
@@ -294,7 +295,7 @@ class Simulator:
     def _on_scale_tick(self, now: float, _: object) -> None:
         scaler = self.gs.scaler
         starting = sum(1 for i in self.instances.values() if not i.ready and i.stop_s is None)
-        decision = scaler.decide(self._loads(), starting)
+        decision = self.gs.scale(self._loads(), starting, now)
         for _ in range(decision.start):
             self._launch(now, now + scaler.config.startup_delay_s)
         if decision.drain is not None:
