@@ -45,15 +45,6 @@ def _write_csv(df, output: Path, summary_columns: list[str]) -> None:
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
-def _device(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.ClickException("--device cuda asked for, but torch sees no CUDA device here")
-    return device
-
-
 def _progress():
     from tqdm import tqdm
 
@@ -117,10 +108,11 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
               invariant_batch, output) -> None:
     """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
     from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
+    from llumnix.engine.device import check_device
 
     try:
         cfg = MigrationBenchConfig(
-            device=_device(device), model=model, dtype=dtype, lengths=_ints(lengths), num_blocks=num_blocks,
+            device=check_device(device), model=model, dtype=dtype, lengths=_ints(lengths), num_blocks=num_blocks,
             repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
             output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
             migrations=migrations, steps_between=steps_between,
@@ -150,10 +142,11 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, paged_kernel, output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
     from llumnix.bench.profiler import decode_floor
+    from llumnix.engine.device import check_device
 
     try:
-        result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats, cuda_graphs=cuda_graphs,
-                              paged_kernel=paged_kernel)
+        result = decode_floor(check_device(device), model, dtype, batch, context_tokens, repeats,
+                              cuda_graphs=cuda_graphs, paged_kernel=paged_kernel)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
@@ -189,9 +182,10 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
     """Greedy decoding run to run, across KV block placement and across batches (what token identity after a
     migration rests on)."""
     from llumnix.bench.determinism import DeterminismConfig, default_modes, probe
+    from llumnix.engine.device import check_device
 
-    device = _device(device)
     try:
+        device = check_device(device)
         cfg = DeterminismConfig(
             model=model, device=device, dtype=dtype, lengths=_ints(lengths), batches=_ints(batches),
             modes=_names(modes) if modes else default_modes(device),
@@ -236,6 +230,7 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
             concurrent_instances, output) -> None:
     """Measure a step-time profile of the real engine (prefill, decode, KV copies) for the simulator."""
     from llumnix.bench.profiler import ProfileConfig, measure_profile
+    from llumnix.engine.device import check_device
 
     params = dict(device=device, model=model, dtype=dtype, num_blocks=num_blocks, name=name,
                   prefill_lengths=prefill_lengths, prefill_batches=prefill_batches, decode_batches=decode_batches,
@@ -245,7 +240,7 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
                   concurrent_instances=concurrent_instances if concurrent_instances > 1 else None, output=output)
     try:
         cfg = ProfileConfig(
-            device=_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
+            device=check_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
             prefill_lengths=_ints(prefill_lengths), prefill_batches=_ints(prefill_batches),
             decode_batches=_ints(decode_batches), decode_contexts=_ints(decode_contexts),
             copy_blocks=_ints(copy_blocks), transport=transport, repeats=repeats, warmup=warmup,

@@ -35,6 +35,7 @@ from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase, Stage
 from llumnix.core.request import Request
+from llumnix.engine.device import device_name, torch_threads
 from llumnix.engine.executor import Executor, TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
 from llumnix.engine.runner import SeqInput
@@ -422,33 +423,6 @@ class _Bench:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def torch_threads(device: str, threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch intra-op threads when on CPU (restored afterwards). On a CPU shared with other
-    jobs, several OpenMP threads spin-wait on each other and a 2 ms step can take 200 ms; one thread stays stable."""
-    import torch
-
-    if device.startswith("cuda") or threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    from llumnix.machine import cpu_model
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
-
-
 def nccl_version() -> str:
     if not torch.cuda.is_available():
         return ""
