@@ -67,7 +67,8 @@ def _command_line(name: str, params: dict) -> str:
 
 @click.group(context_settings=CONTEXT)
 def bench() -> None:
-    """Micro-benchmarks of the real engine (Fig 10 migration; decode step vs the bandwidth floor)."""
+    """Benchmarks of the real engine (Fig 10 migration; decode step vs the bandwidth floor; greedy determinism) and
+    of global scheduling (Fig 16)."""
 
 
 @bench.command(context_settings=CONTEXT)
@@ -195,6 +196,35 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
         raise click.ClickException(str(e)) from None
     _write_csv(df, output, ["mode", "length", "batch", "tokens_stable", "logits_identical", "tokens_match_alone",
                             "first_mismatch", "max_logit_diff", "min_top2_gap"])
+
+
+@bench.command("scheduler", context_settings=CONTEXT)
+@click.option("--instances", default="16,64,256", help="Comma-separated instance counts.")
+@click.option("--designs", default="llumlet,centralized",
+              help="Comma-separated designs: llumlet (asynchronous load reports), centralized (synchronous consults).")
+@click.option("--requests", "num_requests", type=int, default=None,
+              help="Requests per run (default: 8 per instance).")
+@click.option("--rate-per-instance", type=float, default=1.0, help="Arrival rate per instance, requests/s of real time.")
+@click.option("--speed", type=float, default=1.0, help="Steps run this many times faster than the profile says.")
+@click.option("--profile", default="a10-llama-7b", help="Step-time profile (name or JSON path).")
+@click.option("--max-wall", "max_wall_s", type=float, default=120.0, help="Stop a run after this many seconds.")
+@click.option("--seed", type=int, default=0, help="Seed of arrivals and lengths.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
+def bench_scheduler(instances, designs, num_requests, rate_per_instance, speed, profile, max_wall_s, seed,
+                    output) -> None:
+    """Fig 16: per-request dispatch latency and per-step scheduling stall, llumlet vs centralized scheduling."""
+    from llumnix.bench.scheduler import BenchConfig, run_benchmark
+
+    try:
+        config = BenchConfig(requests=num_requests, rate_per_instance=rate_per_instance, speed=speed,
+                             profile=profile, max_wall_s=max_wall_s, seed=seed)
+        df = run_benchmark(list(_ints(instances)), list(_names(designs)), config,
+                           progress=lambda msg: click.echo(msg, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    click.echo(df.to_string(index=False), err=True)
 
 
 @click.command(context_settings=CONTEXT)
