@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from llumnix.analysis.experiments import ExperimentError, expand_runs, load_experiment
+from llumnix.analysis.figures.real_vs_sim import plot_real_vs_sim
 from llumnix.analysis.realsim import (
     COMPARED_METRICS,
     RealClusterConfig,
@@ -23,7 +24,6 @@ from llumnix.analysis.realsim import (
     cap_lengths,
     capped_trace_args,
     error_summary,
-    plot_real_vs_sim,
     profile_args,
     real_cluster_args,
     real_run_files,
