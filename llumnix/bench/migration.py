@@ -35,7 +35,7 @@ from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase, Stage
 from llumnix.core.request import Request
-from llumnix.engine.device import device_name, torch_threads
+from llumnix.engine.device import deterministic_kernels, device_name, nccl_version, torch_threads
 from llumnix.engine.executor import Executor, TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
 from llumnix.engine.runner import SeqInput
@@ -423,16 +423,6 @@ class _Bench:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------------
-def nccl_version() -> str:
-    if not torch.cuda.is_available():
-        return ""
-    try:
-        version = torch.cuda.nccl.version()
-    except Exception:  # a build without NCCL
-        return ""
-    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
 def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
     if cfg.cross_process:
         overlap = (f"source on {cfg.device} in this process, destination on {cfg.dst_device} in a child process "
@@ -603,27 +593,6 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                      "(timed runs %s)", length, t, rows[-1]["recompute_s"] * 1e3, rows[-1]["blocking_copy_s"] * 1e3,
                      rows[-1]["downtime_s"] * 1e3, identical[t], identical_timed[t])
     return pd.DataFrame(rows)
-
-
-@contextlib.contextmanager
-def deterministic_kernels() -> Iterator[None]:
-    """torch's deterministic algorithms (warn-only, warnings silenced, uninitialised memory left alone), restored."""
-    import warnings
-
-    import torch
-    import torch.utils.deterministic
-
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-            torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 # -- tables and figure -----------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""The torch device a run asks for: whether it is there, what it is called, and how many CPU threads torch uses on it."""
+"""The torch device a run asks for: whether it is there, what it and its NCCL are called, how many CPU threads torch
+uses on it, and torch's deterministic kernels."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.utils.deterministic
 
 from llumnix.machine import cpu_model
 
@@ -24,6 +27,17 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
 
 
+def nccl_version() -> str:
+    """The NCCL version torch was built with ('' without CUDA or NCCL), for the provenance columns."""
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        version = torch.cuda.nccl.version()
+    except Exception:  # a build without NCCL
+        return ""
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 @contextlib.contextmanager
 def torch_threads(device: str, threads: int | None) -> Iterator[None]:
     """Run with ``threads`` torch intra-op threads when on CPU (restored afterwards). On a CPU shared with other
@@ -37,3 +51,19 @@ def torch_threads(device: str, threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """torch's deterministic algorithms (warn-only, warnings silenced, uninitialised memory left alone), restored."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.utils.deterministic.fill_uninitialized_memory = fill_before
