@@ -19,8 +19,7 @@ from llumnix.analysis.experiments import ExperimentError, expand_runs, load_expe
 from llumnix.analysis.figures.real_vs_sim import plot_real_vs_sim
 from llumnix.analysis.realsim import (
     COMPARED_METRICS,
-    RealClusterConfig,
-    ServeProcess,
+    REAL_BACKENDS,
     cap_lengths,
     capped_trace_args,
     error_summary,
@@ -32,6 +31,7 @@ from llumnix.analysis.realsim import (
     twin_simulate_args,
 )
 from llumnix.cli import main as llumnix_cli
+from llumnix.runtime.supervisor import BACKENDS, RealClusterConfig, ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -263,3 +263,4 @@ def test_the_vllm_backend_has_its_own_runs_data_and_figure(tmp_path: Path):
     assert all(p.stat().st_size > 1000 for p in plot_real_vs_sim(exp, data, tmp_path / "fig" / "real-vllm.png"))
     with pytest.raises(ValueError, match="make install-vllm"):
         RealClusterConfig(backend="vllm", python=str(tmp_path / "no-python"))
+    assert set(REAL_BACKENDS) == set(BACKENDS)  # every engine the supervisor serves has a runtime folder

@@ -277,7 +277,8 @@ def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks
     import json
     import sys
 
-    from llumnix.analysis.realsim import RealClusterConfig, run_real_cluster
+    from llumnix.analysis.realrun import run_real_cluster
+    from llumnix.runtime.supervisor import RealClusterConfig
 
     try:
         config = RealClusterConfig(
