@@ -173,6 +173,15 @@ def test_real_vs_sim_table_and_figure(tmp_path: Path):
         real_vs_sim_table(exp, "paper", tmp_path)
 
 
+def test_the_dispatch_latency_is_read_from_the_metrics_text():
+    from llumnix.analysis.realrun import _dispatch_seconds
+
+    text = ("# HELP llumnix_dispatch_seconds dispatch\n# TYPE llumnix_dispatch_seconds summary\n"
+            "llumnix_dispatch_seconds_count 4.0\nllumnix_dispatch_seconds_sum 0.2\n")
+    assert _dispatch_seconds(text) == pytest.approx(0.05)
+    assert np.isnan(_dispatch_seconds(text.replace("count 4.0", "count 0.0"))) and np.isnan(_dispatch_seconds(""))
+
+
 # -- the real cluster, end to end -----------------------------------------------------------------------------------
 def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, monkeypatch):
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from llumnix.bench.insitu import request_legs, steps_table
 from llumnix.machine import machine_description
+from llumnix.runtime.frontend import metric_samples
 from llumnix.runtime.replay import load_trace, replay, write_replay_outputs
 from llumnix.runtime.supervisor import (
     RealClusterConfig,
@@ -110,13 +111,8 @@ def _engine_prefill_latencies(requests) -> list[float]:
 
 def _dispatch_seconds(metrics_text: str) -> float:
     """Mean of ``llumnix_dispatch_seconds`` (policy choice + the instance's acknowledgement) from /metrics."""
-    values = {}
-    for line in metrics_text.splitlines():
-        for key in ("llumnix_dispatch_seconds_sum", "llumnix_dispatch_seconds_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[1])
-    count = values.get("llumnix_dispatch_seconds_count", 0.0)
-    return values.get("llumnix_dispatch_seconds_sum", math.nan) / count if count else math.nan
+    count = sum(metric_samples(metrics_text, "llumnix_dispatch_seconds_count"))
+    return sum(metric_samples(metrics_text, "llumnix_dispatch_seconds_sum")) / count if count else math.nan
 
 
 __all__ = ["run_real_cluster"]
