@@ -119,6 +119,21 @@ def test_sweep_expands_systems_with_linked_thresholds():
     assert "--scale-up 45 --scale-down 95" in args and "--initial-instances 8" in args
 
 
+def test_every_figure_kind_of_the_schema_is_registered_once():
+    from typing import get_args
+
+    from llumnix.analysis.experiments import FigureSpec
+    from llumnix.analysis.figures import plot_experiment  # noqa: F401  (registers the kinds)
+    from llumnix.analysis.plots import FIGURE_KINDS
+
+    assert FIGURE_KINDS.names() == sorted(get_args(FigureSpec.model_fields["kind"].annotation))
+    assert FIGURE_KINDS.get("timeline").needs_timeline and not FIGURE_KINDS.get("lines").needs_timeline
+    with pytest.raises(ValueError, match="registered twice"):
+        FIGURE_KINDS.register("lines")(lambda exp, data, out: [])
+    with pytest.raises(ValueError, match="unknown figure kind"):
+        FIGURE_KINDS.get("pie")
+
+
 # -- aggregation ---------------------------------------------------------------------------------------------------
 def test_flatten_summary():
     flat = flatten_summary({"a": 1, "high": {"e2e_mean_s": 2.0, "requests": 3}, "policy": "x"})

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from llumnix.bench.cli import bench_scheduler
 from llumnix.bench.scheduler import BenchConfig, run_one
-from llumnix.runtime.cli import COMMANDS, bench_scheduler
+from llumnix.runtime.cli import COMMANDS
 
 
 def test_bench_scheduler_writes_csv(tmp_path: Path):

@@ -1,20 +1,18 @@
 """The real engine under the shared scheduler: live migration is token-identical whenever it happens."""
 
 import pytest
-import torch
 
 from llumnix.core.migration import MigrationConfig, MigrationPhase
 from llumnix.core.request import Request
+from llumnix.engine.device import torch_threads
 from llumnix.engine.executor import TorchExecutor
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads("cpu", 1):
+        yield
 
 
 def instance(iid, blocks=96):

@@ -14,6 +14,7 @@ from llumnix.engine import (
     dense_logits,
     get_model_config,
 )
+from llumnix.engine.device import torch_threads
 from llumnix.engine.runner import group_by_length
 
 PROMPT_LENS = [1, 4, 13, 16, 29, 40]
@@ -56,10 +57,8 @@ def paged_generate(runner: ModelRunner, prompt_list: list[list[int]], n: int, bl
 def one_cpu_thread():
     """The tiny model's matmuls are too small to gain from threads, and on a busy 2-core box OpenMP spinning makes
     them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads("cpu", 1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from llumnix.runtime.cli import replay as replay_command
 from llumnix.runtime.cli import serve as serve_command
-from llumnix.runtime.frontend import BackgroundServer
+from llumnix.runtime.frontend import BackgroundServer, metric_samples
 from llumnix.runtime.replay import cost_between
 from llumnix.runtime.serve_config import ServeConfigError, build_serve_config
 
@@ -139,8 +139,9 @@ def test_a_burst_scales_up_and_idleness_drains_back_to_min(ray_local, tmp_path: 
         rows = httpx.get(f"{srv.url}/admin/instances").json()
         assert [r["instance_id"] for r in rows] == list(manager.instances)  # stopped instances left the rows
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert 'llumnix_instances{state="serving"} 1.0' in metrics
-        assert "llumnix_instance_seconds_total" in metrics and "llumnix_instances_stopped_total" in metrics
+        assert metric_samples(metrics, "llumnix_instances", state="serving") == [1.0]
+        assert metric_samples(metrics, "llumnix_instance_seconds_total")
+        assert metric_samples(metrics, "llumnix_instances_stopped_total")
         for check in asyncio.run(manager.check_instances()).values():
             assert check["free_blocks"] == check["num_blocks"]
         assert set(manager.retired) == stopped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from llumnix.core.llumlet import InstanceLoad, Llumlet
 from llumnix.core.local_scheduler import LocalScheduler
 from llumnix.core.request import Request
 from llumnix.policies.dispatch import make_dispatch_policy
-from llumnix.runtime.frontend import BackgroundServer, decode_tokens, encode_text
+from llumnix.runtime.frontend import BackgroundServer, decode_tokens, encode_text, metric_samples
 from llumnix.runtime.kv_transport import pack, unpack
 from llumnix.runtime.serve_config import ServeConfigError, build_serve_config
 
@@ -222,10 +223,32 @@ def test_forced_migration_commits_and_the_stream_is_seamless(server):
     assert 0 < final["migration_downtime_s"] < 1.0
     assert tokens == reference["choices"][0]["token_ids"]  # the same greedy tokens as the unmigrated run
     metrics = httpx.get(f"{url}/metrics").text
-    committed = [line for line in metrics.splitlines() if line.startswith("llumnix_instance_migrations_committed")]
-    assert sum(float(line.split()[-1]) for line in committed) >= 1
+    assert sum(metric_samples(metrics, "llumnix_instance_migrations_committed_total")) >= 1
     for check in asyncio.run(server.manager.check_instances()).values():
         assert check["free_blocks"] == check["num_blocks"] and check["incoming_migrations"] == 0
+
+
+def test_metrics_are_the_managers_state_read_back_by_the_parser():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from llumnix.runtime.frontend import INSTANCE_COUNTERS, INSTANCE_GAUGES, metrics_registry
+
+    row = dict.fromkeys((*INSTANCE_GAUGES, *INSTANCE_COUNTERS), 1.0) | {"instance_id": 3, "freeness": -math.inf}
+    manager = SimpleNamespace(
+        instance_rows=lambda: [row], counters={"requests": 5}, active={}, dispatch_latency=SimpleNamespace(count=4,
+        total_s=0.2), decision_latency=SimpleNamespace(count=4, total_s=0.1),
+        scaling_status=lambda: {"starting": 0, "serving": 1, "draining": 0, "instance_seconds": 2.5},
+    )  # fmt: skip
+    text = generate_latest(metrics_registry(manager)).decode()
+    assert metric_samples(text, "llumnix_instance_freeness", instance="3") == [-math.inf]
+    assert metric_samples(text, "llumnix_instance_steps_total", instance="3") == [1.0]
+    assert metric_samples(text, "llumnix_instance_up", instance="4") == []
+    assert metric_samples(text, "llumnix_requests_total") == [5.0]
+    assert metric_samples(text, "llumnix_instances", state="serving") == [1.0]
+    assert metric_samples(text, "llumnix_instance_seconds_total") == [2.5]
+    assert metric_samples(text, "llumnix_dispatch_seconds_sum") == [0.2]
 
 
 def test_health_models_and_metrics(server):
@@ -235,7 +258,7 @@ def test_health_models_and_metrics(server):
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("llumnix_instance_running_requests", "llumnix_instance_waiting_requests", "llumnix_instance_free_blocks",
                  "llumnix_instance_freeness", "llumnix_instance_migrations_aborted_total", "llumnix_dispatch_seconds_count"):
-        assert f"\n{name}" in text, name
+        assert metric_samples(text, name), name
 
 
 def test_pairing_policy_migrates_on_its_own(ray_local, server):

@@ -16,14 +16,13 @@ import yaml
 from click.testing import CliRunner
 
 from llumnix.analysis.experiments import ExperimentError, expand_runs, load_experiment
+from llumnix.analysis.figures.real_vs_sim import plot_real_vs_sim
 from llumnix.analysis.realsim import (
     COMPARED_METRICS,
-    RealClusterConfig,
-    ServeProcess,
+    REAL_BACKENDS,
     cap_lengths,
     capped_trace_args,
     error_summary,
-    plot_real_vs_sim,
     profile_args,
     real_cluster_args,
     real_run_files,
@@ -32,6 +31,7 @@ from llumnix.analysis.realsim import (
     twin_simulate_args,
 )
 from llumnix.cli import main as llumnix_cli
+from llumnix.runtime.supervisor import BACKENDS, RealClusterConfig, ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -173,6 +173,15 @@ def test_real_vs_sim_table_and_figure(tmp_path: Path):
         real_vs_sim_table(exp, "paper", tmp_path)
 
 
+def test_the_dispatch_latency_is_read_from_the_metrics_text():
+    from llumnix.analysis.realrun import _dispatch_seconds
+
+    text = ("# HELP llumnix_dispatch_seconds dispatch\n# TYPE llumnix_dispatch_seconds summary\n"
+            "llumnix_dispatch_seconds_count 4.0\nllumnix_dispatch_seconds_sum 0.2\n")
+    assert _dispatch_seconds(text) == pytest.approx(0.05)
+    assert np.isnan(_dispatch_seconds(text.replace("count 4.0", "count 0.0"))) and np.isnan(_dispatch_seconds(""))
+
+
 # -- the real cluster, end to end -----------------------------------------------------------------------------------
 def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, monkeypatch):
     rng = np.random.default_rng(0)
@@ -263,3 +272,4 @@ def test_the_vllm_backend_has_its_own_runs_data_and_figure(tmp_path: Path):
     assert all(p.stat().st_size > 1000 for p in plot_real_vs_sim(exp, data, tmp_path / "fig" / "real-vllm.png"))
     with pytest.raises(ValueError, match="make install-vllm"):
         RealClusterConfig(backend="vllm", python=str(tmp_path / "no-python"))
+    assert set(REAL_BACKENDS) == set(BACKENDS)  # every engine the supervisor serves has a runtime folder

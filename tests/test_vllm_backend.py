@@ -18,6 +18,7 @@ import httpx  # noqa: E402
 
 from llumnix.core.llumlet import LlumletConfig  # noqa: E402
 from llumnix.core.request import HIGH, Request, RequestStatus  # noqa: E402
+from llumnix.runtime.frontend import metric_samples  # noqa: E402
 from llumnix.runtime.serve_config import ServeConfigError, build_serve_config  # noqa: E402
 from llumnix.runtime.vllm_instance import VllmInstance, VllmInstanceConfig, migrate  # noqa: E402
 from llumnix.runtime.vllm_model import write_random_llama  # noqa: E402
@@ -222,8 +223,8 @@ def _stream(url: str, on_chunk, **body) -> tuple[list[int], dict]:
 
 
 def _metric(text: str, name: str, instance: int) -> float:
-    prefix = f'{name}{{instance="{instance}"}} '
-    return float(next(line for line in text.splitlines() if line.startswith(prefix)).split()[-1])
+    (value,) = metric_samples(text, name, instance=str(instance))
+    return value
 
 
 def test_cluster_serves_like_one_engine(cluster, engines):

@@ -122,7 +122,7 @@ def plot(experiment_path, data_path, timeline, output) -> None:
     """Draw an experiment's figure from its aggregated data."""
     import pandas as pd
 
-    from llumnix.analysis.plots import plot_experiment
+    from llumnix.analysis.figures import plot_experiment
 
     exp = _load(experiment_path)
     data = pd.read_csv(data_path)
@@ -277,7 +277,8 @@ def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks
     import json
     import sys
 
-    from llumnix.analysis.realsim import RealClusterConfig, run_real_cluster
+    from llumnix.analysis.realrun import run_real_cluster
+    from llumnix.runtime.supervisor import RealClusterConfig
 
     try:
         config = RealClusterConfig(

@@ -153,7 +153,7 @@ class RealSpec(_Strict):
 
 
 class FigureSpec(_Strict):
-    """How the figure is laid out (see llumnix.analysis.plots)."""
+    """How the figure is laid out: ``kind`` names a figure kind of llumnix.analysis.figures."""
 
     kind: Literal["lines", "timeline", "tradeoff", "bench", "real_vs_sim"]
     metrics: list[str] = Field(default_factory=list, description="'lines': one column per metric.")

@@ -45,15 +45,6 @@ def _write_csv(df, output: Path, summary_columns: list[str]) -> None:
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
-def _device(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.ClickException("--device cuda asked for, but torch sees no CUDA device here")
-    return device
-
-
 def _progress():
     from tqdm import tqdm
 
@@ -76,7 +67,8 @@ def _command_line(name: str, params: dict) -> str:
 
 @click.group(context_settings=CONTEXT)
 def bench() -> None:
-    """Micro-benchmarks of the real engine (Fig 10 migration; decode step vs the bandwidth floor)."""
+    """Benchmarks of the real engine (Fig 10 migration; decode step vs the bandwidth floor; greedy determinism) and
+    of global scheduling (Fig 16)."""
 
 
 @bench.command(context_settings=CONTEXT)
@@ -117,10 +109,11 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
               invariant_batch, output) -> None:
     """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
     from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
+    from llumnix.engine.device import check_device
 
     try:
         cfg = MigrationBenchConfig(
-            device=_device(device), model=model, dtype=dtype, lengths=_ints(lengths), num_blocks=num_blocks,
+            device=check_device(device), model=model, dtype=dtype, lengths=_ints(lengths), num_blocks=num_blocks,
             repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
             output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
             migrations=migrations, steps_between=steps_between,
@@ -150,10 +143,11 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, paged_kernel, output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
     from llumnix.bench.profiler import decode_floor
+    from llumnix.engine.device import check_device
 
     try:
-        result = decode_floor(_device(device), model, dtype, batch, context_tokens, repeats, cuda_graphs=cuda_graphs,
-                              paged_kernel=paged_kernel)
+        result = decode_floor(check_device(device), model, dtype, batch, context_tokens, repeats,
+                              cuda_graphs=cuda_graphs, paged_kernel=paged_kernel)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
@@ -189,9 +183,10 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
     """Greedy decoding run to run, across KV block placement and across batches (what token identity after a
     migration rests on)."""
     from llumnix.bench.determinism import DeterminismConfig, default_modes, probe
+    from llumnix.engine.device import check_device
 
-    device = _device(device)
     try:
+        device = check_device(device)
         cfg = DeterminismConfig(
             model=model, device=device, dtype=dtype, lengths=_ints(lengths), batches=_ints(batches),
             modes=_names(modes) if modes else default_modes(device),
@@ -201,6 +196,35 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
         raise click.ClickException(str(e)) from None
     _write_csv(df, output, ["mode", "length", "batch", "tokens_stable", "logits_identical", "tokens_match_alone",
                             "first_mismatch", "max_logit_diff", "min_top2_gap"])
+
+
+@bench.command("scheduler", context_settings=CONTEXT)
+@click.option("--instances", default="16,64,256", help="Comma-separated instance counts.")
+@click.option("--designs", default="llumlet,centralized",
+              help="Comma-separated designs: llumlet (asynchronous load reports), centralized (synchronous consults).")
+@click.option("--requests", "num_requests", type=int, default=None,
+              help="Requests per run (default: 8 per instance).")
+@click.option("--rate-per-instance", type=float, default=1.0, help="Arrival rate per instance, requests/s of real time.")
+@click.option("--speed", type=float, default=1.0, help="Steps run this many times faster than the profile says.")
+@click.option("--profile", default="a10-llama-7b", help="Step-time profile (name or JSON path).")
+@click.option("--max-wall", "max_wall_s", type=float, default=120.0, help="Stop a run after this many seconds.")
+@click.option("--seed", type=int, default=0, help="Seed of arrivals and lengths.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
+def bench_scheduler(instances, designs, num_requests, rate_per_instance, speed, profile, max_wall_s, seed,
+                    output) -> None:
+    """Fig 16: per-request dispatch latency and per-step scheduling stall, llumlet vs centralized scheduling."""
+    from llumnix.bench.scheduler import BenchConfig, run_benchmark
+
+    try:
+        config = BenchConfig(requests=num_requests, rate_per_instance=rate_per_instance, speed=speed,
+                             profile=profile, max_wall_s=max_wall_s, seed=seed)
+        df = run_benchmark(list(_ints(instances)), list(_names(designs)), config,
+                           progress=lambda msg: click.echo(msg, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    click.echo(df.to_string(index=False), err=True)
 
 
 @click.command(context_settings=CONTEXT)
@@ -236,6 +260,7 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
             concurrent_instances, output) -> None:
     """Measure a step-time profile of the real engine (prefill, decode, KV copies) for the simulator."""
     from llumnix.bench.profiler import ProfileConfig, measure_profile
+    from llumnix.engine.device import check_device
 
     params = dict(device=device, model=model, dtype=dtype, num_blocks=num_blocks, name=name,
                   prefill_lengths=prefill_lengths, prefill_batches=prefill_batches, decode_batches=decode_batches,
@@ -245,7 +270,7 @@ def profile(device, model, dtype, num_blocks, name, prefill_lengths, prefill_bat
                   concurrent_instances=concurrent_instances if concurrent_instances > 1 else None, output=output)
     try:
         cfg = ProfileConfig(
-            device=_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
+            device=check_device(device), model=model, dtype=dtype, num_blocks=num_blocks, name=name or output.stem,
             prefill_lengths=_ints(prefill_lengths), prefill_batches=_ints(prefill_batches),
             decode_batches=_ints(decode_batches), decode_contexts=_ints(decode_contexts),
             copy_blocks=_ints(copy_blocks), transport=transport, repeats=repeats, warmup=warmup,

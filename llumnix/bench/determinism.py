@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llumnix.bench.migration import device_name
+from llumnix.engine.device import device_name
 from llumnix.engine.runner import ModelRunner, SeqInput
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase
 from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
+from llumnix.engine.device import deterministic_kernels, device_name, nccl_version, torch_threads
 from llumnix.engine.executor import Executor, TorchExecutor
 from llumnix.engine.kv_transfer import POOL_MODES, KVTransfer, PendingCopy, PoolTransfer, check_copy
 from llumnix.engine.runner import SeqInput
@@ -346,43 +347,6 @@ class _Bench:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def torch_threads(device: str, threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch intra-op threads when on CPU (restored afterwards). On a CPU shared with other
-    jobs, several OpenMP threads spin-wait on each other and a 2 ms step can take 200 ms; one thread stays stable."""
-    import torch
-
-    if device.startswith("cuda") or threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    from llumnix.machine import cpu_model
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
-
-
-def nccl_version() -> str:
-    if not torch.cuda.is_available():
-        return ""
-    try:
-        version = torch.cuda.nccl.version()
-    except Exception:  # a build without NCCL
-        return ""
-    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
 def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
     if cfg.cross_process:
         overlap = (f"source on {cfg.device} in this process, destination on {cfg.dst_device} in a child process "
@@ -554,27 +518,6 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                      "(timed runs %s)", length, t, rows[-1]["recompute_s"] * 1e3, rows[-1]["blocking_copy_s"] * 1e3,
                      rows[-1]["downtime_s"] * 1e3, identical[t], identical_timed[t])
     return pd.DataFrame(rows)
-
-
-@contextlib.contextmanager
-def deterministic_kernels() -> Iterator[None]:
-    """torch's deterministic algorithms (warn-only, warnings silenced, uninitialised memory left alone), restored."""
-    import warnings
-
-    import torch
-    import torch.utils.deterministic
-
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-            torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 # -- tables and figure -----------------------------------------------------------------------------------------------

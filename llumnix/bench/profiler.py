@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llumnix.bench.migration import TRANSPORT_NOTES, TRANSPORTS, device_name, torch_threads
+from llumnix.bench.migration import TRANSPORT_NOTES, TRANSPORTS
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepPlan
 from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
+from llumnix.engine.device import device_name, torch_threads
 from llumnix.engine.executor import Executor
 from llumnix.engine.kv_transfer import PoolTransfer
 from llumnix.profiles import BlockingCopyPoint, DecodePoint, PrefillPoint, Profile
@@ -73,7 +74,7 @@ class ProfileConfig:
     max_num_seqs: int = 256
     watermark: float = 0.01
     seed: int = 0
-    cpu_threads: int | None = 1  # torch intra-op threads on CPU (see llumnix.bench.migration.torch_threads)
+    cpu_threads: int | None = 1  # torch intra-op threads on CPU (see llumnix.engine.device.torch_threads)
     concurrent_instances: int = 1  # instances sharing the machine: N - 1 busy ones step beside the measured one
 
     def __post_init__(self) -> None:

@@ -211,7 +211,7 @@ class WorkerExecutor(Executor):
 def _worker_main(conn, spec: WorkerSpec) -> None:
     """Build the executor, report its geometry (reply 0), join the channel, then answer commands in order."""
     try:
-        from llumnix.bench.migration import deterministic_kernels, device_name
+        from llumnix.engine.device import deterministic_kernels, device_name
         from llumnix.engine.executor import TorchExecutor
 
         if spec.cpu_threads and not spec.device.startswith("cuda"):

@@ -1,5 +1,5 @@
 """Click commands of this subpackage, registered on the ``llumnix`` group by ``llumnix.cli``:
-``serve`` (the Ray cluster + HTTP frontend), ``replay`` (a trace against a frontend) and ``bench scheduler`` (Fig 16).
+``serve`` (the Ray cluster + HTTP frontend) and ``replay`` (a trace against a frontend).
 """
 
 from __future__ import annotations
@@ -170,53 +170,3 @@ def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_
 
 
 COMMANDS.append(replay)
-
-
-# -- bench scheduler ----------------------------------------------------------------------------------------------
-@click.command("scheduler", context_settings=CONTEXT)
-@click.option("--instances", default="16,64,256", help="Comma-separated instance counts.")
-@click.option("--designs", default="llumlet,centralized",
-              help="Comma-separated designs: llumlet (asynchronous load reports), centralized (synchronous consults).")
-@click.option("--requests", "num_requests", type=int, default=None,
-              help="Requests per run (default: 8 per instance).")
-@click.option("--rate-per-instance", type=float, default=1.0, help="Arrival rate per instance, requests/s of real time.")
-@click.option("--speed", type=float, default=1.0, help="Steps run this many times faster than the profile says.")
-@click.option("--profile", default="a10-llama-7b", help="Step-time profile (name or JSON path).")
-@click.option("--max-wall", "max_wall_s", type=float, default=120.0, help="Stop a run after this many seconds.")
-@click.option("--seed", type=int, default=0, help="Seed of arrivals and lengths.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")
-def bench_scheduler(instances, designs, num_requests, rate_per_instance, speed, profile, max_wall_s, seed,
-                    output) -> None:
-    """Fig 16: per-request dispatch latency and per-step scheduling stall, llumlet vs centralized scheduling."""
-    from llumnix.bench.scheduler import BenchConfig, run_benchmark
-
-    try:
-        counts = [int(x) for x in instances.split(",") if x.strip()]
-        design_list = [d.strip() for d in designs.split(",") if d.strip()]
-        config = BenchConfig(requests=num_requests, rate_per_instance=rate_per_instance, speed=speed,
-                             profile=profile, max_wall_s=max_wall_s, seed=seed)
-        df = run_benchmark(counts, design_list, config, progress=lambda msg: click.echo(msg, err=True))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(output, index=False)
-    click.echo(df.to_string(index=False), err=True)
-
-
-def _bench_group() -> click.Command:
-    """``bench scheduler``: joins a ``bench`` group that llumnix.bench.cli already exports, else brings its own."""
-    try:
-        from llumnix.bench.cli import COMMANDS as BENCH_COMMANDS
-    except ImportError:
-        BENCH_COMMANDS = []
-    for command in BENCH_COMMANDS:
-        if isinstance(command, click.Group) and command.name == "bench":
-            command.add_command(bench_scheduler)
-            return command
-    group = click.Group("bench", help="Benchmarks of the real runtime.", context_settings=CONTEXT)
-    group.add_command(bench_scheduler)
-    COMMANDS.append(group)
-    return group
-
-
-_bench_group()

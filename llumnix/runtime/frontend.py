@@ -33,13 +33,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from llumnix.runtime.cluster import ClusterManager, NoInstanceError
@@ -276,10 +280,11 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
         body = {"status": "ok" if live else "unavailable", "instances_alive": live, "instances": len(manager.instances)}
         return JSONResponse(status_code=200 if live else 503, content=body)
 
+    registry = metrics_registry(manager)
+
     @app.get("/metrics")
     async def metrics():
-        text, content_type = prometheus_text(manager)
-        return PlainTextResponse(text, media_type=content_type)
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/migrate")
     async def admin_migrate(body: MigrateRequest):
@@ -325,68 +330,88 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     return app
 
 
-def prometheus_text(manager: ClusterManager) -> tuple[str, str]:
-    """The cluster's metrics in the Prometheus text format."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+# -- Prometheus metrics ---------------------------------------------------------------------------------------------
+# Per-instance metrics: the key of ``ClusterManager.instance_rows()`` -> (metric name, help). prometheus_client appends
+# ``_total`` to a counter's sample name.
+INSTANCE_GAUGES = {
+    "alive": ("llumnix_instance_up", "1 while the instance actor is alive"),
+    "running": ("llumnix_instance_running_requests", "running (and frozen) requests"),
+    "waiting": ("llumnix_instance_waiting_requests", "queued requests"),
+    "free_blocks": ("llumnix_instance_free_blocks", "free KV blocks"),
+    "total_blocks": ("llumnix_instance_total_blocks", "KV blocks of the instance"),
+    "watermark_blocks": ("llumnix_instance_watermark_blocks", "blocks kept free when admitting prompts"),
+    "head_demand_blocks": ("llumnix_instance_head_demand_blocks", "blocks the head-of-line request needs"),
+    "freeness": ("llumnix_instance_freeness", "free blocks per running request after queued demand"),
+    "migrations_in_flight": ("llumnix_instance_migrations_in_flight", "migrations in or out now"),
+}
+INSTANCE_COUNTERS = {
+    "steps": ("llumnix_instance_steps", "engine steps run"),
+    "busy_s": ("llumnix_instance_busy_seconds", "seconds spent executing steps"),
+    "finished": ("llumnix_instance_finished_requests", "requests finished on the instance"),
+    "preemptions": ("llumnix_instance_preemptions", "requests preempted (recompute)"),
+    "migrations_committed": ("llumnix_instance_migrations_committed", "migrations out committed"),
+    "migrations_aborted": ("llumnix_instance_migrations_aborted", "migrations out aborted"),
+    "migration_downtime_s": ("llumnix_instance_migration_downtime_seconds", "stop-and-copy time"),
+    "migration_bytes": ("llumnix_instance_migration_bytes", "KV bytes sent by committed migrations"),
+}
 
-    class Collector:
-        def collect(self):
-            rows = manager.instance_rows()
-            gauges = {
-                "alive": ("llumnix_instance_up", "1 while the instance actor is alive"),
-                "running": ("llumnix_instance_running_requests", "running (and frozen) requests"),
-                "waiting": ("llumnix_instance_waiting_requests", "queued requests"),
-                "free_blocks": ("llumnix_instance_free_blocks", "free KV blocks"),
-                "total_blocks": ("llumnix_instance_total_blocks", "KV blocks of the instance"),
-                "watermark_blocks": ("llumnix_instance_watermark_blocks", "blocks kept free when admitting prompts"),
-                "head_demand_blocks": ("llumnix_instance_head_demand_blocks", "blocks the head-of-line request needs"),
-                "freeness": ("llumnix_instance_freeness", "free blocks per running request after queued demand"),
-                "migrations_in_flight": ("llumnix_instance_migrations_in_flight", "migrations in or out now"),
-            }
-            counters = {
-                "steps": ("llumnix_instance_steps", "engine steps run"),
-                "busy_s": ("llumnix_instance_busy_seconds", "seconds spent executing steps"),
-                "finished": ("llumnix_instance_finished_requests", "requests finished on the instance"),
-                "preemptions": ("llumnix_instance_preemptions", "requests preempted (recompute)"),
-                "migrations_committed": ("llumnix_instance_migrations_committed", "migrations out committed"),
-                "migrations_aborted": ("llumnix_instance_migrations_aborted", "migrations out aborted"),
-                "migration_downtime_s": ("llumnix_instance_migration_downtime_seconds", "stop-and-copy time"),
-                "migration_bytes": ("llumnix_instance_migration_bytes", "KV bytes sent by committed migrations"),
-            }
-            for key, (name, doc) in gauges.items():
-                fam = GaugeMetricFamily(name, doc, labels=["instance"])
+
+class ClusterCollector(Collector):
+    """The cluster's metrics, read from its ``ClusterManager`` at every scrape.
+
+    The manager already keeps every value (instance loads and counters, cluster counters, latency sums), so this is
+    prometheus_client's custom-collector pattern for state owned elsewhere: metric families built at collection time,
+    rather than Gauge / Counter objects that would hold a second copy to keep in step."""
+
+    def __init__(self, manager: ClusterManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.manager
+        rows = m.instance_rows()
+        for family, metrics in ((GaugeMetricFamily, INSTANCE_GAUGES), (CounterMetricFamily, INSTANCE_COUNTERS)):
+            for key, (name, doc) in metrics.items():
+                fam = family(name, doc, labels=["instance"])
                 for r in rows:
                     fam.add_metric([str(r["instance_id"])], float(r[key]))
                 yield fam
-            for key, (name, doc) in counters.items():
-                fam = CounterMetricFamily(name, doc, labels=["instance"])
-                for r in rows:
-                    fam.add_metric([str(r["instance_id"])], float(r[key]))
-                yield fam
-            for key, value in manager.counters.items():
-                yield CounterMetricFamily(f"llumnix_{key}", f"cluster total of {key.replace('_', ' ')}", value=value)
-            yield GaugeMetricFamily("llumnix_requests_active", "requests not yet finished", value=len(manager.active))
-            status = manager.scaling_status()
-            fam = GaugeMetricFamily("llumnix_instances", "instance actors by state (their sum is the cost now)",
-                                    labels=["state"])
-            for state in ("starting", "serving", "draining"):
-                fam.add_metric([state], float(status[state]))
-            yield fam
-            yield CounterMetricFamily(
-                "llumnix_instance_seconds",
-                "instance time since the first launch (start-up included): its rate is the average number of instances",
-                value=status["instance_seconds"],
-            )
-            for name, stats, doc in (
-                ("llumnix_dispatch_seconds", manager.dispatch_latency, "dispatch: policy choice + instance ack"),
-                ("llumnix_dispatch_decision_seconds", manager.decision_latency, "the dispatch policy's choice"),
-            ):
-                yield SummaryMetricFamily(name, doc, count_value=stats.count, sum_value=stats.total_s)
+        for key, value in m.counters.items():
+            yield CounterMetricFamily(f"llumnix_{key}", f"cluster total of {key.replace('_', ' ')}", value=value)
+        yield GaugeMetricFamily("llumnix_requests_active", "requests not yet finished", value=len(m.active))
+        status = m.scaling_status()
+        fam = GaugeMetricFamily("llumnix_instances", "instance actors by state (their sum is the cost now)",
+                                labels=["state"])
+        for state in ("starting", "serving", "draining"):
+            fam.add_metric([state], float(status[state]))
+        yield fam
+        yield CounterMetricFamily(
+            "llumnix_instance_seconds",
+            "instance time since the first launch (start-up included): its rate is the average number of instances",
+            value=status["instance_seconds"],
+        )
+        for name, stats, doc in (
+            ("llumnix_dispatch_seconds", m.dispatch_latency, "dispatch: policy choice + instance ack"),
+            ("llumnix_dispatch_decision_seconds", m.decision_latency, "the dispatch policy's choice"),
+        ):
+            yield SummaryMetricFamily(name, doc, count_value=stats.count, sum_value=stats.total_s)
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector())
-    return generate_latest(registry).decode(), CONTENT_TYPE_LATEST
+
+def metrics_registry(manager: ClusterManager) -> CollectorRegistry:
+    """A registry of the cluster's metrics alone (not the process-wide default one), for ``GET /metrics``."""
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(manager))
+    return registry
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[float]:
+    """The values of the samples called ``name`` (a counter's ``..._total``, a summary's ``..._sum`` / ``..._count``)
+    whose labels include ``labels``, in Prometheus text such as ``GET /metrics`` returns."""
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
 
 
 def init_ray(address: str | None) -> None:
@@ -460,10 +485,12 @@ class BackgroundServer:
 
 __all__ = [
     "BackgroundServer",
+    "ClusterCollector",
     "CompletionRequest",
     "create_app",
     "decode_tokens",
     "encode_text",
-    "prometheus_text",
+    "metric_samples",
+    "metrics_registry",
     "serve",
 ]
