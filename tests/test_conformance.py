@@ -90,7 +90,7 @@ def test_a_rule_changed_in_the_runtime_only_shows(profile, monkeypatch):
     simulator's count every queued request (the artifact's rule): the decisions part ways."""
     from dataclasses import replace
 
-    from llumnix.runtime.ray_instance import InstanceActor
+    from llumnix.runtime.instance_actor import InstanceActor
 
     system, workload, rate, n, _ = CASES["llumnix"]
     trace = make_trace(workload, rate, n, seed=3)

@@ -34,15 +34,15 @@ from llumnix.core.records import MigrationRecord
 from llumnix.core.request import HIGH, NORMAL, Request
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 from llumnix.runtime.actors import ActorLauncher, RayLauncher
-from llumnix.runtime.kv_transport import TransportSpec
-from llumnix.runtime.ray_instance import (
+from llumnix.runtime.backends import actor_class
+from llumnix.runtime.instance_actor import (
     InstanceStats,
     MigrationDone,
     Report,
     RequestDone,
     TokenBatch,
-    actor_class,
 )
+from llumnix.runtime.kv_transport import TransportSpec
 from llumnix.runtime.serve_config import ServeConfig
 from llumnix.runtime.streams import ClientRequest, LatencyStats
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llumnix.core.records import MigrationRecord
-from llumnix.runtime.ray_instance import RequestStats
+from llumnix.runtime.instance_actor import RequestStats
 
 
 @dataclass

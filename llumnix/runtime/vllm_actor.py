@@ -26,7 +26,7 @@ from llumnix.core.llumlet import LlumletConfig
 from llumnix.core.migration import MigrationConfig
 from llumnix.core.migration_protocol import Copy
 from llumnix.engine.kv_transfer import KVTransfer, PendingCopy, TaskCopy, check_copy
-from llumnix.runtime.ray_instance import InstanceActor
+from llumnix.runtime.instance_actor import InstanceActor
 
 if TYPE_CHECKING:
     from llumnix.runtime.vllm_instance import MigratedRequest, VllmInstance
@@ -54,7 +54,7 @@ class VllmTransfer(KVTransfer):
 
 
 class VllmInstanceActor(InstanceActor):
-    """Create with ``ray.remote(VllmInstanceActor)`` like ``InstanceActor`` (``ray_instance.actor_class`` picks it)."""
+    """Create with ``ray.remote(VllmInstanceActor)`` like ``InstanceActor`` (``llumnix.runtime.backends`` picks it)."""
 
     engine: VllmInstance
     lock_through_stop_and_copy = True

@@ -54,8 +54,6 @@ from llumnix.runtime.serve_config import InstanceSpec
 
 log = logging.getLogger(__name__)
 
-PROFILE_VOCAB_SIZE = 32_000  # the profile executor's synthetic tokens (llumnix.engine.executor.synthetic_token)
-
 
 # -- what an instance reports ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -119,45 +117,6 @@ def request_stats(req: Request) -> RequestStats:
     return RequestStats(list(req.preemptions_s), list(req.prefill_ends_s), list(req.instances), req.dispatch_s)
 
 
-# -- executors ------------------------------------------------------------------------------------------------------
-def build_executor(spec: InstanceSpec) -> tuple[Executor, dict[str, Any]]:
-    """The executor of ``spec`` and what the frontend must know about it (vocabulary, context length, KV size)."""
-    if spec.backend == "torch":
-        import torch
-
-        from llumnix.engine.executor import TorchExecutor
-
-        torch.set_num_threads(spec.torch_threads)
-        ex = TorchExecutor(spec.model, spec.num_blocks or 256, spec.block_size, spec.device, spec.dtype, spec.seed,
-                           invariant_batch=spec.invariant_batch)
-        cfg = ex.runner.config
-        info = {
-            "vocab_size": cfg.vocab_size,
-            "max_position": cfg.max_position,
-            "kv_bytes_per_block": ex.runner.kv_cache.bytes_per_block,
-            "model": spec.model,
-        }
-        return ex, info
-    from llumnix.engine.executor import ProfileExecutor
-    from llumnix.profiles import Profile
-
-    profile = Profile.load(spec.profile)
-    update = {}
-    if spec.num_blocks is not None:
-        update["total_blocks"] = spec.num_blocks
-    if spec.block_size != profile.block_size:
-        update["block_size"] = spec.block_size
-    if update:
-        profile = profile.model_copy(update=update)
-    info = {
-        "vocab_size": PROFILE_VOCAB_SIZE,
-        "max_position": profile.total_blocks * profile.block_size,
-        "kv_bytes_per_block": profile.kv_bytes_per_token * profile.block_size,
-        "model": f"profile:{profile.name}",
-    }
-    return ProfileExecutor(profile, speed=spec.speed), info
-
-
 # -- the actor ------------------------------------------------------------------------------------------------------
 class InstanceActor:
     """Create with ``ray.remote(InstanceActor).options(...).remote(instance_id, spec)``, then ``await start()``.
@@ -199,6 +158,8 @@ class InstanceActor:
 
     def _build_engine(self) -> tuple[EngineInstance, dict[str, Any]]:
         """The engine this actor steps and what the frontend must know about it (see ``build_executor``)."""
+        from llumnix.runtime.backends import build_executor
+
         spec = self.spec
         executor, info = build_executor(spec)
         sched_cfg = SchedulerConfig(
@@ -578,17 +539,6 @@ def _node_address() -> str | None:
         return None
 
 
-def actor_class(spec: InstanceSpec) -> type[InstanceActor]:
-    """The actor class of ``spec.backend``: vLLM engines have their own (``llumnix.runtime.vllm_actor``)."""
-    if spec.backend == "vllm":
-        from llumnix.runtime.vllm_actor import VllmInstanceActor
-        from llumnix.runtime.vllm_model import require_vllm
-
-        require_vllm()  # here rather than in every actor: one clear error
-        return VllmInstanceActor
-    return InstanceActor
-
-
 __all__ = [
     "InstanceActor",
     "InstanceStats",
@@ -597,6 +547,4 @@ __all__ = [
     "RequestDone",
     "RequestStats",
     "TokenBatch",
-    "actor_class",
-    "build_executor",
 ]
