@@ -94,8 +94,10 @@ def trace_stats(seed, draws, seeds, sharegpt_path, output) -> None:
             f"`{path.name}` sha256 {file_sha256(path)[:16]}")
     options = f"--seed {seed} --draws {draws} --seeds {seeds}" + (f" --sharegpt {sharegpt_path}" if sharegpt_path
                                                                  else "")
-    header = (f"Made by `llumnix trace-stats {options} -o {output or '-'}`; ShareGPT file: {source}; tokenizers: "
-              f"{', '.join(c.name for c in counters)}. Deviation: the largest |x / Table 1 - 1| over P50-P99.")
+    header = (f"# Token lengths against Table 1\n\nMade by `llumnix trace-stats {options} -o {output or '-'}` (after "
+              f"`make sharegpt` for the real ShareGPT rows); ShareGPT file: {source}; tokenizers: "
+              f"{', '.join(c.name for c in counters)}. Mean and numpy's interpolated percentiles, in tokens; "
+              "\"max dev.\": the largest |x / Table 1 - 1| over P50-P99.")
     markdown = render_markdown(table, header)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ github.com/AlibabaPAI/llumnix, branch ``osdi24ae``, commit 92f6f9d5; line number
   prompts drawn as one batch, then outputs as another from the same stream (lines 954-967), so input and output
   are independent. ``--lengths table1`` keeps the earlier fit of Table 1's percentiles (:mod:`.lengths`).
 * Prompts (lines 788-819): random token ids decoded to text, re-encoded and cut to the drawn length; the server
-  then re-tokenises the text (``vllm/entrypoints/api_server.py`` ``generate_v2``). We use the drawn length: run
-  through LLaMA's tokenizer that round trip lands at the drawn length or a little above (mean +1% for Short,
-  +0.2% for Long, ``benchmarks/artifact_prompt_lengths.py``), a difference we do not model.
+  then re-tokenises the text (``vllm/entrypoints/api_server.py`` ``generate_v2``). We use the drawn length:
+  replayed with LLaMA's tokenizer, ~91% of the prompts reach the engine one token longer (the cut keeps the BOS
+  and the server adds another) and almost none shorter (0.02% of Long); means +0.7% (Short), +0.4% (Medium),
+  +0.2% (Long) (``benchmarks/artifact_prompt_lengths.py``, ``.csv``), a difference we do not model.
 * Outputs: ``max_tokens = length`` with ``ignore_eos`` (api_server.py lines 90-104), so every request decodes
   exactly its drawn output length, as in our engine.
 * Capacity: lines 972-981 clip prompt + output at 32,768, which never binds (2 x 6,144 at most); the engine's
