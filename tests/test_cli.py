@@ -91,6 +91,38 @@ def test_simulate_malformed_trace(tmp_path):
     assert r.exit_code != 0 and "output_tokens" in r.output and "Traceback" not in r.output
 
 
+def test_trace_lengths_option_and_provenance(tmp_path):
+    path = tmp_path / "t.parquet"
+    r = CliRunner().invoke(main, ["trace", "--workload", "M-M", "--rate", "2", "--num-requests", "50", "--seed", "1",
+                                  "--lengths", "table1", "-o", str(path)])
+    assert r.exit_code == 0 and "lengths: Table-1 power-law fit" in r.output
+    assert pd.read_parquet(path).attrs["llumnix_trace"]["length_model"] == "table1"
+    r = CliRunner().invoke(main, ["trace", "--workload", "M-M", "--rate", "2", "--seed", "1", "--lengths", "x",
+                                  "-o", str(path)])
+    assert r.exit_code != 0 and "--lengths" in r.output
+
+
+def test_trace_stats_compares_every_source_with_table1(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLUMNIX_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLUMNIX_LLAMA_TOKENIZER_JS", raising=False)
+    def turns(i):
+        return [{"from": "human", "value": "hello " * (i + 1)}, {"from": "gpt", "value": "ok " * (2 * i + 1)}]
+
+    sharegpt = tmp_path / "sg.json"
+    sharegpt.write_text(json.dumps([{"id": str(i), "conversations": turns(i)} for i in range(30)]))
+    out = tmp_path / "docs" / "lengths.md"
+    r = CliRunner().invoke(main, ["trace-stats", "--seeds", "3", "--draws", "2000", "--sharegpt", str(sharegpt),
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(out.with_suffix(".csv"))
+    artifact = table[table["source"].str.contains("RandomState")]
+    assert len(artifact) == 3 and (artifact["max_rel_dev"] < 0.001).all()  # the artifact's stream gives Table 1
+    real = table[table["source"].str.startswith("ShareGPT V3 rows, turns 0-1 human")]
+    assert real["n"].astype(str).tolist() == ["30", "30"]
+    assert set(table["distribution"]) >= {"short", "sharegpt_output", "burstgpt_input"}
+    assert "llumnix trace-stats --seed 0 --draws 2000 --seeds 3" in out.read_text()
+
+
 def test_trace_bad_rate():
     r = CliRunner().invoke(main, ["trace", "--workload", "S-S", "--rate", "-1", "--seed", "0", "-o", "x.csv"])
     assert r.exit_code != 0 and "--rate" in r.output

