@@ -58,8 +58,8 @@ CASES = {
         SystemConfig(policy="llumnix", priorities=True), "S-L", 10.0, 250,
         {"arrival": "gamma", "cv": 4.0, "priority_fraction": 0.1},
     ),
-    "llumnix-autoscale": (SystemConfig(policy="llumnix", autoscale=ScalingConfig()), "L-L", 6.0, 300, {}),
-    "infaas++-autoscale": (SystemConfig(policy="infaas++", autoscale=ScalingConfig()), "L-L", 6.0, 300, {}),
+    "llumnix-autoscale": (SystemConfig(policy="llumnix", autoscale=ScalingConfig(first_check_s=20)), "L-L", 6.0, 300, {}),
+    "infaas++-autoscale": (SystemConfig(policy="infaas++", autoscale=ScalingConfig(first_check_s=20)), "L-L", 6.0, 300, {}),
 }
 
 

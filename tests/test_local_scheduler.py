@@ -82,7 +82,7 @@ def test_preempts_most_recent_arrival_by_recompute_to_head_of_queue():
 
 
 def test_recompute_prefill_includes_generated_tokens():
-    s = make(num_blocks=3)
+    s = make(num_blocks=3, preemption="block_needed")
     a, b = Request(0, 0.0, 16, 30), Request(1, 1.0, 15, 30)
     s.add_request(a)
     s.add_request(b)
@@ -102,13 +102,38 @@ def test_recompute_prefill_includes_generated_tokens():
     assert gen >= 1
 
 
-def test_high_priority_jumps_queue_only_with_priorities():
-    for enable, expected in ((True, [2, 0, 1]), (False, [0, 1, 2])):
-        s = make(num_blocks=100, enable_priorities=enable, max_num_seqs=1)
-        s.add_request(Request(0, 0, 10, 2))
-        s.add_request(Request(1, 1, 10, 2))
-        s.add_request(Request(2, 2, 10, 2, priority=HIGH))
-        assert [r.request_id for r in s.waiting] == expected
+def test_vllm01_preempts_when_no_block_is_free_even_if_none_is_needed():
+    """vLLM 0.1's decode pass preempts before a request's turn while no block is free (one free block per running
+    sequence), whether or not that request needs a new block now; ``block_needed`` waits until one does."""
+    for rule, expect_preempted in (("no_free_block", True), ("block_needed", False)):
+        s = make(num_blocks=4, preemption=rule)
+        a, b = Request(0, 0.0, 20, 12), Request(1, 1.0, 20, 12)  # 2 blocks each, at most 32 tokens
+        s.add_request(a)
+        s.on_step_done(s.schedule(0), 1)  # a: 2 blocks, 21 tokens
+        s.add_request(b)
+        s.on_step_done(s.schedule(1), 2)  # b admitted (watermark 0): 2 blocks, 21 tokens
+        assert s.blocks.num_free_blocks == 0
+        plan = s.schedule(2)  # neither needs a new block (22 tokens fit 2 blocks), but none is free
+        assert bool(plan.preempted) is expect_preempted
+        if expect_preempted:
+            assert plan.preempted == [b] and s.waiting[0] is b
+
+
+def test_high_priority_in_the_local_queue():
+    """strict: high priority jumps the queue; artifact: it lands just before the last waiting request (the artifact's
+    comparison never matches); off, or priorities disabled: FCFS."""
+    cases = (
+        (True, "strict", [3, 0, 1, 2]),
+        (True, "artifact", [0, 1, 3, 2]),
+        (True, "off", [0, 1, 2, 3]),
+        (False, "strict", [0, 1, 2, 3]),
+    )
+    for enable, mode, expected in cases:
+        s = make(num_blocks=100, enable_priorities=enable, local_priority=mode, max_num_seqs=1)
+        for i in range(3):
+            s.add_request(Request(i, i, 10, 2))
+        s.add_request(Request(3, 3, 10, 2, priority=HIGH))
+        assert [r.request_id for r in s.waiting] == expected, (enable, mode)
 
 
 def test_freeze_unfreeze_release_adopt():

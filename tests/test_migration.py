@@ -12,8 +12,8 @@ from llumnix.core.migration_protocol import Abort, Commit, Copied, Copy, Failed,
 from llumnix.core.request import HIGH, Request, RequestStatus
 
 
-def instance(iid, blocks=64, priorities=False, **llumlet):
-    cfg = SchedulerConfig(enable_priorities=priorities)
+def instance(iid, blocks=64, priorities=False, local_priority="artifact", **llumlet):
+    cfg = SchedulerConfig(enable_priorities=priorities, local_priority=local_priority)
     return Llumlet(iid, LocalScheduler(BlockManager(blocks, 16, 0.0), cfg),
                    LlumletConfig(enable_priorities=priorities, **llumlet))
 
@@ -184,7 +184,7 @@ def test_destination_draining_refuses():
 
 
 def test_destination_slots_and_pre_alloc_need_a_reservation():
-    dst = instance(1, max_migrations_in=1)
+    dst = instance(1, max_migrations=1)
     assert dst.pre_alloc(7, 1).reason == "destination holds no slot for the migration"
     assert dst.reserve_in(7, 0) and dst.reserve_in(7, 0)  # idempotent
     assert not dst.reserve_in(8, 0) and not dst.load().can_migrate_in
@@ -209,23 +209,45 @@ def test_candidate_is_last_arrived_normal_with_output():
 
 
 def test_freeness_virtual_usage_and_priority_reserve():
+    """The artifact's two freeness measures (osdi24ae vllm/instance_info.py): migration over running + 1 if anything
+    waits, dispatch over running + waiting; waiting requests count their tokens / block size; the high-priority
+    reserve (total - cap) is held back from normal requests where high priority runs, and from high-priority
+    requests where none does; an empty instance is infinitely free."""
     ll = instance(0, blocks=100, priorities=True)
     load = ll.load()
-    assert load.freeness == 100 and load.num_running == 0 and load.is_idle
-    ll.scheduler.add_request(Request(0, 0.0, 160, 10))  # 10 blocks + 1 for its first output
+    assert load.freeness == load.dispatch_freeness == math.inf and load.num_running == 0 and load.is_idle
+    ll.scheduler.add_request(Request(0, 0.0, 160, 10))  # 10 blocks (its first output gets a block at the next decode)
     ll.scheduler.on_step_done(ll.scheduler.schedule(0), 1)
-    ll.scheduler.add_request(Request(1, 1.0, 320, 10))  # waiting: 20 blocks of demand
+    ll.scheduler.add_request(Request(1, 1.0, 312, 10))  # waiting: 312 / 16 = 19.5 blocks of demand
     load = ll.load()
     assert load.num_waiting == 1 and not load.is_idle
-    assert load.freeness == (100 - 10 - 20) / 2  # (free - queued) / (running + 1 waiting)
-    ll.scheduler.add_request(Request(2, 2.0, 16, 10, priority=HIGH))
-    reserve = ll.priority_reserve_blocks()
-    assert reserve == 100 - 100  # cap 1600 tokens = 100 blocks = everything
+    assert load.freeness == (100 - 10 - 19.5) / 2  # (free - queued) / (running + 1 waiting)
+    assert load.dispatch_freeness == (100 - 10 - 19.5) / 2  # (free - queued) / (running + waiting)
+    ll.scheduler.add_request(Request(2, 2.0, 16, 10))
+    assert ll.load().dispatch_freeness == (100 - 10 - 19.5 - 1) / 3 and ll.load().freeness == (100 - 10 - 20.5) / 2
+    assert ll.priority_reserve_blocks() == 0 and ll.load().dispatch_freeness_high == (100 - 10 - 20.5 - 0) / 3
+    ll.scheduler.add_request(Request(3, 3.0, 16, 10, priority=HIGH))
+    assert ll.priority_reserve_blocks() == 100 - 100  # cap 1600 tokens = 100 blocks = everything
     ll.config = LlumletConfig(enable_priorities=True, high_priority_kv_tokens=320)
+    reserve = 100 - 320 // 16
     load = ll.load()
-    assert load.freeness_high - load.freeness == 80 / 2 and load.num_high == 1
+    assert load.num_high == 1 and load.dispatch_freeness == (100 - 10 - 21.5 - reserve) / 4
+    assert load.dispatch_freeness_high == (100 - 10 - 21.5) / 4  # it holds high priority: no reserve for them
     ll.draining = True
-    assert ll.load().freeness == float("-inf")
+    assert ll.load().freeness == ll.load().dispatch_freeness == float("-inf")
+
+
+def test_preempted_waiting_requests_are_counted():
+    ll = instance(0, blocks=4)
+    a, b = Request(0, 0.0, 20, 12), Request(1, 1.0, 20, 12)
+    for r in (a, b):
+        ll.scheduler.add_request(r)
+        ll.scheduler.on_step_done(ll.scheduler.schedule(r.arrival_s), r.arrival_s + 1)
+    plan = ll.scheduler.schedule(3)  # no block free: vLLM 0.1 preempts b
+    assert plan.preempted == [b] and ll.load().num_preempted_waiting == 1
+    ll.scheduler.on_step_done(plan, 4)
+    run = [ll.scheduler.schedule(t) for t in range(5, 6)]
+    assert run and ll.load().num_preempted_waiting in (0, 1)
 
 
 @pytest.mark.parametrize("queued_demand", ["all", "head"])
@@ -233,7 +255,8 @@ def test_freeness_virtual_usage_and_priority_reserve():
 def test_pending_dispatches_count_as_if_queued(queued_demand, priorities):
     """A load plus the requests dispatched since it was reported equals the load the instance reports once it has
     queued them: one freeness rule for the global scheduler's view and the instance's own."""
-    ll = instance(0, blocks=100, priorities=priorities, queued_demand=queued_demand, high_priority_kv_tokens=320)
+    ll = instance(0, blocks=100, priorities=priorities, queued_demand=queued_demand, high_priority_kv_tokens=320,
+                  local_priority="strict")
     ll.scheduler.add_request(Request(0, 0.0, 160, 10))
     ll.scheduler.on_step_done(ll.scheduler.schedule(0), 1)
     for waiting in ([], [Request(1, 1.0, 48, 10)]):
@@ -241,13 +264,14 @@ def test_pending_dispatches_count_as_if_queued(queued_demand, priorities):
             ll.scheduler.add_request(r)
         before = ll.load()
         pending = [Request(10, 2.0, 70, 10), Request(11, 3.0, 33, 10, priority=HIGH)]
-        expected = before.with_pending([(-(-r.prompt_tokens // 16), r.is_high) for r in pending])
+        expected = before.with_pending([(before.pending_usage(r.prompt_tokens), r.is_high) for r in pending])
         for r in pending:
             ll.scheduler.add_request(r)
         assert ll.load() == expected
         for r in pending:
             ll.scheduler.waiting.remove(r)
             ll.scheduler.waiting_demand_blocks -= -(-r.prompt_tokens // 16)
+            ll.scheduler.waiting_demand_tokens -= r.prompt_tokens
             ll.scheduler.num_high -= r.is_high
     draining = ll.load().with_draining()
     assert draining.with_pending([(1, False)]).freeness == -math.inf and not draining.can_migrate_in

@@ -2,16 +2,20 @@ import math
 
 import pytest
 
-from llumnix.core.llumlet import InstanceLoad
+from llumnix.core.llumlet import InstanceLoad, LoadInputs
 from llumnix.core.request import HIGH, Request
 from llumnix.policies import make_dispatch_policy, make_pairing_policy
 from llumnix.policies.scaling import Scaler, ScalingConfig
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 
 
-def load(iid, freeness, *, running=4, waiting=0, high=0, draining=False, out=True, inn=True, fh=None):
-    return InstanceLoad(iid, running, waiting, 100, 792, high, -math.inf if draining else freeness,
-                        fh if fh is not None else freeness, draining, 0, 0, out, inn and not draining)
+def load(iid, freeness, *, running=4, waiting=0, high=0, draining=False, out=True, inn=True, disp=None,
+         disp_high=None, preempted=0, free=100, total=792, queued=0.0, watermark=7):
+    f = -math.inf if draining else freeness
+    disp = f if disp is None else disp
+    x = LoadInputs(free, watermark, queued, 0.0, running, waiting, high, 0, preempted, draining=draining)
+    return InstanceLoad(iid, running, waiting, free, total, high, f, disp, disp if disp_high is None else disp_high,
+                        draining, 0, 0, out, inn and not draining, preempted, x)
 
 
 def req(i=0, priority=0):
@@ -31,20 +35,24 @@ def test_freeness_dispatch_highest_and_skips_draining():
     d = make_dispatch_policy("freeness")
     assert d.choose(req(), [load(0, 5), load(1, 50), load(2, 20)]) == 1
     assert d.choose(req(), [load(0, 5), load(1, 50, draining=True), load(2, 20)]) == 2
+    assert d.choose(req(), [load(0, 50, disp=9), load(1, 5, disp=10)]) == 1  # dispatch freeness, not migration's
+    assert d.choose(req(), [load(0, math.inf), load(1, math.inf), load(2, 3)]) == 1  # ties: highest id (artifact)
     with pytest.raises(RuntimeError, match="no instance"):
         d.choose(req(), [load(0, 5, draining=True)])
 
 
 def test_priority_aware_dispatch():
+    """High priority ranks by ``dispatch_freeness_high`` (the reserve held back where no high priority runs), normal
+    requests by ``dispatch_freeness`` (held back where it does)."""
     d = make_dispatch_policy("freeness")
-    loads = [load(0, 5, high=1, fh=300), load(1, 50), load(2, 40)]
-    assert d.choose(req(priority=HIGH), loads) == 0  # prefers an instance already serving high priority
+    loads = [load(0, 5, high=1, disp=-600, disp_high=80), load(1, 50, disp=50, disp_high=-640), load(2, 40)]
+    assert d.choose(req(priority=HIGH), loads) == 0  # joins the instance already serving high priority
     assert d.choose(req(), loads) == 1  # normal avoids it
-    loads = [load(0, -1, high=1, fh=300), load(1, 50, fh=50)]
-    assert d.choose(req(priority=HIGH), loads) == 1  # unless it has no room under its high-priority cap
 
 
-def test_pairing_lowest_source_with_highest_destination():
+def test_pairing_as_the_artifact():
+    """Sources: below the threshold or holding a preempted request; destinations: above it, none preempted; most
+    loaded with freest, pairs with a migrating instance skipped (not re-paired)."""
     p = make_pairing_policy("freeness", threshold=3)
     loads = [load(0, -5), load(1, 100), load(2, 1), load(3, 40), load(4, 3), load(5, 10, inn=False)]
     assert p.pairs(loads) == [(0, 1), (2, 3)]
@@ -52,19 +60,41 @@ def test_pairing_lowest_source_with_highest_destination():
     drain = [load(0, 0, draining=True), load(1, 10)]
     assert p.pairs(drain) == [(0, 1)]
     assert p.pairs([load(0, -5, out=False), load(1, 100)]) == []
+    # a preempted request makes a source whatever its freeness, and never a destination
+    assert p.pairs([load(0, 50, preempted=1), load(1, 100, preempted=1), load(2, 20)]) == [(0, 2)]
+    # the second-freest destination is not offered to the second source when the first pair is skipped
+    assert p.pairs([load(0, -5, out=False), load(1, -1), load(2, 100), load(3, 50)]) == [(1, 3)]
 
 
-def test_scaler_band():
-    s = Scaler(ScalingConfig(scale_up=10, scale_down=60, min_instances=1, max_instances=3))
+def test_artifact_scaler():
+    """Cluster freeness sum(free - watermark - queued) / sum(running + waiting); scale up by as many empty instances
+    as it takes, none before the first check, a drain cancelled by a scale-up; scale down the newest instance when
+    the cluster without it is still above the band."""
+    cfg = ScalingConfig(scale_up=10, scale_down=60, min_instances=1, max_instances=16, first_check_s=110)
+    s = Scaler(cfg)
+    busy = [load(i, 0, running=40, free=107, watermark=7) for i in range(4)]  # (100 * 4) / 160 = 2.5 < 10
+    assert s.decide(busy, 0, now=100).start == 0  # not yet
+    # (400 + k * 792) / 160 >= 10  ->  k = ceil((1600 - 400) / 792) = 2
+    assert s.decide(busy, 0, now=120).start == 2
+    assert s.decide(busy, 1, now=120).start == 0  # instances still starting
+    assert s.decide([*busy[:3], load(3, 0, running=40, free=107, draining=True)], 0, now=120).cancel_drain == 3
+    idle = [load(i, 500, running=1, free=700, total=792, watermark=7) for i in range(3)]
+    # without instance 2: (700 + 700 + 700 - 792 - 14) / 3 = 431 > 60
+    assert s.decide(idle, 0, now=120).drain == 2
+    assert s.decide(idle[:1], 0, now=120).drain is None  # at min
+    assert s.decide([*idle[:2], load(2, 0, draining=True, running=1, free=700)], 0, now=120) == s.decide([], 0, 0)
+    with pytest.raises(ValueError, match="scale-up"):
+        ScalingConfig(scale_up=70, scale_down=60)
+
+
+def test_mean_freeness_scaler_band():
+    s = Scaler(ScalingConfig(scale_up=10, scale_down=60, min_instances=1, max_instances=3, rule="mean-freeness"))
     assert s.decide([load(0, 5), load(1, 8)], 0).start == 1
     assert s.decide([load(0, 5), load(1, 8)], 1).start == 0  # one start at a time
     assert s.decide([load(0, 5), load(1, 8), load(2, 1)], 0).start == 0  # at max
     d = s.decide([load(0, 100, running=3), load(1, 80, running=1)], 0)
     assert d.drain == 1  # fewest running
     assert s.decide([load(0, 100)], 0).drain is None  # at min
-    assert s.decide([load(0, 30), load(1, 30)], 0) == s.decide([], 0).__class__()
-    with pytest.raises(ValueError, match="scale-up"):
-        ScalingConfig(scale_up=70, scale_down=60)
 
 
 def test_systems_compose_policies():

@@ -16,7 +16,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import LocalScheduler
 from llumnix.core.migration_protocol import Committed, Failed, PreAllocated, Refused
 from llumnix.core.request import Request, RequestStatus
@@ -24,29 +23,39 @@ from llumnix.core.request import Request, RequestStatus
 QUEUED_DEMAND_MODES = ("all", "head")
 
 
+CANDIDATE_RULES = ("lcfs", "artifact")
+
+
 @dataclass(frozen=True)
 class LlumletConfig:
-    """How an instance computes its load.
+    """How an instance computes its load and picks what to migrate.
 
-    ``queued_demand``: "all" counts the blocks of every waiting request (the authors' artifact), "head" only the
-    head-of-line one (Algorithm 1 of the paper). ``high_priority_kv_tokens``: with priorities on, an instance holding
-    high-priority requests looks full beyond this many tokens of KV to normal requests, so its batch stays small and
-    the high-priority requests decode fast (artifact: ~1,600 tokens).
+    ``queued_demand``: "all" counts the blocks of every waiting request (the authors' artifact, as fractional blocks:
+    tokens / block size), "head" only the head-of-line one (Algorithm 1 of the paper). ``high_priority_kv_tokens``:
+    with priorities on, an instance holding high-priority requests keeps this many tokens of KV usable for them and
+    looks full beyond it to normal requests, so its batch stays small (artifact: ``total - 1600 // 16`` blocks held
+    back, osdi24ae ``vllm/instance_info.py:96-97``). ``candidate``: "lcfs" migrates the last-arrived running
+    normal-priority request that already has output (the paper); "artifact" reproduces the artifact's loop, which
+    checks that such a request exists but migrates the last running request, whatever its priority or output
+    (osdi24ae ``vllm/core/scheduler.py:158-174``). ``max_migrations``: migrations an instance takes part in at once,
+    as source or destination (artifact: one, osdi24ae ``llm_engine_manager.py:460-479``).
     """
 
     queued_demand: str = "all"
     enable_priorities: bool = False
     high_priority_kv_tokens: int = 1_600
-    max_migrations_out: int = 1
-    max_migrations_in: int = 1
+    candidate: str = "lcfs"
+    max_migrations: int = 1
 
     def __post_init__(self) -> None:
         if self.queued_demand not in QUEUED_DEMAND_MODES:
             raise ValueError(f"queued_demand must be one of {QUEUED_DEMAND_MODES}, got {self.queued_demand!r}")
         if self.high_priority_kv_tokens < 1:
             raise ValueError(f"high_priority_kv_tokens must be >= 1, got {self.high_priority_kv_tokens}")
-        if self.max_migrations_out < 0 or self.max_migrations_in < 0:
-            raise ValueError("max_migrations_out / max_migrations_in must be >= 0")
+        if self.candidate not in CANDIDATE_RULES:
+            raise ValueError(f"candidate must be one of {CANDIDATE_RULES}, got {self.candidate!r}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
 
 
 @dataclass(frozen=True)
@@ -55,35 +64,51 @@ class LoadInputs:
 
     free_blocks: int
     watermark_blocks: int
-    queued_blocks: int  # virtual usage of the waiting requests (all of them, or the head of line: ``queued_demand``)
-    head_blocks: int  # the head-of-line waiting request's demand (0 when nothing waits)
+    queued_blocks: float  # virtual usage of the waiting requests (all of them, or the head of line: ``queued_demand``)
+    head_blocks: float  # the head-of-line waiting request's demand in the same unit (0 when nothing waits)
     num_running: int  # running and frozen (mid-migration) requests
     num_waiting: int
     num_high: int  # high-priority requests held (waiting, running or frozen)
-    reserve_blocks: int  # headroom held back from normal requests while the instance holds high priority
+    reserve_blocks: int  # with priorities on: blocks held back from one priority class (see ``freeness``)
+    num_preempted_waiting: int = 0  # waiting requests that were preempted and wait to be recomputed
+    block_size: int = 16
     queued_demand: str = "all"
     draining: bool = False
-    priorities: bool = False  # the local queue puts high priority first
+    priorities: bool = False  # the local queue puts high priority first (``local_priority: strict``)
     head_high: bool = False  # the head-of-line waiting request is high priority
 
 
-def freeness(x: LoadInputs) -> tuple[float, float]:
-    """(freeness seen by a normal request, by a high-priority one), in blocks per request.
+@dataclass(frozen=True)
+class Freeness:
+    """An instance's freeness (blocks per request; +inf when it holds no request, -inf while draining).
 
-    F = (free - watermark - virtual usage of the queue - priority reserve) / (running + 1 if anything waits): the
-    reserve applies only to normal requests and only on an instance holding high priority. A draining instance
-    reports -inf (the paper's fake request of infinite usage)."""
-    if x.draining:
-        return -math.inf, -math.inf
-    denom = max(1, x.num_running + (1 if x.num_waiting else 0))
+    ``migration`` (pairing): (free - watermark - queued - reserve if it holds high priority) / (running + 1 if
+    anything waits), osdi24ae ``vllm/instance_info.py:118-135``. ``dispatch`` (a normal request): the same room over
+    (running + waiting), ``:139-158``; ``dispatch_high`` (a high-priority request): the reserve is held back on the
+    instances *without* high priority instead, so high-priority requests gather where high priority already runs.
+    """
+
+    migration: float
+    dispatch: float
+    dispatch_high: float
+
+
+def freeness(x: LoadInputs) -> Freeness:
+    if x.draining:  # the paper's fake request of infinite usage
+        return Freeness(-math.inf, -math.inf, -math.inf)
     room = x.free_blocks - x.watermark_blocks - x.queued_blocks
-    high = room / denom
-    return ((room - x.reserve_blocks) / denom if x.num_high else high), high
+    holds_high = x.num_high > 0
+    mine, theirs = (x.reserve_blocks, 0) if holds_high else (0, x.reserve_blocks)
+    n_mig = x.num_running + (1 if x.num_waiting else 0)
+    n_disp = x.num_running + x.num_waiting
+    if n_disp == 0:
+        return Freeness(math.inf, math.inf, math.inf)
+    return Freeness((room - mine) / n_mig, (room - mine) / n_disp, (room - theirs) / n_disp)
 
 
 @dataclass(frozen=True)
 class InstanceLoad:
-    """A load report. Freeness is in blocks per running request and can be negative (or -inf while draining)."""
+    """A load report (see ``Freeness`` for the three freeness measures)."""
 
     instance_id: int
     num_running: int
@@ -91,30 +116,38 @@ class InstanceLoad:
     num_free_blocks: int
     num_total_blocks: int
     num_high: int
-    freeness: float  # as seen by a normal-priority request (includes the high-priority reserve)
-    freeness_high: float  # as seen by a high-priority request
+    freeness: float  # for migration pairing (and the scaler's per-instance view)
+    dispatch_freeness: float  # as a normal request's dispatch sees it
+    dispatch_freeness_high: float  # as a high-priority request's dispatch sees it
     draining: bool
     migrations_out: int
     migrations_in: int
     can_migrate_out: bool
     can_migrate_in: bool
+    num_preempted_waiting: int = 0
     inputs: LoadInputs | None = field(default=None, compare=False)
 
     @classmethod
     def from_inputs(cls, instance_id: int, x: LoadInputs, total_blocks: int, migrations_out: int,
                     migrations_in: int, can_migrate_out: bool, can_migrate_in: bool) -> InstanceLoad:
-        f, f_high = freeness(x)
-        return cls(instance_id, x.num_running, x.num_waiting, x.free_blocks, total_blocks, x.num_high, f, f_high,
-                   x.draining, migrations_out, migrations_in, can_migrate_out, can_migrate_in, x)
+        f = freeness(x)
+        return cls(instance_id, x.num_running, x.num_waiting, x.free_blocks, total_blocks, x.num_high, f.migration,
+                   f.dispatch, f.dispatch_high, x.draining, migrations_out, migrations_in, can_migrate_out,
+                   can_migrate_in, x.num_preempted_waiting, x)
 
     @property
     def is_idle(self) -> bool:
         """Nothing queued, running or migrating (as of this report)."""
         return not (self.num_running or self.num_waiting or self.migrations_out or self.migrations_in)
 
-    def with_pending(self, pending: Sequence[tuple[int, bool]]) -> InstanceLoad:
-        """This load as it will be once the instance has queued requests dispatched after it reported: (blocks the
-        request needs, is high priority) each, appended to its queue. The same ``freeness`` rule on the new inputs."""
+    @property
+    def migrating(self) -> bool:
+        return bool(self.migrations_out or self.migrations_in)
+
+    def with_pending(self, pending: Sequence[tuple[float, bool]]) -> InstanceLoad:
+        """This load as it will be once the instance has queued requests dispatched after it reported: (virtual usage
+        of the request's prompt in blocks, is high priority) each, appended to its queue. The same ``freeness`` rule
+        on the new inputs."""
         if not pending or self.inputs is None:
             return self
         x = self.inputs
@@ -127,19 +160,26 @@ class InstanceLoad:
         return InstanceLoad.from_inputs(self.instance_id, new, self.num_total_blocks, self.migrations_out,
                                         self.migrations_in, self.can_migrate_out, self.can_migrate_in)
 
+    def pending_usage(self, num_tokens: int) -> float:
+        """The virtual usage a waiting request of ``num_tokens`` adds (``with_pending``'s unit)."""
+        x = self.inputs
+        if x is None or x.queued_demand == "all":
+            return num_tokens / (x.block_size if x is not None else 16)
+        return float(-(-num_tokens // x.block_size))
+
     def with_draining(self) -> InstanceLoad:
         """This load once the instance has been told to drain (before it reports so itself)."""
         x = replace(self.inputs, draining=True) if self.inputs is not None else None
-        return replace(self, draining=True, freeness=-math.inf, freeness_high=-math.inf, can_migrate_in=False,
-                       inputs=x)
+        return replace(self, draining=True, freeness=-math.inf, dispatch_freeness=-math.inf,
+                       dispatch_freeness_high=-math.inf, can_migrate_in=False, inputs=x)
 
     def with_migration_out(self) -> InstanceLoad:
         """This load once a migration out of the instance has been asked for (before it reports it)."""
-        return replace(self, migrations_out=self.migrations_out + 1, can_migrate_out=False)
+        return replace(self, migrations_out=self.migrations_out + 1, can_migrate_out=False, can_migrate_in=False)
 
     def with_migration_in(self) -> InstanceLoad:
         """This load once a migration into the instance has been asked for (before it reports it)."""
-        return replace(self, migrations_in=self.migrations_in + 1, can_migrate_in=False)
+        return replace(self, migrations_in=self.migrations_in + 1, can_migrate_out=False, can_migrate_in=False)
 
 
 @dataclass
@@ -173,50 +213,57 @@ class Llumlet:
         return len(self.incoming)
 
     # -- load ----------------------------------------------------------------------------------------------------
-    def _queued_blocks(self) -> int:
+    def _queued_blocks(self) -> float:
         if self.config.queued_demand == "head":
-            return self.scheduler.head_demand_blocks()
-        return self.scheduler.waiting_demand_blocks
+            return float(self.scheduler.head_demand_blocks())
+        return self.scheduler.waiting_demand_tokens / self.blocks.block_size
 
     def high_priority_reserve_blocks(self) -> int:
-        """Blocks held back from normal requests whenever this instance holds high priority (0 with priorities off)."""
+        """Blocks held back from one priority class (0 with priorities off): total minus the high-priority KV cap
+        (osdi24ae ``vllm/instance_info.py:96-97``)."""
         if not self.config.enable_priorities:
             return 0
-        cap = blocks_for(self.config.high_priority_kv_tokens, self.blocks.block_size)
-        return max(0, self.blocks.num_blocks - self.blocks.watermark_blocks - cap)
+        cap = self.config.high_priority_kv_tokens // self.blocks.block_size
+        return max(0, self.blocks.num_blocks - cap)
 
     def priority_reserve_blocks(self) -> int:
-        """The reserve in force now: only while this instance holds high-priority requests."""
+        """The reserve normal requests see now: only while this instance holds high-priority requests."""
         return self.high_priority_reserve_blocks() if self.scheduler.num_high > 0 else 0
 
     def load_inputs(self) -> LoadInputs:
         s = self.scheduler
         bm = s.blocks
+        head = s.waiting[0] if s.waiting else None
+        head_blocks = 0.0 if head is None else (
+            head.seq_len / bm.block_size if self.config.queued_demand == "all" else float(s.head_demand_blocks())
+        )
         return LoadInputs(
             free_blocks=bm.num_free_blocks,
             watermark_blocks=bm.watermark_blocks,
             queued_blocks=self._queued_blocks(),
-            head_blocks=s.head_demand_blocks(),
+            head_blocks=head_blocks,
             num_running=len(s.running) + len(s.frozen),
             num_waiting=len(s.waiting),
             num_high=s.num_high,
             reserve_blocks=self.high_priority_reserve_blocks(),
+            num_preempted_waiting=len(s.preempted_waiting),
+            block_size=bm.block_size,
             queued_demand=self.config.queued_demand,
             draining=self.draining,
-            priorities=s.config.enable_priorities,
-            head_high=bool(s.waiting) and s.waiting[0].is_high,
+            priorities=s.config.enable_priorities and s.config.local_priority == "strict",
+            head_high=head is not None and head.is_high,
         )
 
     def load(self) -> InstanceLoad:
-        cfg = self.config
+        free_slot = self.migrations_out + self.migrations_in < self.config.max_migrations
         return InstanceLoad.from_inputs(
             self.instance_id,
             self.load_inputs(),
             self.blocks.num_blocks,
             self.migrations_out,
             self.migrations_in,
-            self.migrations_out < cfg.max_migrations_out,
-            (not self.draining) and self.migrations_in < cfg.max_migrations_in,
+            free_slot,
+            free_slot and not self.draining,
         )
 
     def is_idle(self) -> bool:
@@ -239,12 +286,16 @@ class Llumlet:
         )
 
     def can_start_migration_out(self) -> bool:
-        return self.migrations_out < self.config.max_migrations_out
+        return self.migrations_out + self.migrations_in < self.config.max_migrations
 
     def pick_migration_candidate(self) -> Request | None:
-        """LCFS: the last-arrived running request that may migrate."""
-        for req in reversed(self.scheduler.running):
+        """LCFS: the last-arrived running request that may migrate (``candidate: artifact``: the last running request,
+        if any running request may migrate)."""
+        running = self.scheduler.running
+        for req in reversed(running):
             if self._may_move(req):
+                if self.config.candidate == "artifact" and running[-1].request_id not in self.migrating:
+                    return running[-1]
                 return req
         return None
 
@@ -268,7 +319,7 @@ class Llumlet:
 
     # -- migration: destination side ----------------------------------------------------------------------------
     def can_accept_migration(self) -> bool:
-        return not self.draining and self.migrations_in < self.config.max_migrations_in
+        return not self.draining and self.migrations_out + self.migrations_in < self.config.max_migrations
 
     def reserve_in(self, migration_id: int, src: int) -> bool:
         """Claim a slot for an incoming migration (when the pairing decides it); False if this instance takes none."""

@@ -1,10 +1,19 @@
-"""An instance's local scheduler with vLLM 0.1.x semantics.
+"""An instance's local scheduler with vLLM 0.1.x semantics (the Llumnix artifact's fork, osdi24ae
+``vllm/core/scheduler.py`` and ``block_manager.py``).
 
 FCFS waiting queue; a step is either one prefill batch (admitted from the head of the queue while the batch stays
-under ``max_batched_tokens`` and ``max_num_seqs`` and the block manager can allocate above its watermark) or one
-decode step for every running request. When a decode step lacks a block, the most recently arrived running request
-is preempted by recompute: its blocks are freed and it goes back to the head of the waiting queue, keeping the
-tokens it generated (they are recomputed in its next prefill).
+under ``max_batched_tokens`` and ``max_num_seqs`` and the block manager can allocate above its watermark; the first
+request that does not fit stops admission) or one decode step for every running request. Preemption is by recompute
+of the most recently arrived running request: its blocks are freed and it goes back to the head of the waiting queue,
+keeping the tokens it generated (they are recomputed in its next prefill). vLLM 0.1 preempts while *no block is
+free* before a request's turn in the decode pass (``can_append_slot``: one free block per running sequence, whether
+or not it needs one now; osdi24ae ``vllm/core/block_manager.py:169-174``, ``scheduler.py:265-295``); ``preemption:
+block_needed`` preempts only when a request needs a block and none is free.
+
+Priorities in the artifact's local scheduler barely matter: a high-priority request is queued just before the last
+waiting one (its check ``waiting[idx] == 0`` never holds, osdi24ae ``scheduler.py:103-112``) and preemption ignores
+priority (``:277-282``); that is ``local_priority: artifact``. ``strict`` lets high priority jump the queue and be
+preempted last (this project's earlier rule); ``off`` ignores priorities here.
 
 The scheduler never touches tensors or clocks: the runtime passes ``now`` and executes the returned ``StepPlan``.
 """
@@ -20,12 +29,17 @@ from llumnix.core.block_manager import BlockManager, blocks_for
 from llumnix.core.records import StepRecord
 from llumnix.core.request import Request, RequestStatus
 
+LOCAL_PRIORITY_MODES = ("artifact", "strict", "off")
+PREEMPTION_RULES = ("no_free_block", "block_needed")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_batched_tokens: int = 12_288
-    enable_priorities: bool = False  # high-priority requests jump the waiting queue and are preempted last
+    enable_priorities: bool = False  # requests carry priorities that this scheduler honours (``local_priority``)
+    local_priority: str = "artifact"  # with priorities: how the queue and preemption treat them (see module doc)
+    preemption: str = "no_free_block"  # when a decode pass preempts (see module doc)
     chunked_prefill: bool = False  # reserved switch: vLLM 0.1.x had none; True is rejected until implemented
 
     def __post_init__(self) -> None:
@@ -33,6 +47,10 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be >= 1, got {self.max_batched_tokens}")
+        if self.local_priority not in LOCAL_PRIORITY_MODES:
+            raise ValueError(f"local_priority must be one of {LOCAL_PRIORITY_MODES}, got {self.local_priority!r}")
+        if self.preemption not in PREEMPTION_RULES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_RULES}, got {self.preemption!r}")
         if self.chunked_prefill:
             raise ValueError("chunked_prefill=True is not supported: the paper's engine (vLLM 0.1.x) has none")
 
@@ -80,21 +98,30 @@ class LocalScheduler:
         self.blocks = block_manager
         self.config = config or SchedulerConfig()
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # kept sorted by (priority, arrival): the last one is the preemption victim
+        self.running: list[Request] = []  # kept sorted by arrival (strict priorities: high first): last = victim
         self.frozen: dict[int, Request] = {}
         self.waiting_demand_blocks = 0  # sum of the blocks every waiting request needs to be admitted
+        self.waiting_demand_tokens = 0  # sum of the waiting requests' lengths (tokens to prefill)
+        self.preempted_waiting: set[int] = set()  # waiting requests that were preempted (and not re-admitted yet)
         self.num_high = 0  # high-priority requests held (waiting, running or frozen)
         self.num_preemptions = 0
+        self._strict = self.config.enable_priorities and self.config.local_priority == "strict"
 
     # -- queue management ----------------------------------------------------------------------------------------
     def _key(self, r: Request) -> tuple:
-        return _order_key(r, self.config.enable_priorities)
+        return _order_key(r, self._strict)
 
     def _push_waiting(self, req: Request, head: bool) -> None:
         req.status = RequestStatus.WAITING
         self.waiting_demand_blocks += blocks_for(req.seq_len, self.blocks.block_size)
-        if not self.config.enable_priorities:
-            self.waiting.appendleft(req) if head else self.waiting.append(req)
+        self.waiting_demand_tokens += req.seq_len
+        if not self._strict:
+            if head:
+                self.waiting.appendleft(req)
+            elif req.is_high and self.config.enable_priorities and self.config.local_priority == "artifact":
+                self.waiting.insert(max(0, len(self.waiting) - 1), req)  # osdi24ae scheduler.py:103-112
+            else:
+                self.waiting.append(req)
             return
         # With priorities, high-priority requests enter the head of the queue (behind high-priority ones already
         # there, unless preempted); a preempted normal request goes back right behind the queued high ones.
@@ -110,6 +137,8 @@ class LocalScheduler:
     def _pop_waiting(self) -> Request:
         req = self.waiting.popleft()
         self.waiting_demand_blocks -= blocks_for(req.seq_len, self.blocks.block_size)
+        self.waiting_demand_tokens -= req.seq_len
+        self.preempted_waiting.discard(req.request_id)
         return req
 
     def _insert_running(self, req: Request) -> None:
@@ -135,6 +164,8 @@ class LocalScheduler:
         taken = list(self.waiting)
         self.waiting.clear()
         self.waiting_demand_blocks = 0
+        self.waiting_demand_tokens = 0
+        self.preempted_waiting.clear()
         self.num_high -= sum(r.is_high for r in taken)
         return taken
 
@@ -186,17 +217,19 @@ class LocalScheduler:
             context += n
             if len(tables[r.request_id]) * bs < n:
                 need.append(r)
-        if len(need) <= bm.num_free_blocks:
+        free = bm.num_free_blocks
+        if len(need) < free or (len(need) == free and self.config.preemption == "block_needed"):
             for r in need:
                 bm.append_slot(r.request_id, r.seq_len)
             return StepPlan(StepKind.DECODE, list(self.running), context_tokens=context)
         preempted: list[Request] = []
         queue = deque(self.running)
         kept: list[Request] = []
+        any_free = self.config.preemption == "no_free_block"
         while queue:
             req = queue.popleft()
             needs_block = bm.num_blocks_of(req.request_id) * bs < req.seq_len
-            while needs_block and not bm.can_append_slot():
+            while (any_free or needs_block) and not bm.can_append_slot():
                 victim = queue.pop() if queue else req
                 self._preempt(victim, now)
                 preempted.append(victim)
@@ -215,6 +248,7 @@ class LocalScheduler:
         req.preemptions_s.append(now)
         self.num_preemptions += 1
         self._push_waiting(req, head=True)
+        self.preempted_waiting.add(req.request_id)
 
     def on_step_done(self, plan: StepPlan, now: float, token_ids: list[int] | None = None) -> list[Request]:
         """Account one generated token per request of ``plan``; return the requests that finished."""

@@ -49,26 +49,21 @@ class RoundRobin(DispatchPolicy):
 
 @DISPATCH_POLICIES.register("freeness")
 class HighestFreeness(DispatchPolicy):
-    """INFaaS++ and Llumnix: the highest freeness for the request's priority.
+    """INFaaS++ and Llumnix: the instance with the highest dispatch freeness for the request's priority (ties: the
+    highest instance id, as the artifact's sort leaves them, osdi24ae ``vllm/core/request_scheduler.py:144-152,
+    578-602``).
 
-    High-priority requests prefer instances already serving high priority (that still have room); normal ones avoid
-    them. Without priorities every ``num_high`` is 0 and this is plain highest-freeness.
+    A normal request sees the high-priority reserve on the instances that hold high priority (it avoids them); a
+    high-priority request sees it on the instances that hold none (it joins the ones that do), unless an instance
+    is empty (+inf). With priorities off there is no reserve and the two are the same.
     """
 
     def choose(self, request: Request, loads: Sequence[InstanceLoad]) -> int:
         live = _eligible(loads)
         if request.is_high:
-            # On an instance serving high priority, ``freeness`` is the room left under its high-priority KV cap.
-            with_high = [ld for ld in live if ld.num_high > 0 and ld.freeness > 0]
-            if with_high:
-                best = max(with_high, key=lambda ld: (ld.freeness, -ld.instance_id))
-            else:  # open a new high-priority instance: the one with the most room
-                pool = [ld for ld in live if ld.num_high == 0] or live
-                best = max(pool, key=lambda ld: (ld.freeness_high, -ld.instance_id))
+            best = max(live, key=lambda ld: (ld.dispatch_freeness_high, ld.instance_id))
         else:
-            without_high = [ld for ld in live if ld.num_high == 0]
-            pool = without_high or live
-            best = max(pool, key=lambda ld: (ld.freeness, -ld.instance_id))
+            best = max(live, key=lambda ld: (ld.dispatch_freeness, ld.instance_id))
         return best.instance_id
 
 

@@ -29,19 +29,22 @@ class NoMigration(PairingPolicy):
 
 @PAIRING_POLICIES.register("freeness")
 class FreenessPairing(PairingPolicy):
-    """Sources have freeness below the threshold (draining ones are -inf), destinations above it; the lowest source
-    pairs with the highest destination, the next lowest with the next highest, and so on."""
+    """The artifact's pairing (osdi24ae ``vllm/core/request_scheduler.py:530-545``, ``llm_engine_manager.py:460-479``).
+
+    Sources: freeness below the threshold, or a preempted request waiting to be recomputed; destinations: freeness
+    above it and no preempted request waiting. Sources in rising freeness (the most loaded first; draining ones are
+    -inf), destinations in falling freeness, paired in order; a pair one of whose instances is already migrating
+    (as source or destination) is skipped, not re-paired."""
 
     def pairs(self, loads: Sequence[InstanceLoad]) -> list[tuple[int, int]]:
-        sources = sorted(
-            (ld for ld in loads if ld.freeness < self.threshold and ld.can_migrate_out and ld.num_running > 0),
-            key=lambda ld: (ld.freeness, ld.instance_id),
-        )
-        dests = sorted(
-            (ld for ld in loads if ld.freeness > self.threshold and ld.can_migrate_in),
-            key=lambda ld: (-ld.freeness, ld.instance_id),
-        )
-        return [(s.instance_id, d.instance_id) for s, d in zip(sources, dests, strict=False)]
+        ordered = sorted(loads, key=lambda ld: (ld.freeness, ld.instance_id))
+        sources = [ld for ld in ordered if ld.num_preempted_waiting > 0 or ld.freeness < self.threshold]
+        dests = [ld for ld in reversed(ordered) if ld.num_preempted_waiting == 0 and ld.freeness > self.threshold]
+        return [
+            (s.instance_id, d.instance_id)
+            for s, d in zip(sources, dests, strict=False)
+            if s.can_migrate_out and d.can_migrate_in and s.num_running > 0
+        ]
 
 
 def make_pairing_policy(name: str, threshold: float = 3.0) -> PairingPolicy:

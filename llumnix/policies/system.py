@@ -26,6 +26,8 @@ class SystemConfig:
     migration_threshold: float = 3.0
     pairing_interval_s: float = 0.1
     priorities: bool = False
+    local_priority: str = "artifact"  # how an instance's own queue treats priorities (llumnix.core.local_scheduler)
+    candidate: str = "lcfs"  # which request a source migrates (llumnix.core.llumlet.LlumletConfig)
     autoscale: ScalingConfig | None = None
 
     def __post_init__(self) -> None:
@@ -85,9 +87,11 @@ class GlobalScheduler:
         return pairs
 
     def scale(self, loads: Sequence[InstanceLoad], num_starting: int, now: float) -> ScalingDecision:
-        decision = self.scaler.decide(loads, num_starting)
+        decision = self.scaler.decide(loads, num_starting, now)
         if self.record_decisions:
             self.decisions.extend(Decision(now, "start") for _ in range(decision.start))
             if decision.drain is not None:
                 self.decisions.append(Decision(now, "drain", decision.drain))
+            if decision.cancel_drain is not None:
+                self.decisions.append(Decision(now, "cancel-drain", decision.cancel_drain))
         return decision

@@ -36,8 +36,10 @@ class AutoScaler:
                 decision = m.gs.scale(m.loads(), len(m.starting), m.clock())
                 for _ in range(decision.start):
                     m.spawn(self.start_instance())
+                if decision.cancel_drain is not None:
+                    await self.undrain(decision.cancel_drain)
                 if decision.drain is not None:
-                    await self.drain(decision.drain)
+                    await self.drain(decision.drain, requeue=scaler.config.requeue_on_drain)
             except Exception:
                 log.exception("auto-scaling round failed")
 
@@ -77,9 +79,10 @@ class AutoScaler:
         log.info("instance %d ready (%.1f s after launch)", iid, m.clock() - m.spans[iid].launch_s)
         return {"started": True, "instance_id": iid}
 
-    async def drain(self, instance_id: int) -> dict[str, Any]:
+    async def drain(self, instance_id: int, requeue: bool = True) -> dict[str, Any]:
         """Drain an instance (the scaler's scale-down, or an operator): it takes no new request, its running ones
-        migrate away (or finish there without migration), its queued ones are dispatched again; then it stops."""
+        migrate away (or finish there without migration), its queued ones are dispatched again (``requeue``) or
+        served there; then it stops."""
         m = self.manager
         inst = m.instances.get(instance_id)
         if inst is None or not inst.alive:
@@ -94,12 +97,25 @@ class AutoScaler:
         m.event(instance_id, "drain")
         log.info("draining instance %d", instance_id)
         try:
-            taken = await inst.actor.drain.remote()
+            taken = await inst.actor.drain.remote(requeue)
         except m.launcher.actor_died as e:
             m._instance_failed(inst, f"actor died: {e}")
             return {"draining": False, "instance_id": instance_id, "reason": "the instance died"}
         requeued = m.hand_back(taken, f"instance {instance_id} drained")
         return {"draining": True, "instance_id": instance_id, "requeued": requeued}
+
+    async def undrain(self, instance_id: int) -> None:
+        """A scale-up came while this instance drained: it serves again."""
+        m = self.manager
+        inst = m.instances.get(instance_id)
+        if inst is None or not inst.alive or not inst.draining:
+            return
+        inst.draining = False
+        m.event(instance_id, "undrain")
+        try:
+            await inst.actor.undrain.remote()
+        except m.launcher.actor_died as e:
+            m._instance_failed(inst, f"actor died: {e}")
 
     async def retire(self, inst: InstanceHandle) -> bool:
         """Stop a drained instance if its actor says it holds nothing (atomically there); True if it stopped."""

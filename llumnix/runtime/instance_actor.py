@@ -166,8 +166,10 @@ class InstanceActor:
             max_num_seqs=spec.max_num_seqs,
             max_batched_tokens=spec.max_batched_tokens,
             enable_priorities=spec.priorities,
+            local_priority=spec.local_priority,
+            preemption=spec.preemption,
         )
-        ll_cfg = LlumletConfig(enable_priorities=spec.priorities)
+        ll_cfg = LlumletConfig(enable_priorities=spec.priorities, candidate=spec.candidate)
         engine = EngineInstance(self.instance_id, executor, sched_cfg, ll_cfg, watermark=spec.watermark,
                                 clock=self.clock)
         return engine, info
@@ -311,16 +313,22 @@ class InstanceActor:
         return True
 
     # -- auto-scaling: drain, then retire ------------------------------------------------------------------------
-    async def drain(self) -> list[Request]:
+    async def drain(self, requeue: bool = False) -> list[Request]:
         """Start draining (the scale-down): the llumlet reports freeness -inf from now on, so no request is
-        dispatched or migrated here and the pairing policy moves the running ones away; the waiting requests are
-        handed back (as they are: a preempted one keeps its outputs so far) for the frontend to dispatch elsewhere. Running requests that are not
-        migrated (no migration, high priority) finish here. No step boundary needed: a step in flight holds no
-        waiting request."""
+        dispatched or migrated here and the pairing policy moves the running ones away (running requests that are
+        not migrated, without migration or of high priority, finish here). Its queued requests are served here too
+        (the artifact's drain), or with ``requeue`` handed back, as they are (a preempted one keeps its outputs so
+        far), for the frontend to dispatch elsewhere. No step boundary needed: a step in flight holds no waiting
+        request."""
         self.llumlet.draining = True
-        taken = self.scheduler.take_waiting()  # queued requests hold no blocks (preemption frees them)
+        taken = self.scheduler.take_waiting() if requeue else []  # queued requests hold no blocks
         self._changed(work=True)
         return taken
+
+    async def undrain(self) -> None:
+        """Take requests again (a scale-up cancelled the drain)."""
+        self.llumlet.draining = False
+        self._changed(work=True)
 
     def _idle(self) -> bool:
         return self.llumlet.is_idle() and not self._drives
@@ -385,8 +393,12 @@ class InstanceActor:
             return {"started": False, "reason": "source instance failed or stopping"}
         if not ll.can_start_migration_out():
             return {"started": False, "reason": "a migration out of this instance is in flight"}
-        req = ll.pick_migration_candidate() if request_id is None else ll.running_request(request_id)
-        if req is None or not ll.can_migrate(req):
+        if request_id is None:
+            req = ll.pick_migration_candidate()
+        else:
+            req = ll.running_request(request_id)
+            req = req if req is not None and ll.can_migrate(req) else None
+        if req is None:
             return {"started": False, "reason": "no running request to migrate"}
         mig = Migration(migration_id, req, ll, dst_id, self.mig_config)  # claims the slot and the request
         self._peers[dst_id] = dst_actor

@@ -117,7 +117,8 @@ def serve_config_for(profile, system, num_instances: int, migration=None, profil
     instance = InstanceSpec(
         backend="profile", profile=profile_path or profile.name, block_size=profile.block_size, num_blocks=profile.total_blocks,
         watermark=profile.watermark, max_num_seqs=profile.max_num_seqs, max_batched_tokens=profile.max_batched_tokens,
-        priorities=system.priorities, last_stage_blocks=migration.last_stage_max_blocks,
+        priorities=system.priorities, local_priority=system.local_priority, candidate=system.candidate,
+        last_stage_blocks=migration.last_stage_max_blocks,
         max_stages=migration.max_stages,
     )
     values = dict(
@@ -130,7 +131,8 @@ def serve_config_for(profile, system, num_instances: int, migration=None, profil
             autoscale=True, scale_up=scaling.scale_up, scale_down=scaling.scale_down,
             min_instances=scaling.min_instances, max_instances=scaling.max_instances,
             scale_interval_s=scaling.check_interval_s, startup_delay_s=scaling.startup_delay_s,
-            initial_instances=num_instances,
+            scale_first_check_s=scaling.first_check_s, scale_down_queued=scaling.scale_down_queued,
+            requeue_on_drain=scaling.requeue_on_drain, scaling_rule=scaling.rule, initial_instances=num_instances,
         )
     return ServeConfig(**values)
 

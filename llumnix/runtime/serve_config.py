@@ -48,6 +48,13 @@ class InstanceSpec(BaseModel):
     max_num_seqs: int = Field(256, ge=1, description="most running sequences per instance")
     max_batched_tokens: int = Field(12_288, ge=1, description="most prompt tokens in one prefill step")
     priorities: bool = Field(False, description="honour request priorities (headroom, queue jumping, no migration)")
+    local_priority: Literal["artifact", "strict", "off"] = Field(
+        "artifact", description="with priorities: how an instance's own queue treats them (llumnix.core.local_scheduler)"
+    )
+    candidate: Literal["lcfs", "artifact"] = Field("lcfs", description="which running request a source migrates")
+    preemption: Literal["no_free_block", "block_needed"] = Field(
+        "no_free_block", description="when a decode pass preempts: vLLM 0.1's rule, or only when a block is needed"
+    )
     last_stage_blocks: int = Field(2, ge=0, description="blocks left at which a migration stops and copies")
     max_stages: int = Field(8, ge=1, description="most migration stages before the stop-and-copy stage is forced")
     vllm_migration: Literal["recompute", "kv"] = Field(
@@ -129,6 +136,11 @@ class ServeConfig(BaseModel):
     max_instances: int = Field(16, ge=1, description="auto-scaling upper bound")
     initial_instances: int | None = Field(None, ge=1, description="instances at start with autoscale (default: instances)")
     scale_interval_s: float = Field(10.0, gt=0, description="seconds between auto-scaling decisions")
+    scale_first_check_s: float = Field(110.0, ge=0, description="no auto-scaling decision before this (artifact: 110 s)")
+    scale_down_queued: bool = Field(True, description="the scale-down freeness counts queued requests (artifact)")
+    requeue_on_drain: bool = Field(False, description="a drained instance hands its queued requests back for "
+                                   "re-dispatch (the artifact serves them where they are)")
+    scaling_rule: Literal["artifact", "mean-freeness"] = Field("artifact", description="the auto-scaling rule")
     startup_delay_s: float = Field(
         0.0, ge=0, description="extra seconds a new instance waits, once its engine is up, before it takes requests"
     )
@@ -173,6 +185,10 @@ class ServeConfig(BaseModel):
             max_instances=self.max_instances,
             check_interval_s=self.scale_interval_s,
             startup_delay_s=self.startup_delay_s,
+            first_check_s=self.scale_first_check_s,
+            scale_down_queued=self.scale_down_queued,
+            requeue_on_drain=self.requeue_on_drain,
+            rule=self.scaling_rule,
         )
 
     @property

@@ -86,7 +86,8 @@ class VllmInstanceActor(InstanceActor):
             watermark=spec.watermark,
             seed=spec.seed,
         )
-        engine = VllmInstance(self.instance_id, config, LlumletConfig(enable_priorities=spec.priorities), self.clock)
+        engine = VllmInstance(self.instance_id, config,
+                              LlumletConfig(enable_priorities=spec.priorities, candidate=spec.candidate), self.clock)
         self._step_tokens: list[tuple[int, int, int]] = []
         engine.on_token = lambda req, tok: self._step_tokens.append((req.request_id, req.num_generated - 1, tok))
         info = {

@@ -26,6 +26,7 @@ from typing import Any
 
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import Llumlet, LlumletConfig
+from llumnix.core.local_scheduler import SchedulerConfig
 from llumnix.core.migration import Migration, MigrationConfig, answer_locally
 from llumnix.core.migration_protocol import Copied
 from llumnix.core.request import Request, RequestStatus
@@ -165,8 +166,9 @@ class VllmSchedulerView:
         self.frozen: dict[int, Request] = {}
 
     @property
-    def config(self) -> VllmInstanceConfig:
-        return self._inst.config
+    def config(self) -> SchedulerConfig:
+        """What the llumlet asks of a scheduler's config: vLLM's priority policy is strict (queue and preemption)."""
+        return SchedulerConfig(enable_priorities=self._inst.config.enable_priorities, local_priority="strict")
 
     def _ours(self, vllm_requests) -> list[Request]:
         by_id = self._inst._by_vllm_id
@@ -193,6 +195,14 @@ class VllmSchedulerView:
     @property
     def waiting_demand_blocks(self) -> int:
         return sum(blocks_for(r.seq_len, self.blocks.block_size) for r in self.waiting)
+
+    @property
+    def waiting_demand_tokens(self) -> int:
+        return sum(r.seq_len for r in self.waiting)
+
+    @property
+    def preempted_waiting(self) -> set[int]:
+        return {r.request_id for r in self.waiting if r.preemptions_s}
 
     def head_demand_blocks(self) -> int:
         waiting = self.waiting

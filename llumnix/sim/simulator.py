@@ -35,7 +35,8 @@ class SimConfig:
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     queued_demand: str = "all"
     high_priority_kv_tokens: int = 1_600
-    max_migrations_per_instance: int = 1
+    max_migrations_per_instance: int = 1  # as source or destination
+    preemption: str = "no_free_block"  # the engine's preemption rule (llumnix.core.local_scheduler)
     sample_interval_s: float = 1.0
     seed: int = 0
     # What a real cluster adds around the engines (zero in the paper-scale runs, as the paper's simulator): a request
@@ -109,17 +110,20 @@ class Simulator:
         self._next_instance_id = 0
         self._unfinished = len(self.requests)
         self.now = 0.0
+        system = self.config.system
         self._sched_cfg = SchedulerConfig(
             max_num_seqs=profile.max_num_seqs,
             max_batched_tokens=profile.max_batched_tokens,
-            enable_priorities=self.config.system.priorities,
+            enable_priorities=system.priorities,
+            local_priority=system.local_priority,
+            preemption=self.config.preemption,
         )
         self._llumlet_cfg = LlumletConfig(
             queued_demand=self.config.queued_demand,
-            enable_priorities=self.config.system.priorities,
+            enable_priorities=system.priorities,
             high_priority_kv_tokens=self.config.high_priority_kv_tokens,
-            max_migrations_out=self.config.max_migrations_per_instance,
-            max_migrations_in=self.config.max_migrations_per_instance,
+            candidate=system.candidate,
+            max_migrations=self.config.max_migrations_per_instance,
         )
         self._check_fits()
 
@@ -298,11 +302,14 @@ class Simulator:
         decision = self.gs.scale(self._loads(), starting, now)
         for _ in range(decision.start):
             self._launch(now, now + scaler.config.startup_delay_s)
+        if decision.cancel_drain is not None:
+            self.instances[decision.cancel_drain].llumlet.draining = False
         if decision.drain is not None:
             inst = self.instances[decision.drain]
             inst.llumlet.draining = True
-            for req in inst.scheduler.take_waiting():
-                self._dispatch(req, now)
+            if scaler.config.requeue_on_drain:
+                for req in inst.scheduler.take_waiting():
+                    self._dispatch(req, now)
             self._maybe_stop(inst, now)
         if self._unfinished > 0:
             self._push(now + scaler.config.check_interval_s, SCALE_TICK)
