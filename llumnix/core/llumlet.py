@@ -34,11 +34,22 @@ class LlumletConfig:
     the high-priority requests decode fast (artifact: ~1,600 tokens).
     """
 
-    queued_demand: str = "all"
-    enable_priorities: bool = False
-    high_priority_kv_tokens: int = 1_600
-    max_migrations_out: int = 1
-    max_migrations_in: int = 1
+    queued_demand: str = field(
+        default="all",
+        metadata={
+            "help": "Virtual usage of queued requests: all of them (artifact) or the head of line only (Algorithm 1).",
+            "choices": QUEUED_DEMAND_MODES,
+        },
+    )
+    enable_priorities: bool = field(
+        default=False, metadata={"help": "High-priority requests get headroom and never migrate."}
+    )
+    high_priority_kv_tokens: int = field(
+        default=1_600,
+        metadata={"help": "KV tokens an instance serving high priority keeps usable (the rest is reserved headroom)."},
+    )
+    max_migrations_out: int = field(default=1, metadata={"help": "Most migrations one instance sends at a time."})
+    max_migrations_in: int = field(default=1, metadata={"help": "Most migrations one instance receives at a time."})
 
     def __post_init__(self) -> None:
         if self.queued_demand not in QUEUED_DEMAND_MODES:

@@ -23,10 +23,14 @@ from llumnix.core.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_batched_tokens: int = 12_288
-    enable_priorities: bool = False  # high-priority requests jump the waiting queue and are preempted last
-    chunked_prefill: bool = False  # reserved switch: vLLM 0.1.x had none; True is rejected until implemented
+    max_num_seqs: int = field(default=256, metadata={"help": "Most running sequences per instance."})
+    max_batched_tokens: int = field(default=12_288, metadata={"help": "Most prompt tokens in one prefill step."})
+    enable_priorities: bool = field(
+        default=False, metadata={"help": "High-priority requests jump the waiting queue and are preempted last."}
+    )
+    chunked_prefill: bool = field(
+        default=False, metadata={"help": "Reserved: vLLM 0.1.x had no chunked prefill; True is rejected."}
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

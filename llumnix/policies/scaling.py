@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llumnix.core.llumlet import InstanceLoad
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    scale_up: float = 10.0  # average freeness below this: start an instance
-    scale_down: float = 60.0  # average freeness above this: drain one
-    min_instances: int = 1
-    max_instances: int = 16
-    check_interval_s: float = 10.0
-    startup_delay_s: float = 5.0
+    scale_up: float = field(
+        default=10.0, metadata={"help": "Auto-scaling: start an instance when the average freeness drops below this."}
+    )
+    scale_down: float = field(
+        default=60.0, metadata={"help": "Auto-scaling: drain an instance when the average freeness exceeds this."}
+    )
+    min_instances: int = field(default=1, metadata={"help": "Auto-scaling: fewest instances."})
+    max_instances: int = field(default=16, metadata={"help": "Auto-scaling: most instances."})
+    check_interval_s: float = field(default=10.0, metadata={"help": "Auto-scaling: seconds between scaling decisions."})
+    startup_delay_s: float = field(
+        default=5.0, metadata={"help": "Seconds a started instance takes before it serves (an engine's start)."}
+    )
 
     def __post_init__(self) -> None:
         if self.scale_up >= self.scale_down:

@@ -21,12 +21,20 @@ SYSTEMS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class SystemConfig:
-    policy: str = "llumnix"
-    migration: bool = True
-    migration_threshold: float = 3.0
-    pairing_interval_s: float = 0.1
-    priorities: bool = False
-    autoscale: ScalingConfig | None = None
+    policy: str = field(
+        default="llumnix",
+        metadata={"help": "Dispatch / migration system (the paper's baselines or Llumnix).", "choices": tuple(SYSTEMS)},
+    )
+    migration: bool = field(default=True, metadata={"help": "Migrate requests between instances (llumnix policy)."})
+    migration_threshold: float = field(
+        default=3.0,
+        metadata={"help": "Freeness below which an instance is a migration source and above which a destination."},
+    )
+    pairing_interval_s: float = field(default=0.1, metadata={"help": "Seconds between migration pairing rounds."})
+    priorities: bool = field(
+        default=False, metadata={"help": "Honour request priorities (headroom, queue jumping, no migration)."}
+    )
+    autoscale: ScalingConfig | None = field(default=None, metadata={"help": "Auto-scaling (None: a fixed cluster)."})
 
     def __post_init__(self) -> None:
         if self.policy not in SYSTEMS:
