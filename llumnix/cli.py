@@ -9,6 +9,13 @@ from pathlib import Path
 
 import click
 
+from llumnix.cli_options import options, values_by_config
+from llumnix.core.migration import MigrationConfig
+from llumnix.policies.scaling import ScalingConfig
+from llumnix.policies.system import SystemConfig
+from llumnix.profiles import DEFAULT_PROFILE
+from llumnix.sim.simulator import SimConfig
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
 
@@ -110,74 +117,53 @@ def trace_stats(seed, draws, seeds, sharegpt_path, output) -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Trace file written by `llumnix trace` (CSV or Parquet).")
-@click.option("--policy", default="llumnix", help="System: round-robin, infaas++ or llumnix.")
-@click.option("--instances", type=int, default=16, help="Instances (the initial number with --autoscale).")
-@click.option("--profile", "profile_name", default="a10-llama-7b", help="Step-time profile: a packaged name or a JSON path.")
-@click.option("--seed", type=int, default=0, help="Seed recorded with the run (the simulation itself is deterministic).")
+@options(SystemConfig, ["policy"])
+@options(SimConfig, ["num_instances"], flags={"num_instances": "--instances"})
+@click.option("--profile", "profile_name", default=DEFAULT_PROFILE,
+              help="Step-time profile: a packaged name or a JSON path.")
+@options(SimConfig, ["seed"])
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory for requests.parquet, instances.parquet, migrations.parquet, summary.json.")
-@click.option("--no-migration", is_flag=True, help="Disable migration (Llumnix dispatch only).")
-@click.option("--migration-threshold", type=float, default=3.0,
-              help="Freeness below which an instance is a migration source and above which a destination.")
-@click.option("--pairing-interval", type=float, default=0.1, help="Seconds between migration pairing rounds.")
-@click.option("--last-stage-blocks", type=int, default=2, help="Blocks left at which migration stops and copies.")
-@click.option("--priorities", is_flag=True, help="Honour request priorities (headroom, queue jumping, no migration).")
-@click.option("--high-priority-kv-tokens", type=int, default=1600,
-              help="KV tokens an instance serving high priority keeps usable (the rest is reserved headroom).")
-@click.option("--queued-demand", type=click.Choice(["all", "head"]), default="all",
-              help="Virtual usage of queued requests: all of them (artifact) or the head of line only (Algorithm 1).")
-@click.option("--autoscale", is_flag=True, help="Auto-scale the number of instances on average freeness.")
-@click.option("--scale-up", type=float, default=10.0, help="Start an instance when average freeness drops below this.")
-@click.option("--scale-down", type=float, default=60.0, help="Drain an instance when average freeness exceeds this.")
-@click.option("--min-instances", type=int, default=1, help="Auto-scaling lower bound.")
-@click.option("--max-instances", type=int, default=16, help="Auto-scaling upper bound.")
+@options(SystemConfig, ["migration", "migration_threshold", "pairing_interval_s"])
+@options(MigrationConfig, ["last_stage_max_blocks"], flags={"last_stage_max_blocks": "--last-stage-blocks"})
+@options(SystemConfig, ["priorities", "local_priority", "candidate"])
+@options(SimConfig, ["high_priority_kv_tokens", "queued_demand", "max_migrations_per_instance", "preemption"])
+@click.option("--autoscale/--no-autoscale", default=False, help="Auto-scale the number of instances on the cluster's freeness.")
+@options(ScalingConfig, ["scale_up", "scale_down", "min_instances", "max_instances"])
 @click.option("--initial-instances", type=int, default=None, help="Instances at start with --autoscale (default: --instances).")
-@click.option("--scale-interval", type=float, default=10.0, help="Seconds between auto-scaling checks.")
-@click.option("--startup-delay", type=float, default=5.0, help="Seconds before a started instance takes requests.")
-@click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance timeline samples.")
-@click.option("--dispatch-latency", type=float, default=0.0,
-              help="Seconds from a request's arrival to its dispatch (a real cluster's frontend and RPC).")
-@click.option("--delivery-latency", type=float, default=0.0,
-              help="Seconds from a step's end to its token reaching the client (a real cluster's RPC and HTTP).")
+@options(ScalingConfig, ["check_interval_s", "startup_delay_s", "first_check_s", "scale_down_queued", "requeue_on_drain",
+                        "rule"], flags={"check_interval_s": "--scale-interval", "first_check_s": "--scale-first-check",
+                                        "rule": "--scaling-rule"})
+@options(SimConfig, ["sample_interval_s", "dispatch_latency_s", "delivery_latency_s"])
 @click.option("--latencies-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A real run's summary.json (`llumnix real-cluster`): take its measured mean dispatch and delivery "
                    "latencies (overrides the two options above).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def simulate(trace_path, policy, instances, profile_name, seed, out_dir, no_migration, migration_threshold,
-             pairing_interval, last_stage_blocks, priorities, high_priority_kv_tokens, queued_demand, autoscale,
-             scale_up, scale_down, min_instances, max_instances, initial_instances, scale_interval, startup_delay,
-             sample_interval, dispatch_latency, delivery_latency, latencies_from, progress) -> None:
+@click.pass_context
+def simulate(ctx, trace_path, profile_name, out_dir, autoscale, initial_instances, latencies_from, progress, **_) -> None:
     """Simulate a cluster serving a trace, driving the real scheduling code in virtual time."""
-    from llumnix.core.migration import MigrationConfig
-    from llumnix.policies.scaling import ScalingConfig
-    from llumnix.policies.system import SystemConfig
     from llumnix.profiles import Profile
     from llumnix.sim.run import run_simulation
-    from llumnix.sim.simulator import SimConfig
     from llumnix.workload import read_trace
 
+    values = values_by_config(ctx)
+    sim = values[SimConfig]
     try:
         profile = Profile.load(profile_name)
         df = read_trace(trace_path)
         if latencies_from is not None:
             from llumnix.bench.insitu import load_legs
 
-            dispatch_latency, delivery_latency = load_legs(latencies_from)
+            sim["dispatch_latency_s"], sim["delivery_latency_s"] = load_legs(latencies_from)
         scaling = None
         if autoscale:
-            scaling = ScalingConfig(scale_up=scale_up, scale_down=scale_down, min_instances=min_instances,
-                                    max_instances=max_instances, check_interval_s=scale_interval,
-                                    startup_delay_s=startup_delay)
-            instances = initial_instances if initial_instances is not None else instances
-            if not min_instances <= instances <= max_instances:
-                _fail(f"--initial-instances ({instances}) must lie within [--min-instances, --max-instances]")
-        system = SystemConfig(policy=policy, migration=not no_migration, migration_threshold=migration_threshold,
-                              pairing_interval_s=pairing_interval, priorities=priorities, autoscale=scaling)
-        config = SimConfig(num_instances=instances, system=system,
-                           migration=MigrationConfig(last_stage_max_blocks=last_stage_blocks),
-                           queued_demand=queued_demand, high_priority_kv_tokens=high_priority_kv_tokens,
-                           sample_interval_s=sample_interval, seed=seed, dispatch_latency_s=dispatch_latency,
-                           delivery_latency_s=delivery_latency)
+            scaling = ScalingConfig(**values[ScalingConfig])
+            if initial_instances is not None:
+                sim["num_instances"] = initial_instances
+            if not scaling.min_instances <= sim["num_instances"] <= scaling.max_instances:
+                _fail(f"--initial-instances ({sim['num_instances']}) must lie within [--min-instances, --max-instances]")
+        system = SystemConfig(**values[SystemConfig], autoscale=scaling)
+        config = SimConfig(**sim, system=system, migration=MigrationConfig(**values[MigrationConfig]))
         summary = run_simulation(df, profile, config, out_dir, progress=progress and sys.stderr.isatty())
     except ValueError as e:
         _fail(str(e))

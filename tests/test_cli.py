@@ -70,7 +70,7 @@ def test_same_seed_same_outputs(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--policy", "fifo"], "--policy must be one of"),
+        (["--policy", "fifo"], "Invalid value for '--policy': 'fifo' is not one of"),  # a click.Choice now
         (["--profile", "h200-nothing"], "h200-nothing"),
         (["--instances", "0"], "--instances must be >= 1"),
         (["--autoscale", "--scale-up", "70", "--scale-down", "60"], "--scale-up"),

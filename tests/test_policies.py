@@ -56,7 +56,7 @@ def test_pairing_as_the_artifact():
     p = make_pairing_policy("freeness", threshold=3)
     loads = [load(0, -5), load(1, 100), load(2, 1), load(3, 40), load(4, 3), load(5, 10, inn=False)]
     assert p.pairs(loads) == [(0, 1), (2, 3)]
-    assert make_pairing_policy("none").pairs(loads) == []
+    assert make_pairing_policy("none", threshold=3).pairs(loads) == []
     drain = [load(0, 0, draining=True), load(1, 10)]
     assert p.pairs(drain) == [(0, 1)]
     assert p.pairs([load(0, -5, out=False), load(1, 100)]) == []

@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from click.testing import CliRunner
 
+from llumnix.cli import main
 from llumnix.core.block_manager import BlockManager
 from llumnix.core.llumlet import InstanceLoad, Llumlet
 from llumnix.core.local_scheduler import LocalScheduler
@@ -25,7 +27,7 @@ from llumnix.core.request import Request
 from llumnix.policies.dispatch import make_dispatch_policy
 from llumnix.runtime.frontend import BackgroundServer, decode_tokens, encode_text, metric_samples
 from llumnix.runtime.kv_transport import pack, unpack
-from llumnix.runtime.serve_config import ServeConfigError, build_serve_config
+from llumnix.runtime.serve_config import ServeConfig, ServeConfigError, build_serve_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,6 +86,31 @@ def test_serve_config_merges_yaml_and_flags(tmp_path: Path):
     assert build_serve_config({}, {"invariant_batch": 8}).instance.invariant_batch == 8
     with pytest.raises(ServeConfigError, match="invariant_batch is a torch backend setting"):
         build_serve_config({"backend": "profile", "invariant_batch": 8})
+
+
+def test_serve_command_merges_config_file_and_flags(tmp_path: Path, monkeypatch):
+    """``llumnix serve --config FILE``: the file's settings are the flags' defaults, flags given win."""
+    import llumnix.runtime.frontend as frontend
+
+    served = []
+    monkeypatch.setattr(frontend, "serve", served.append)
+
+    def serve(*args) -> ServeConfig:
+        r = CliRunner().invoke(main, ["serve", *map(str, args)])
+        assert r.exit_code == 0, r.output
+        return served.pop()
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("instances: 4\npolicy: infaas++\nnum_blocks: 64\npairing_interval: 0.2\nscale-interval: 5\n"
+                    "instance:\n  seed: 5\n  priorities: true\n")
+    cfg = serve("--instances", 3, "--config", path, "--num-blocks", 32, "--no-priorities")
+    assert (cfg.instances, cfg.policy, cfg.instance.num_blocks, cfg.instance.seed) == (3, "infaas++", 32, 5)
+    assert (cfg.pairing_interval_s, cfg.scale_interval_s, cfg.instance.priorities) == (0.2, 5.0, False)
+    assert serve() == build_serve_config()  # the flags' defaults are the config's
+    assert not serve("--no-migration").migration and serve("--priorities").instance.priorities
+    path.write_text("bogus: 1\n")
+    r = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert r.exit_code != 0 and "unknown setting 'bogus'" in r.output and not served
 
 
 def test_a_cluster_too_small_for_the_instances_fails_fast():

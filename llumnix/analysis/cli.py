@@ -6,6 +6,11 @@ from pathlib import Path
 
 import click
 
+from llumnix.analysis.realsim import VLLM_PYTHON
+from llumnix.cli_options import options
+from llumnix.runtime.supervisor import RealClusterConfig
+from llumnix.sim.simulator import SimConfig
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
 _experiment_option = click.option(
@@ -242,52 +247,26 @@ def capped_trace(workload, rate, num_requests, arrival, cv, priority_fraction, s
 @click.command("real-cluster", context_settings=CONTEXT)
 @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Trace file written by `llumnix trace` or `llumnix capped-trace` (CSV or Parquet).")
-@click.option("--policy", type=click.Choice(["round-robin", "infaas++", "llumnix"]), default="llumnix",
-              help="Dispatch / migration system.")
-@click.option("--instances", type=int, default=4, help="Instance actors.")
-@click.option("--model", default="tiny", help="Model preset of the torch engine (random weights).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Torch device of the instances.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Torch dtype.")
-@click.option("--num-blocks", type=int, default=96, help="KV blocks per instance.")
-@click.option("--torch-threads", type=int, default=1, help="Intra-op CPU threads of each instance's torch.")
-@click.option("--num-cpus-per-instance", type=float, default=0.5,
-              help="Ray CPUs each instance reserves (instances x this must not exceed the machine's CPUs).")
-@click.option("--migration-threshold", type=float, default=3.0, help="Migration threshold (llumnix policy).")
-@click.option("--no-migration", is_flag=True, help="Disable migration (llumnix policy: dispatch only).")
-@click.option("--priorities", is_flag=True, help="Honour request priorities.")
-@click.option("--seed", type=int, default=0, help="Seed of the weights and of the prompts' token ids.")
+@options(RealClusterConfig, exclude=["python"])
 @click.option("--time-scale", type=float, default=1.0, help="Multiply the trace's arrival times by this.")
-@click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance load samples.")
-@click.option("--startup-timeout", type=float, default=300.0, help="Seconds the server may take to become healthy.")
-@click.option("--backend", type=click.Choice(["torch", "vllm"]), default="torch",
-              help="Engine of the instances (`llumnix serve --backend`); vllm serves the model preset's shape with "
-                   "random weights through vLLM, started with --vllm-python.")
-@click.option("--vllm-python", type=click.Path(dir_okay=False, path_type=Path), default=Path(".venv-vllm/bin/python"),
+@options(SimConfig, ["sample_interval_s"])
+@click.option("--vllm-python", type=click.Path(dir_okay=False, path_type=Path), default=Path(VLLM_PYTHON),
               help="With --backend vllm: the Python (with vLLM and llumnix installed: make install-vllm) that runs "
                    "`llumnix serve`.")
-@click.option("--vllm-migration", type=click.Choice(["recompute", "kv"]), default="recompute",
-              help="With --backend vllm: how a migrated request continues on its destination.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory: the tables of `llumnix simulate`, and serve.log.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def real_cluster(trace_path, policy, instances, model, device, dtype, num_blocks, torch_threads,
-                 num_cpus_per_instance, migration_threshold, no_migration, priorities, seed, time_scale,
-                 sample_interval, startup_timeout, backend, vllm_python, vllm_migration, out_dir, progress) -> None:
+def real_cluster(trace_path, time_scale, sample_interval_s, vllm_python, out_dir, progress, **settings) -> None:
     """Serve a trace on a fresh real cluster (`llumnix serve` in a subprocess, replayed, stopped); write its tables."""
     import json
     import sys
 
     from llumnix.analysis.realrun import run_real_cluster
-    from llumnix.runtime.supervisor import RealClusterConfig
 
     try:
-        config = RealClusterConfig(
-            policy=policy, instances=instances, model=model, device=device, dtype=dtype, num_blocks=num_blocks,
-            torch_threads=torch_threads, num_cpus_per_instance=num_cpus_per_instance, migration=not no_migration,
-            migration_threshold=migration_threshold, priorities=priorities, seed=seed,
-            startup_timeout_s=startup_timeout, backend=backend,
-            python=str(vllm_python) if backend == "vllm" else None, vllm_migration=vllm_migration)
-        summary = run_real_cluster(trace_path, out_dir, config, time_scale, sample_interval,
+        python = str(vllm_python) if settings["backend"] == "vllm" else None
+        config = RealClusterConfig(**settings, python=python)
+        summary = run_real_cluster(trace_path, out_dir, config, time_scale, sample_interval_s,
                                    progress=progress and sys.stderr.isatty())
     except (ValueError, RuntimeError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None

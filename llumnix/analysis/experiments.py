@@ -24,6 +24,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
+from llumnix.fields import default_of, pydantic_field
+from llumnix.policies.scaling import ScalingConfig
+from llumnix.policies.system import SystemConfig
+from llumnix.profiles import DEFAULT_PROFILE
+from llumnix.runtime.serve_config import InstanceSpec
+from llumnix.runtime.supervisor import RealClusterConfig
+from llumnix.sim.simulator import SimConfig
+
 WORKLOADS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 SYSTEM_POLICIES = ("round-robin", "infaas++", "llumnix")
 DEFAULT_SCALE = "quick"
@@ -70,11 +78,11 @@ class TraceSpec(_Strict):
 
 
 class AutoscaleSpec(_Strict):
-    scale_up: float = 10.0
-    scale_down: float = 60.0
-    min_instances: PositiveInt = 1
-    max_instances: PositiveInt = 16
-    initial_instances: PositiveInt | None = None
+    scale_up: float = pydantic_field(ScalingConfig, "scale_up")
+    scale_down: float = pydantic_field(ScalingConfig, "scale_down")
+    min_instances: PositiveInt = pydantic_field(ScalingConfig, "min_instances")
+    max_instances: PositiveInt = pydantic_field(ScalingConfig, "max_instances")
+    initial_instances: PositiveInt | None = Field(None, description="Instances at start (default: instances).")
 
     @model_validator(mode="after")
     def _check(self) -> AutoscaleSpec:
@@ -94,9 +102,9 @@ class SystemSpec(_Strict):
 
     policy: Policy
     label: str
-    migration: bool = True
-    migration_threshold: float = 3.0
-    priorities: bool = False
+    migration: bool = pydantic_field(SystemConfig, "migration")
+    migration_threshold: float = pydantic_field(SystemConfig, "migration_threshold")
+    priorities: bool = pydantic_field(SystemConfig, "priorities")
     autoscale: AutoscaleSpec | None = None
 
 
@@ -129,20 +137,20 @@ class ScaleSpec(_Strict):
 class RealSpec(_Strict):
     """kind 'real': the instances ``llumnix real-cluster`` serves with, and how the traces' lengths are capped."""
 
-    model: str = Field("tiny", description="model preset of the torch engine (random weights)")
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    num_blocks: PositiveInt = Field(96, description="KV blocks per instance (small: memory pressure)")
-    torch_threads: PositiveInt = Field(1, description="torch intra-op threads per instance (and of the profile)")
-    num_cpus_per_instance: float = Field(0.5, ge=0, description="Ray CPUs each instance actor reserves")
+    model: str = pydantic_field(RealClusterConfig, "model")
+    device: Literal["cpu", "cuda"] = pydantic_field(RealClusterConfig, "device")
+    dtype: Literal["float32", "float16", "bfloat16"] = pydantic_field(RealClusterConfig, "dtype")
+    num_blocks: PositiveInt = pydantic_field(RealClusterConfig, "num_blocks")
+    torch_threads: PositiveInt = pydantic_field(RealClusterConfig, "torch_threads")
+    num_cpus_per_instance: float = pydantic_field(RealClusterConfig, "num_cpus_per_instance", ge=0)
     length_scale: PositiveFloat = Field(1.0, description="prompt and output lengths are multiplied by this")
     max_prompt_tokens: PositiveInt = Field(description="prompt lengths are capped here (after scaling)")
     max_output_tokens: PositiveInt = Field(description="output lengths are capped here (after scaling)")
-    block_size: PositiveInt = 16
+    block_size: PositiveInt = pydantic_field(InstanceSpec, "block_size")
 
     @model_validator(mode="after")
     def _check(self) -> RealSpec:
-        usable = self.num_blocks - int(0.01 * self.num_blocks)  # the instances' watermark is 1%
+        usable = self.num_blocks - int(default_of(InstanceSpec, "watermark") * self.num_blocks)
         longest = self.max_prompt_tokens + self.max_output_tokens
         if math.ceil(longest / self.block_size) > usable:
             raise ValueError(
@@ -173,8 +181,8 @@ class Experiment(_Strict):
     paper: str = Field(description="The paper's result for this figure, in words.")
     kind: Literal["simulation", "measurement", "real"] = "simulation"
     figure: FigureSpec
-    profile: str = "a10-llama-7b"
-    instances: PositiveInt = 16
+    profile: str = Field(DEFAULT_PROFILE, description="Step-time profile of the simulations.")
+    instances: PositiveInt = pydantic_field(SimConfig, "num_instances")
     traces: dict[str, TraceSpec] = Field(default_factory=dict)
     systems: dict[str, SystemSpec] = Field(default_factory=dict)
     sweep: SweepSpec | None = None

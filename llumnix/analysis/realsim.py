@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from llumnix.analysis.experiments import RUN_DIR, Experiment, expand_runs, fmt_number, run_metadata
+from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
 
 # Output layout (relative to the workflow's working directory). Capped traces get their own name so that the generic
 # trace rule (uncapped lengths) never claims them; the runtime (RUNTIMES) is the last folder of a run.
@@ -49,7 +50,7 @@ RUNTIMES = ("real", *SIM_RUNTIMES)
 # Engines a real run can serve with (``llumnix serve --backend``) and the runtime folder of their real runs. A vLLM run
 # has no simulated twin: there is no step-time profile of vLLM's engine, so its figure shows the real cluster alone.
 REAL_BACKENDS = {"torch": "real", "vllm": "real-vllm"}
-VLLM_BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32 (the torch engine: the experiment's block_size)
+VLLM_BLOCK_SIZE = VLLM_CPU_BLOCK_MULTIPLE  # vLLM's CPU attention's block size (the torch engine: the experiment's)
 VLLM_PYTHON = ".venv-vllm/bin/python"  # `make install-vllm`
 COMPARED_METRICS = ("prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s")
 

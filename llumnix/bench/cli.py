@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from llumnix.profiles import DEFAULT_PROFILE
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
@@ -206,7 +208,7 @@ def determinism(device, model, dtype, lengths, batches, modes, output_tokens, re
               help="Requests per run (default: 8 per instance).")
 @click.option("--rate-per-instance", type=float, default=1.0, help="Arrival rate per instance, requests/s of real time.")
 @click.option("--speed", type=float, default=1.0, help="Steps run this many times faster than the profile says.")
-@click.option("--profile", default="a10-llama-7b", help="Step-time profile (name or JSON path).")
+@click.option("--profile", default=DEFAULT_PROFILE, help="Step-time profile (name or JSON path).")
 @click.option("--max-wall", "max_wall_s", type=float, default=120.0, help="Stop a run after this many seconds.")
 @click.option("--seed", type=int, default=0, help="Seed of arrivals and lengths.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV to write.")

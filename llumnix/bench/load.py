@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from llumnix.profiles import DEFAULT_PROFILE
+
 
 @dataclass
 class LoadResult:
@@ -101,7 +103,7 @@ def _ms(values: list[float], q: float | None = None) -> float:
 def load_test(
     n: int,
     instances: int = 4,
-    profile: str = "a10-llama-7b",
+    profile: str = DEFAULT_PROFILE,
     speed: float = 1.0,
     prompt_tokens: int = 16,
     max_tokens: int = 8,

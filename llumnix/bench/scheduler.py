@@ -35,7 +35,9 @@ from llumnix.core.llumlet import InstanceLoad, Llumlet
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig
 from llumnix.core.request import Request
 from llumnix.engine.executor import ProfileExecutor
+from llumnix.fields import dataclass_field
 from llumnix.policies.system import GlobalScheduler, SystemConfig
+from llumnix.profiles import DEFAULT_PROFILE
 
 DESIGNS = ("llumlet", "centralized")
 
@@ -45,12 +47,12 @@ class BenchConfig:
     requests: int | None = None  # per run; None: 8 per instance
     rate_per_instance: float = 1.0  # requests/s of real (profile) time
     speed: float = 1.0
-    profile: str = "a10-llama-7b"
+    profile: str = DEFAULT_PROFILE
     max_wall_s: float = 120.0
     seed: int = 0
     prompt_tokens: tuple[int, int] = (32, 512)
     output_tokens: tuple[int, int] = (16, 256)
-    pairing_interval_s: float = 0.1
+    pairing_interval_s: float = dataclass_field(SystemConfig, "pairing_interval_s")
 
     def __post_init__(self) -> None:
         if self.requests is not None and self.requests < 1:

@@ -41,11 +41,28 @@ class LlumletConfig:
     as source or destination (artifact: one, osdi24ae ``llm_engine_manager.py:460-479``).
     """
 
-    queued_demand: str = "all"
-    enable_priorities: bool = False
-    high_priority_kv_tokens: int = 1_600
-    candidate: str = "lcfs"
-    max_migrations: int = 1
+    queued_demand: str = field(
+        default="all",
+        metadata={
+            "help": "Virtual usage of queued requests: all of them (artifact) or the head of line only (Algorithm 1).",
+            "choices": QUEUED_DEMAND_MODES,
+        },
+    )
+    enable_priorities: bool = field(
+        default=False, metadata={"help": "High-priority requests get headroom and never migrate."}
+    )
+    high_priority_kv_tokens: int = field(
+        default=1_600,
+        metadata={"help": "KV tokens an instance serving high priority keeps usable (the rest is reserved headroom)."},
+    )
+    candidate: str = field(
+        default="lcfs",
+        metadata={"help": "Which running request a source migrates: the last-arrived normal one with output (lcfs) "
+                          "or the artifact's last running one.", "choices": CANDIDATE_RULES},
+    )
+    max_migrations: int = field(
+        default=1, metadata={"help": "Migrations one instance takes part in at a time, as source or destination."}
+    )
 
     def __post_init__(self) -> None:
         if self.queued_demand not in QUEUED_DEMAND_MODES:

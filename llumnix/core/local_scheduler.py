@@ -35,12 +35,24 @@ PREEMPTION_RULES = ("no_free_block", "block_needed")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_batched_tokens: int = 12_288
-    enable_priorities: bool = False  # requests carry priorities that this scheduler honours (``local_priority``)
-    local_priority: str = "artifact"  # with priorities: how the queue and preemption treat them (see module doc)
-    preemption: str = "no_free_block"  # when a decode pass preempts (see module doc)
-    chunked_prefill: bool = False  # reserved switch: vLLM 0.1.x had none; True is rejected until implemented
+    max_num_seqs: int = field(default=256, metadata={"help": "Most running sequences per instance."})
+    max_batched_tokens: int = field(default=12_288, metadata={"help": "Most prompt tokens in one prefill step."})
+    enable_priorities: bool = field(
+        default=False, metadata={"help": "Requests carry priorities this scheduler honours (see local_priority)."}
+    )
+    local_priority: str = field(
+        default="artifact",
+        metadata={"help": "With priorities, how an instance's own queue treats them: the artifact's (barely), strict "
+                          "(queue jumping, preempted last) or off.", "choices": LOCAL_PRIORITY_MODES},
+    )
+    preemption: str = field(
+        default="no_free_block",
+        metadata={"help": "When a decode pass preempts: while no block is free (vLLM 0.1), or only when a request "
+                          "needs a block and none is free.", "choices": PREEMPTION_RULES},
+    )
+    chunked_prefill: bool = field(
+        default=False, metadata={"help": "Reserved: vLLM 0.1.x had no chunked prefill; True is rejected."}
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -48,8 +48,10 @@ class MigrationConfig:
     # Two blocks: a decode step adds at most one block per request, so after stage 0 (the bulk copy) the dirty set is
     # usually 0-2 blocks; waiting for fewer would add stages without shortening the stop-and-copy noticeably, and the
     # downtime of 2 blocks (32 tokens) is dominated by the fixed per-stage handshake, not by bytes.
-    last_stage_max_blocks: int = 2
-    max_stages: int = 8
+    last_stage_max_blocks: int = field(
+        default=2, metadata={"help": "Blocks left at which a migration stops the request and copies the rest."}
+    )
+    max_stages: int = field(default=8, metadata={"help": "Most migration stages before the stop-and-copy is forced."})
 
     def __post_init__(self) -> None:
         if self.last_stage_max_blocks < 0:

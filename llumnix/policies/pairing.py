@@ -11,7 +11,7 @@ from llumnix.policies.registry import Registry
 class PairingPolicy:
     name = "base"
 
-    def __init__(self, threshold: float = 3.0) -> None:
+    def __init__(self, threshold: float) -> None:  # SystemConfig.migration_threshold
         self.threshold = threshold
 
     def pairs(self, loads: Sequence[InstanceLoad]) -> list[tuple[int, int]]:
@@ -47,5 +47,5 @@ class FreenessPairing(PairingPolicy):
         ]
 
 
-def make_pairing_policy(name: str, threshold: float = 3.0) -> PairingPolicy:
+def make_pairing_policy(name: str, threshold: float) -> PairingPolicy:
     return PAIRING_POLICIES.get(name)(threshold=threshold)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llumnix.core.llumlet import InstanceLoad
 
@@ -31,16 +31,38 @@ SCALING_RULES = ("artifact", "mean-freeness")
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    scale_up: float = 10.0  # cluster freeness below this: start instances
-    scale_down: float = 60.0  # cluster freeness (without the newest instance) above this: drain it
-    min_instances: int = 1
-    max_instances: int = 16
-    check_interval_s: float = 10.0
-    startup_delay_s: float = 5.0  # a started instance takes requests this long after the decision (artifact sim: 5 s)
-    first_check_s: float = 110.0  # no decision before (artifact: 100 s after start, then every 10 s)
-    scale_down_queued: bool = True  # the scale-down freeness counts queued requests (the artifact's "defrag")
-    requeue_on_drain: bool = False  # a drained instance hands its queued requests back (artifact: it serves them)
-    rule: str = "artifact"
+    scale_up: float = field(
+        default=10.0, metadata={"help": "Auto-scaling: start instances when the cluster's freeness drops below this."}
+    )
+    scale_down: float = field(
+        default=60.0,
+        metadata={"help": "Auto-scaling: drain the newest instance when the cluster's freeness without it exceeds "
+                          "this."},
+    )
+    min_instances: int = field(default=1, metadata={"help": "Auto-scaling: fewest instances."})
+    max_instances: int = field(default=16, metadata={"help": "Auto-scaling: most instances."})
+    check_interval_s: float = field(default=10.0, metadata={"help": "Auto-scaling: seconds between scaling decisions."})
+    startup_delay_s: float = field(
+        default=5.0, metadata={"help": "Seconds a started instance takes before it serves (an engine's start)."}
+    )
+    first_check_s: float = field(
+        default=110.0, metadata={"help": "Auto-scaling: no decision before this (artifact: 100 s, then one interval)."}
+    )
+    scale_down_queued: bool = field(
+        default=True,
+        metadata={"help": "The scale-down freeness counts queued requests (the artifact's Llumnix; its INFaaS++ in "
+                          "the Fig 15 sweep does not)."},
+    )
+    requeue_on_drain: bool = field(
+        default=False,
+        metadata={"help": "A drained instance hands its queued requests back for re-dispatch (the artifact serves "
+                          "them where they are)."},
+    )
+    rule: str = field(
+        default="artifact",
+        metadata={"help": "The scaling rule: the artifact's, or the mean of the instances' freeness (earlier).",
+                  "choices": SCALING_RULES},
+    )
 
     def __post_init__(self) -> None:
         if self.scale_up >= self.scale_down:

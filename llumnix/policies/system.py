@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llumnix.core.llumlet import InstanceLoad
+from llumnix.core.llumlet import InstanceLoad, LlumletConfig
+from llumnix.core.local_scheduler import SchedulerConfig
 from llumnix.core.request import Request
+from llumnix.fields import dataclass_field
 from llumnix.policies.dispatch import DispatchPolicy, make_dispatch_policy
 from llumnix.policies.pairing import PairingPolicy, make_pairing_policy
 from llumnix.policies.scaling import Scaler, ScalingConfig, ScalingDecision
@@ -21,14 +23,22 @@ SYSTEMS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class SystemConfig:
-    policy: str = "llumnix"
-    migration: bool = True
-    migration_threshold: float = 3.0
-    pairing_interval_s: float = 0.1
-    priorities: bool = False
-    local_priority: str = "artifact"  # how an instance's own queue treats priorities (llumnix.core.local_scheduler)
-    candidate: str = "lcfs"  # which request a source migrates (llumnix.core.llumlet.LlumletConfig)
-    autoscale: ScalingConfig | None = None
+    policy: str = field(
+        default="llumnix",
+        metadata={"help": "Dispatch / migration system (the paper's baselines or Llumnix).", "choices": tuple(SYSTEMS)},
+    )
+    migration: bool = field(default=True, metadata={"help": "Migrate requests between instances (llumnix policy)."})
+    migration_threshold: float = field(
+        default=3.0,
+        metadata={"help": "Freeness below which an instance is a migration source and above which a destination."},
+    )
+    pairing_interval_s: float = field(default=0.1, metadata={"help": "Seconds between migration pairing rounds."})
+    priorities: bool = field(
+        default=False, metadata={"help": "Honour request priorities (headroom, priority-aware dispatch, no migration)."}
+    )
+    local_priority: str = dataclass_field(SchedulerConfig, "local_priority")
+    candidate: str = dataclass_field(LlumletConfig, "candidate")
+    autoscale: ScalingConfig | None = field(default=None, metadata={"help": "Auto-scaling (None: a fixed cluster)."})
 
     def __post_init__(self) -> None:
         if self.policy not in SYSTEMS:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llumnix.core.llumlet import LlumletConfig
+from llumnix.core.local_scheduler import SchedulerConfig
+from llumnix.core.migration import MigrationConfig
+from llumnix.fields import pydantic_field, unitless
 from llumnix.policies.scaling import ScalingConfig
-from llumnix.policies.system import SYSTEMS
+from llumnix.policies.system import SYSTEMS, SystemConfig
+from llumnix.profiles import DEFAULT_PROFILE
 
 
 class ServeConfigError(ValueError):
@@ -22,55 +28,61 @@ class InstanceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["torch", "profile", "vllm"] = Field(
-        "torch", description="torch: the paged-KV LLaMA; profile: timed sleeps; vllm: a vLLM engine per instance"
+        "torch",
+        description="torch: the paged-KV LLaMA model; profile: steps only sleep for profiled times; vllm: one vLLM "
+        "engine per instance (needs the vLLM venv: make install-vllm).",
     )
     model: str = Field(
         "tiny",
-        description="model preset (llumnix.engine.model.PRESETS); vllm: also a Hugging Face model directory "
-        "(a preset becomes a random-weight LLaMA of its shape, written once to a cache directory)",
+        description="Model preset (random weights); with --backend vllm also a Hugging Face model directory (a preset "
+        "is written once as a random-weight LLaMA to $LLUMNIX_MODEL_CACHE or ~/.cache/llumnix/models).",
     )
-    profile: str = Field("a10-llama-7b", description="step-time profile of the profile backend (name or JSON path)")
-    speed: float = Field(1.0, gt=0, description="profile backend: steps run this many times faster than profiled")
+    profile: str = Field(DEFAULT_PROFILE, description="Step-time profile of the profile backend (name or JSON).")
+    speed: float = Field(1.0, gt=0, description="Profile backend: run steps this many times faster.")
     num_blocks: int | None = Field(
-        None, ge=1, description="KV blocks per instance (torch default 256; profile: its own; vllm: as vLLM sizes it)"
+        None, ge=1,
+        description="KV blocks per instance (default: 256 for torch, the profile's own for profile, what "
+        "VLLM_CPU_KVCACHE_SPACE holds for vllm).",
     )
-    block_size: int = Field(16, ge=1, description="tokens per KV block (vllm default 32: its CPU attention needs it)")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend device")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch backend dtype")
-    seed: int = Field(0, description="weight seed: every instance uses the same one, so all serve the same model")
-    torch_threads: int = Field(1, ge=1, description="intra-op CPU threads of each instance's torch")
+    block_size: int = Field(
+        16, ge=1, description="Tokens per KV block (vllm: a multiple of 32, which its CPU attention needs)."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Torch backend device.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Torch backend dtype.")
+    seed: int = Field(0, description="Weight seed (every instance serves the same weights).")
+    torch_threads: int = Field(1, ge=1, description="Intra-op CPU threads of each instance's torch.")
     invariant_batch: int | None = Field(
         None, ge=1,
-        description="torch backend: batch-invariant decoding, every decode step run as chunks of exactly this many "
-        "rows, so a request's tokens do not depend on the other requests of its steps (nor on a migration)",
+        description="Torch backend: batch-invariant decoding. Every decode step runs as chunks of exactly this many "
+        "rows (padded), so a request's tokens are the same bits whatever shares its steps, and a migrated request "
+        "yields exactly its unmigrated tokens; costs the padding (default: off).",
     )
-    watermark: float = Field(0.01, ge=0, lt=1, description="fraction of KV blocks kept free when admitting prompts")
-    max_num_seqs: int = Field(256, ge=1, description="most running sequences per instance")
-    max_batched_tokens: int = Field(12_288, ge=1, description="most prompt tokens in one prefill step")
-    priorities: bool = Field(False, description="honour request priorities (headroom, queue jumping, no migration)")
-    local_priority: Literal["artifact", "strict", "off"] = Field(
-        "artifact", description="with priorities: how an instance's own queue treats them (llumnix.core.local_scheduler)"
-    )
-    candidate: Literal["lcfs", "artifact"] = Field("lcfs", description="which running request a source migrates")
-    preemption: Literal["no_free_block", "block_needed"] = Field(
-        "no_free_block", description="when a decode pass preempts: vLLM 0.1's rule, or only when a block is needed"
-    )
-    last_stage_blocks: int = Field(2, ge=0, description="blocks left at which a migration stops and copies")
-    max_stages: int = Field(8, ge=1, description="most migration stages before the stop-and-copy stage is forced")
+    watermark: float = Field(0.01, ge=0, lt=1, description="Fraction of KV blocks kept free when admitting prompts.")
+    max_num_seqs: int = pydantic_field(SchedulerConfig, "max_num_seqs", ge=1)
+    max_batched_tokens: int = pydantic_field(SchedulerConfig, "max_batched_tokens", ge=1)
+    priorities: bool = pydantic_field(SystemConfig, "priorities")
+    local_priority: Literal["artifact", "strict", "off"] = pydantic_field(SchedulerConfig, "local_priority")
+    candidate: Literal["lcfs", "artifact"] = pydantic_field(LlumletConfig, "candidate")
+    preemption: Literal["no_free_block", "block_needed"] = pydantic_field(SchedulerConfig, "preemption")
+    last_stage_blocks: int = pydantic_field(MigrationConfig, "last_stage_max_blocks", ge=0)
+    max_stages: int = pydantic_field(MigrationConfig, "max_stages", ge=1)
     vllm_migration: Literal["recompute", "kv"] = Field(
         "recompute",
-        description="vllm backend: a migrated request's destination recomputes its tokens so far, or loads their KV "
-        "copied from the source (both blocking)",
+        description="With --backend vllm: a migrated request's destination recomputes its tokens so far, or loads "
+        "their KV copied from the source (both stop the request while it moves).",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _vllm_block_size(cls, data: Any) -> Any:
-        """vLLM's CPU attention takes multiples of 32 only: that is the vllm backend's default block size."""
-        if isinstance(data, dict) and data.get("backend") == "vllm" and "block_size" not in data:
-            from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
+        """An unset (or None) block size is the backend's: vLLM's CPU attention takes multiples of 32 only, so 32 for
+        vllm, the field's default for the others."""
+        if isinstance(data, dict) and data.get("block_size") is None:
+            data = {k: v for k, v in data.items() if k != "block_size"}
+            if data.get("backend") == "vllm":
+                from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
 
-            data = {**data, "block_size": VLLM_CPU_BLOCK_MULTIPLE}
+                data["block_size"] = VLLM_CPU_BLOCK_MULTIPLE
         return data
 
     @model_validator(mode="after")
@@ -108,43 +120,65 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: str | None = Field(None, description="Ray cluster to join (None: start a local one)")
-    instances: int = Field(2, ge=1, description="number of instance actors")
-    policy: str = Field("llumnix", description="round-robin, infaas++ or llumnix")
-    migration: bool = Field(True, description="migrate requests between instances (llumnix policy only)")
-    migration_threshold: float = Field(3.0, description="freeness below which an instance sends, above which it receives")
-    pairing_interval_s: float = Field(0.1, gt=0, description="seconds between migration pairing rounds")
+    address: str | None = Field(
+        None, description="Ray cluster to join, e.g. 'auto' or 'HOST:6379' (default: start one)."
+    )
+    instances: int = Field(
+        2, ge=1,
+        description="Number of instance actors (with --autoscale: the initial number unless --initial-instances); "
+        "a small local cluster, where the simulator's default is the paper's 16.",
+    )
+    policy: str = pydantic_field(SystemConfig, "policy")
+    migration: bool = pydantic_field(SystemConfig, "migration")
+    migration_threshold: float = pydantic_field(SystemConfig, "migration_threshold")
+    pairing_interval_s: float = pydantic_field(SystemConfig, "pairing_interval_s", gt=0)
     kv_transport: Literal["object-store", "gloo", "nccl"] = Field(
-        "object-store", description="how migrating KV travels: Ray's object store, or a torch.distributed channel "
-        "per instance pair (gloo: through host memory; nccl: GPU to GPU, --device cuda)"
+        "object-store",
+        description="How migrating KV travels between instances: Ray's object store, or a torch.distributed channel "
+        "per instance pair opened on their first migration (gloo: through host memory; nccl: GPU to GPU, needs "
+        "--device cuda).",
     )
-    kv_timeout_s: float = Field(60.0, gt=0, description="gloo / nccl: a channel's opening or one stage's transfer "
-                                "fails (aborting the migration) after this long")
-    host: str = Field("127.0.0.1", description="HTTP bind address")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
-    num_cpus_per_instance: float = Field(1.0, ge=0, description="Ray CPUs reserved by each instance actor")
+    kv_timeout_s: float = Field(
+        60.0, gt=0,
+        description="gloo / nccl: seconds after which opening a channel or one stage's transfer fails (the migration "
+        "aborts and the request stays on its source).",
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    num_cpus_per_instance: float = Field(1.0, ge=0, description="Ray CPUs reserved by each instance actor.")
     num_gpus_per_instance: float | None = Field(
-        None, ge=0, description="Ray GPUs of each instance actor, fractions allowed (default: 1 on cuda, else 0)"
+        None, ge=0, description="Ray GPUs per instance actor, fractions allowed (default: 1 with --device cuda, else 0)."
     )
-    poll_timeout_s: float = Field(0.5, gt=0, description="an idle instance reports its load at least this often")
-    startup_timeout_s: float = Field(600.0, gt=0, description="seconds the instance actors may take to start")
+    poll_timeout_s: float = Field(0.5, gt=0, description="An idle instance reports its load at least this often.")
+    startup_timeout_s: float = Field(600.0, gt=0, description="Seconds the instance actors may take to start.")
     # Auto-scaling (the simulator's Scaler): keep the average freeness of the instances within [scale_up, scale_down].
-    autoscale: bool = Field(False, description="start / drain instances on the cluster's average freeness")
-    scale_up: float = Field(10.0, description="average freeness below which an instance is started")
-    scale_down: float = Field(60.0, description="average freeness above which the least-loaded instance is drained")
-    min_instances: int = Field(1, ge=1, description="auto-scaling lower bound")
-    max_instances: int = Field(16, ge=1, description="auto-scaling upper bound")
-    initial_instances: int | None = Field(None, ge=1, description="instances at start with autoscale (default: instances)")
-    scale_interval_s: float = Field(10.0, gt=0, description="seconds between auto-scaling decisions")
-    scale_first_check_s: float = Field(110.0, ge=0, description="no auto-scaling decision before this (artifact: 110 s)")
-    scale_down_queued: bool = Field(True, description="the scale-down freeness counts queued requests (artifact)")
-    requeue_on_drain: bool = Field(False, description="a drained instance hands its queued requests back for "
-                                   "re-dispatch (the artifact serves them where they are)")
-    scaling_rule: Literal["artifact", "mean-freeness"] = Field("artifact", description="the auto-scaling rule")
-    startup_delay_s: float = Field(
-        0.0, ge=0, description="extra seconds a new instance waits, once its engine is up, before it takes requests"
+    autoscale: bool = Field(
+        False,
+        description="Auto-scale on the cluster's freeness (the simulator's scaler): start instances below "
+        "--scale-up, drain the newest one while the cluster without it stays above --scale-down (its requests "
+        "migrate away or finish) and stop it once empty. Cost: /metrics llumnix_instance_seconds.",
     )
-    instance: InstanceSpec = Field(default_factory=InstanceSpec)
+    scale_up: float = pydantic_field(ScalingConfig, "scale_up")
+    scale_down: float = pydantic_field(ScalingConfig, "scale_down")
+    min_instances: int = pydantic_field(ScalingConfig, "min_instances", ge=1)
+    max_instances: int = pydantic_field(
+        ScalingConfig, "max_instances", ge=1,
+        help="Auto-scaling: most instances (the Ray cluster must have the CPUs / GPUs for this many).",
+    )
+    initial_instances: int | None = Field(
+        None, ge=1, description="With --autoscale: instances at start (default: --instances)."
+    )
+    scale_interval_s: float = pydantic_field(ScalingConfig, "check_interval_s", gt=0)
+    scale_first_check_s: float = pydantic_field(ScalingConfig, "first_check_s", ge=0)
+    scale_down_queued: bool = pydantic_field(ScalingConfig, "scale_down_queued")
+    requeue_on_drain: bool = pydantic_field(ScalingConfig, "requeue_on_drain")
+    scaling_rule: Literal["artifact", "mean-freeness"] = pydantic_field(ScalingConfig, "rule")
+    startup_delay_s: float = Field(
+        0.0, ge=0,
+        description="Extra seconds a started instance waits, once its engine is up, before taking requests (emulates "
+        "a model load; the simulator's --startup-delay models the whole start, so its default is not 0).",
+    )
+    instance: InstanceSpec = Field(default_factory=InstanceSpec, description="What every instance actor builds.")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -202,32 +236,37 @@ class ServeConfig(BaseModel):
         return self.migration and self.policy == "llumnix"
 
 
-# Flags that belong to the instance spec rather than to the cluster (flat names on the command line and in YAML).
-INSTANCE_FIELDS = frozenset(InstanceSpec.model_fields)
-# Flag spellings accepted in YAML too, for the fields whose names carry a unit.
-ALIASES = {
-    "pairing_interval": "pairing_interval_s",
-    "scale_interval": "scale_interval_s",
-    "startup_delay": "startup_delay_s",
+def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as ``llumnix serve``'s parameters name them: an ``instance:`` section merged into the top level,
+    dashes as underscores, and a seconds setting also by its flag's spelling (``pairing_interval`` for
+    ``pairing_interval_s``). An unknown name is an error."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "instance":
+            if not isinstance(value, Mapping):
+                raise ServeConfigError("'instance' must be a mapping of instance settings")
+            flat.update(flat_settings(value))
+            continue
+        name = _SPELLINGS.get(key.replace("-", "_"))
+        if name is None:
+            raise ServeConfigError(f"unknown setting {key!r}; the settings are the flags of `llumnix serve --help`")
+        flat[name] = value
+    return flat
+
+
+_SPELLINGS = {
+    spelling: name
+    for model in (ServeConfig, InstanceSpec)
+    for name in model.model_fields
+    if name != "instance"
+    for spelling in (name, unitless(name))
 }
 
 
 def build_serve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Merge a YAML mapping (flat, or with an ``instance:`` section) with flag overrides; flags win."""
-    merged: dict[str, Any] = {}
-    instance: dict[str, Any] = {}
-    for source in (file_values or {}, overrides or {}):
-        for key, value in source.items():
-            key = key.replace("-", "_")
-            key = ALIASES.get(key, key)
-            if key == "instance":
-                if not isinstance(value, dict):
-                    raise ServeConfigError("'instance' must be a mapping of instance settings")
-                instance.update({k.replace("-", "_"): v for k, v in value.items()})
-            elif key in INSTANCE_FIELDS:
-                instance[key] = value
-            else:
-                merged[key] = value
+    merged = {**flat_settings(file_values or {}), **flat_settings(overrides or {})}
+    instance = {k: merged.pop(k) for k in list(merged) if k in InstanceSpec.model_fields}
     try:
         return ServeConfig(**merged, instance=InstanceSpec(**instance))
     except ValidationError as e:

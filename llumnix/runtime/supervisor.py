@@ -18,10 +18,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from llumnix.fields import dataclass_field
+from llumnix.policies.system import SystemConfig
+from llumnix.runtime.serve_config import InstanceSpec, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +41,38 @@ class RealClusterConfig:
     """What ``llumnix real-cluster`` passes to ``llumnix serve``. ``python``: the interpreter that runs it (default
     this one; the vllm backend needs one with vLLM, e.g. ``.venv-vllm/bin/python``)."""
 
-    policy: str = "llumnix"
-    instances: int = 4
-    model: str = "tiny"
-    device: str = "cpu"
-    dtype: str = "float32"
-    num_blocks: int = 96
-    torch_threads: int = 1
-    num_cpus_per_instance: float = 0.5
-    migration: bool = True
-    migration_threshold: float = 3.0
-    priorities: bool = False
-    seed: int = 0
-    host: str = "127.0.0.1"
-    startup_timeout_s: float = 300.0
-    shutdown_timeout_s: float = 60.0
-    backend: str = "torch"
-    python: str | None = None
-    vllm_migration: str = "recompute"
+    policy: str = dataclass_field(SystemConfig, "policy")
+    instances: int = field(default=4, metadata={"help": "Instance actors."})
+    model: str = dataclass_field(
+        InstanceSpec, "model", help="Model preset (random weights): the torch engine's, or the shape vLLM serves."
+    )
+    device: str = dataclass_field(InstanceSpec, "device")
+    dtype: str = dataclass_field(InstanceSpec, "dtype")
+    num_blocks: int = field(
+        default=96,
+        metadata={"help": "KV blocks per instance (fewer than serve's: a small pool keeps them under memory pressure)."},
+    )
+    torch_threads: int = dataclass_field(InstanceSpec, "torch_threads")
+    num_cpus_per_instance: float = field(
+        default=0.5,
+        metadata={"help": "Ray CPUs each instance reserves (instances x this must not exceed the machine's CPUs)."},
+    )
+    migration: bool = dataclass_field(SystemConfig, "migration")
+    migration_threshold: float = dataclass_field(SystemConfig, "migration_threshold")
+    priorities: bool = dataclass_field(SystemConfig, "priorities")
+    seed: int = dataclass_field(InstanceSpec, "seed", help="Seed of the weights and of the prompts' token ids.")
+    host: str = dataclass_field(ServeConfig, "host")
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "Seconds the server may take to become healthy."})
+    shutdown_timeout_s: float = field(
+        default=60.0, metadata={"help": "Seconds the server may take to stop before its processes are killed."}
+    )
+    backend: str = dataclass_field(
+        InstanceSpec, "backend", choices=BACKENDS,
+        help="Engine of the instances (`llumnix serve --backend`); vllm serves the model preset's shape with random "
+        "weights through vLLM, started with --vllm-python.",
+    )
+    python: str | None = field(default=None, metadata={"help": "The Python that runs `llumnix serve` (default: this one)."})
+    vllm_migration: str = dataclass_field(InstanceSpec, "vllm_migration")
 
     def __post_init__(self) -> None:
         if self.instances < 1 or self.num_blocks < 1 or self.torch_threads < 1:

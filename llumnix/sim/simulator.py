@@ -20,6 +20,7 @@ from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKi
 from llumnix.core.migration import Migration, MigrationConfig, answer_locally
 from llumnix.core.migration_protocol import Action, Copied, Copy
 from llumnix.core.request import Request
+from llumnix.fields import dataclass_field
 from llumnix.metrics.tables import InstanceSample, instance_rows
 from llumnix.policies.system import GlobalScheduler, SystemConfig
 
@@ -30,24 +31,34 @@ ARRIVAL, STEP_DONE, STAGE_DONE, PAIR_TICK, SCALE_TICK, READY, SAMPLE = range(7)
 
 @dataclass(frozen=True)
 class SimConfig:
-    num_instances: int = 16
-    system: SystemConfig = field(default_factory=SystemConfig)
-    migration: MigrationConfig = field(default_factory=MigrationConfig)
-    queued_demand: str = "all"
-    high_priority_kv_tokens: int = 1_600
-    max_migrations_per_instance: int = 1  # as source or destination
-    preemption: str = "no_free_block"  # the engine's preemption rule (llumnix.core.local_scheduler)
-    sample_interval_s: float = 1.0
-    seed: int = 0
+    num_instances: int = field(default=16, metadata={"help": "Instances (the initial number with --autoscale)."})
+    system: SystemConfig = field(default_factory=SystemConfig, metadata={"help": "Dispatch, migration and scaling."})
+    migration: MigrationConfig = field(default_factory=MigrationConfig, metadata={"help": "Migration stages."})
+    queued_demand: str = dataclass_field(LlumletConfig, "queued_demand")
+    high_priority_kv_tokens: int = dataclass_field(LlumletConfig, "high_priority_kv_tokens")
+    max_migrations_per_instance: int = dataclass_field(LlumletConfig, "max_migrations")
+    preemption: str = dataclass_field(SchedulerConfig, "preemption")
+    sample_interval_s: float = field(default=1.0, metadata={"help": "Seconds between per-instance timeline samples."})
+    seed: int = field(default=0, metadata={"help": "Seed recorded with the run (the simulation itself is deterministic)."})
     # What a real cluster adds around the engines (zero in the paper-scale runs, as the paper's simulator): a request
     # reaches the global scheduler ``dispatch_latency_s`` after its arrival (client -> HTTP frontend -> dispatch ->
     # instance queue), and the client sees each token ``delivery_latency_s`` after the step that made it (instance
     # -> frontend -> client). Measured on a real cluster by ``llumnix insitu-profile``.
-    dispatch_latency_s: float = 0.0
-    delivery_latency_s: float = 0.0
-    # Safety net against a wedged simulation (a bug): virtual seconds after the last arrival before giving up.
-    max_drain_s: float = 1e6
-    record_decisions: bool = False  # keep every global-scheduler decision (GlobalScheduler.decisions)
+    dispatch_latency_s: float = field(
+        default=0.0,
+        metadata={"help": "Seconds from a request's arrival to its dispatch (a real cluster's frontend and RPC)."},
+    )
+    delivery_latency_s: float = field(
+        default=0.0,
+        metadata={"help": "Seconds from a step's end to its token reaching the client (a real cluster's RPC and HTTP)."},
+    )
+    max_drain_s: float = field(
+        default=1e6,
+        metadata={"help": "Safety net against a wedged simulation (a bug): virtual seconds after the last arrival."},
+    )
+    record_decisions: bool = field(
+        default=False, metadata={"help": "Keep every global-scheduler decision (GlobalScheduler.decisions)."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
