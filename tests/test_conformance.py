@@ -86,8 +86,8 @@ def test_simulator_and_runtime_decide_alike(case, profile):
 
 
 def test_a_rule_changed_in_the_runtime_only_shows(profile, monkeypatch):
-    """The runtime's instances count only the head of their queue in their virtual usage (Algorithm 1) while the
-    simulator's count every queued request (the artifact's rule): the decisions part ways."""
+    """The runtime's instances preempt only when a request needs a block (not vLLM 0.1's rule, which the simulator
+    keeps): the decisions part ways."""
     from dataclasses import replace
 
     from llumnix.runtime.instance_actor import InstanceActor
@@ -97,12 +97,12 @@ def test_a_rule_changed_in_the_runtime_only_shows(profile, monkeypatch):
     sim = simulated(trace, profile, system)
     build = InstanceActor._build_engine
 
-    def head_of_line_only(self):
+    def block_needed(self):
         engine, info = build(self)
-        engine.llumlet.config = replace(engine.llumlet.config, queued_demand="head")
+        engine.scheduler.config = replace(engine.scheduler.config, preemption="block_needed")
         return engine, info
 
-    monkeypatch.setattr(InstanceActor, "_build_engine", head_of_line_only)
+    monkeypatch.setattr(InstanceActor, "_build_engine", block_needed)
     assert first_difference(sim, served(trace, profile, system)) is not None
 
 

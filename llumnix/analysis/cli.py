@@ -302,4 +302,62 @@ def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
-COMMANDS: list[click.Command] = [aggregate, timeline, plot, claims, experiments, capped_trace, real_cluster, real_vs_sim]
+@click.command(context_settings=CONTEXT)
+@click.option("--paper", "paper_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("experiments/calibration/fig11-infaas-paper.csv"),
+              help="The paper's INFaaS++ points (trace, metric, rate, value_s).")
+@click.option("--base", "base_profile", default="a10-llama-7b", help="The profile whose decode cost is fitted.")
+@click.option("--traces", "traces_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory of the traces (made there if missing, kept otherwise).")
+@click.option("--num-requests", type=int, default=10_000, help="Requests per trace (the paper's 10,000).")
+@click.option("--seeds", default="artifact",
+              help="Comma list of trace seeds; 'artifact' is the artifact's own trace (generated workloads).")
+@click.option("--grid", "grid_specs", multiple=True,
+              help="NAME=V1,V2,...: values of one parameter to try (repeat per parameter; the others keep their "
+                   "initial values). Parameters: " + ", ".join(
+                       f"{p.name} [{p.low:g}, {p.high:g}]" for p in __import__("llumnix.analysis.calibration",
+                                                                              fromlist=["PARAMS"]).PARAMS))
+@click.option("--traces-only", "traces_only", is_flag=True, help="Only write the traces (e.g. to carry them).")
+@click.option("--jobs", type=int, default=None, help="Parallel simulations (default: every core).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory: grid.csv (every candidate's score), residuals.csv (the best one's points), "
+                   "profile.json (the best one, its fit in its assumptions).")
+def calibrate(paper_path, base_profile, traces_dir, num_requests, seeds, grid_specs, traces_only, jobs, out_dir) -> None:
+    """Fit the testbed's free parameters on the paper's INFaaS++ points (Fig 11), by simulating INFaaS++ on 16
+    instances for every trace and rate of the points with each candidate (llumnix.analysis.calibration)."""
+    from tqdm.auto import tqdm
+
+    from llumnix.analysis import calibration as cal
+    from llumnix.profiles import Profile
+
+    try:
+        points = cal.load_points(paper_path)
+        seed_list = [cal.ARTIFACT if s.strip() == "artifact" else int(s) for s in seeds.split(",")]
+        values = {}
+        for spec in grid_specs:
+            name, _, vals = spec.partition("=")
+            values[name.strip()] = [float(v) for v in vals.split(",") if v.strip()]
+        candidates = cal.grid(values) if values else [{}]
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    cal.make_traces(points, traces_dir, num_requests, seed_list)
+    if traces_only:
+        return
+    base = Profile.load(base_profile)
+    n_runs = len(candidates) * len(seed_list) * len(points[["trace", "rate"]].drop_duplicates())
+    with tqdm(total=n_runs, desc="calibrating", unit="run") as bar:
+        table, residuals = cal.search(base, candidates, points, traces_dir, seed_list, jobs, progress=bar.update)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "grid.csv", index=False)
+    best = table.iloc[0]
+    res = residuals[int(best["candidate"])]
+    res.to_csv(out_dir / "residuals.csv", index=False)
+    chosen = {p: float(best[p]) for p in cal.PARAM_NAMES}
+    provenance = (f"calibrated with `llumnix calibrate` on {paper_path.name} ({len(points)} points), seeds {seeds}, "
+                  f"{num_requests} requests per trace, from {base_profile}")
+    cal.calibrated_profile(base, chosen, cal.score(res), provenance).save(out_dir / "profile.json")
+    click.echo(table.head(10).to_string(index=False), err=True)
+
+
+COMMANDS: list[click.Command] = [aggregate, timeline, plot, claims, experiments, capped_trace, real_cluster, real_vs_sim,
+                                 calibrate]

@@ -21,6 +21,7 @@ from llumnix.core.migration_protocol import Committed, Failed, PreAllocated, Ref
 from llumnix.core.request import Request, RequestStatus
 
 QUEUED_DEMAND_MODES = ("all", "head")
+LOAD_REPORTS = ("per-step", "fresh")
 
 
 CANDIDATE_RULES = ("lcfs", "artifact")
@@ -384,3 +385,18 @@ class Llumlet:
         for mid in dead:
             self.abort_in(mid)
         return len(dead)
+
+
+def reported_load(llumlet: Llumlet, report: InstanceLoad | None) -> InstanceLoad:
+    """What the global scheduler knows of an instance under per-step reports (the artifact's view: an instance
+    reports the load it had when it scheduled a step, once that step has produced its tokens; osdi24ae
+    ``vllm/core/scheduler.py:511-558``, ``vllm/engine/llm_engine_manager.py:263-276``): the last such report (none
+    yet: its load now, an empty instance at first), with what the global scheduler knows first-hand: whether it is
+    draining and the migrations it takes part in (the global scheduler started them)."""
+    now = llumlet.load()
+    if report is None:
+        return now
+    if now.draining:
+        return report.with_draining()
+    return replace(report, migrations_out=now.migrations_out, migrations_in=now.migrations_in,
+                   can_migrate_out=now.can_migrate_out, can_migrate_in=now.can_migrate_in)

@@ -125,6 +125,7 @@ class StepTimeModel:
         "step_overhead_s",
         "migration_stage_overhead_s",
         "migration_s_per_block",
+        "prefill_floor_s",
         "_pa",
         "_pb",
         "_pc",
@@ -142,6 +143,7 @@ class StepTimeModel:
         step_overhead_s: float,
         migration_stage_overhead_s: float,
         migration_s_per_block: float,
+        prefill_floor_s: float = 0.0,
     ) -> None:
         self.prefill = prefill
         self.decode = decode
@@ -149,6 +151,7 @@ class StepTimeModel:
         self.step_overhead_s = step_overhead_s
         self.migration_stage_overhead_s = migration_stage_overhead_s
         self.migration_s_per_block = migration_s_per_block
+        self.prefill_floor_s = prefill_floor_s
         self._pa = step_overhead_s + prefill.fixed_s
         self._pb = prefill.per_token_s
         self._pc = prefill.per_sq_token_s
@@ -164,7 +167,9 @@ class StepTimeModel:
             sum_sq += n * n
         if total == 0:
             return 0.0
-        return self._pa + self._pb * total + self._pc * sum_sq
+        t = self._pa + self._pb * total + self._pc * sum_sq
+        floor = self.step_overhead_s + self.prefill_floor_s
+        return t if t >= floor else floor
 
     def decode_time_s(self, batch_size: int, total_context_tokens: int) -> float:
         if batch_size <= 0:
@@ -227,6 +232,11 @@ class Profile(BaseModel):
     max_num_seqs: int = Field(gt=0, description="most sequences running at once")
 
     step_overhead_s: float = Field(ge=0, description="fixed CPU cost of every step (scheduling, sampling), seconds")
+    prefill_floor_s: float = Field(
+        default=0.0, ge=0,
+        description="the shortest prefill forward: a step reads every weight once, however few tokens it computes "
+        "(0: the prefill table alone), seconds",
+    )
     migration_bandwidth_bytes_per_s: float = Field(gt=0, description="KV transfer rate of a migration stage, bytes/s")
     migration_stage_overhead_s: float = Field(
         ge=0, description="fixed cost of one migration stage (pre-alloc handshake, RPC, sync), seconds"
@@ -281,6 +291,7 @@ class Profile(BaseModel):
             step_overhead_s=self.step_overhead_s,
             migration_stage_overhead_s=self.migration_stage_overhead_s,
             migration_s_per_block=self.block_size * self.kv_bytes_per_token / self.migration_bandwidth_bytes_per_s,
+            prefill_floor_s=self.prefill_floor_s,
         )
 
     # ------------------------------------------------------------------ cost functions
@@ -405,6 +416,8 @@ class Profile(BaseModel):
         lines = []
         for key, value in self.model_dump(mode="json", exclude_none=True).items():
             if key == "concurrency_slowdown" and not value:  # optional; absent from profiles of one device each
+                continue
+            if key == "prefill_floor_s" and not value:  # optional; absent where the prefill table alone holds
                 continue
             if isinstance(value, list) and value:
                 items = ",\n".join("    " + json.dumps(item) for item in value)

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llumnix.core.block_manager import blocks_for
 from llumnix.core.llumlet import InstanceLoad
 from llumnix.core.records import MigrationRecord
 from llumnix.core.request import HIGH, NORMAL, Request
@@ -68,14 +67,17 @@ class InstanceHandle:
     last_report_s: float = 0.0
     failure: str | None = None
 
-    def effective_load(self) -> InstanceLoad | None:
-        """The last report, plus what was dispatched since (and draining from the moment it was told to)."""
+    def effective_load(self, count_pending: bool = True) -> InstanceLoad | None:
+        """The last report, plus what was dispatched since (``count_pending``), draining from the moment it was told
+        to."""
         if self.load is None:
             return None
         while self.pending and self.pending[0][0] <= self.num_received:
             self.pending.popleft()
         if self.draining:
             return self.load.with_draining()
+        if not count_pending:
+            return self.load
         return self.load.with_pending([(b, h) for _, b, h in self.pending])
 
 
@@ -299,8 +301,9 @@ class ClusterManager:
     def loads(self) -> list[InstanceLoad]:
         """Every live instance's effective load: what the policies decide on."""
         loads = []
+        fresh = self.config.instance.load_reports == "fresh"
         for inst in self.live_instances():
-            load = inst.effective_load()
+            load = inst.effective_load(count_pending=fresh)
             if load is not None:
                 loads.append(load)
         return loads
@@ -346,7 +349,8 @@ class ClusterManager:
                 t_choice = time.perf_counter() - t0
                 inst = self.instances[iid]
                 inst.sent += 1
-                inst.pending.append((inst.sent, blocks_for(req.seq_len, inst.info["block_size"]), req.is_high))
+                usage = inst.load.pending_usage(req.seq_len) if inst.load is not None else 0.0
+                inst.pending.append((inst.sent, usage, req.is_high))
                 if cr.engine_id != req.request_id:
                     self._by_engine.pop(cr.engine_id, None)
                 cr.new_attempt(req.request_id, iid)
@@ -452,7 +456,7 @@ class ClusterManager:
             if report.failed:
                 self._instance_failed(inst, report.failed)
                 return
-            if inst.draining and report.load.is_idle and await self.autoscaler.retire(inst):
+            if inst.draining and report.idle and await self.autoscaler.retire(inst):
                 return
 
     def _apply_report(self, inst: InstanceHandle, report: Report) -> None:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from llumnix.core.llumlet import InstanceLoad, Llumlet, LlumletConfig
+from llumnix.core.llumlet import InstanceLoad, Llumlet, LlumletConfig, reported_load
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepPlan
 from llumnix.core.migration import Migration, MigrationConfig
 from llumnix.core.migration_protocol import (
@@ -111,6 +111,7 @@ class Report:
     events: list[Any]
     stats: InstanceStats
     failed: str | None = None
+    idle: bool = False  # it holds nothing now (its reported load may be older: per-step reports)
 
 
 def request_stats(req: Request) -> RequestStats:
@@ -151,6 +152,8 @@ class InstanceActor:
         self._mig_downtime_s = 0.0
         self._mig_bytes = 0
         self._drives: dict[int, Migration] = {}  # source-side migrations whose driver has not finished
+        self._report: InstanceLoad | None = None  # per-step reports: the load its last step reported
+        self._step_report: InstanceLoad | None = None  # the load when the step in flight was scheduled
         self._tasks: set[asyncio.Task] = set()
         self._failed: str | None = None
         self._stopping = False
@@ -268,9 +271,11 @@ class InstanceActor:
             return False
         self._changed()  # admissions and preemptions change the load
         if plan.requests:
+            self._step_report = self.llumlet.load()
             t0 = time.perf_counter()
             tokens = await self._execute(plan)
             self._busy_s += time.perf_counter() - t0
+            self._report = self._step_report
             self._after_step(plan, tokens)
             self._step_log.append(plan.record(self.instance_id, start, self.clock(), bool(self.llumlet.migrating)))
         return True  # (with no requests: every request of a decode step was preempted, so schedule again)
@@ -341,7 +346,14 @@ class InstanceActor:
         self._stopping = True
         self._work.set()
         events, self._outbox = self._outbox, []
-        return Report(self.instance_id, self.llumlet.load(), self._num_received, events, self._stats(), self._failed)
+        return Report(self.instance_id, self._load(), self._num_received, events, self._stats(), self._failed,
+                      self._idle())
+
+    def _load(self) -> InstanceLoad:
+        """The load this instance reports: now, or (per-step reports, the artifact's) as of its last step."""
+        if self.spec.load_reports == "fresh":
+            return self.llumlet.load()
+        return reported_load(self.llumlet, self._report)
 
     async def poll(self, timeout_s: float) -> Report:
         """Wait until something changed (or ``timeout_s``), then return the events since the last poll and the load
@@ -351,7 +363,8 @@ class InstanceActor:
                 await asyncio.wait_for(self._has_output.wait(), timeout_s)
         self._has_output.clear()
         events, self._outbox = self._outbox, []
-        return Report(self.instance_id, self.llumlet.load(), self._num_received, events, self._stats(), self._failed)
+        return Report(self.instance_id, self._load(), self._num_received, events, self._stats(), self._failed,
+                      self._idle())
 
     def _stats(self) -> InstanceStats:
         blocks = self.engine.blocks

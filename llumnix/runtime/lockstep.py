@@ -106,7 +106,8 @@ class LockstepResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def serve_config_for(profile, system, num_instances: int, migration=None, profile_path: str | None = None):
+def serve_config_for(profile, system, num_instances: int, migration=None, profile_path: str | None = None,
+                     load_reports: str = "per-step", preemption: str = "no_free_block"):
     """The ``ServeConfig`` of a cluster of profile-backed instances that runs ``system`` (a ``SystemConfig``) as the
     simulator does with ``profile`` (saved at ``profile_path``, or packaged under its name)."""
     from llumnix.core.migration import MigrationConfig
@@ -118,6 +119,7 @@ def serve_config_for(profile, system, num_instances: int, migration=None, profil
         backend="profile", profile=profile_path or profile.name, block_size=profile.block_size, num_blocks=profile.total_blocks,
         watermark=profile.watermark, max_num_seqs=profile.max_num_seqs, max_batched_tokens=profile.max_batched_tokens,
         priorities=system.priorities, local_priority=system.local_priority, candidate=system.candidate,
+        load_reports=load_reports, preemption=preemption,
         last_stage_blocks=migration.last_stage_max_blocks,
         max_stages=migration.max_stages,
     )
@@ -187,11 +189,12 @@ def _renamed(m: MigrationRecord, request_id: int) -> MigrationRecord:
     return MigrationRecord(**{**asdict(m), "request_id": request_id})
 
 
-def run_lockstep(trace: pd.DataFrame, profile, system, num_instances: int, migration=None) -> LockstepResult:
+def run_lockstep(trace: pd.DataFrame, profile, system, num_instances: int, migration=None,
+                 load_reports: str = "per-step", preemption: str = "no_free_block") -> LockstepResult:
     """Serve ``trace`` (a ``llumnix trace`` table) with the real runtime's classes on a virtual clock."""
     with tempfile.TemporaryDirectory(prefix="llumnix-lockstep-") as tmp:
         path = profile.save(Path(tmp) / f"{profile.name}.json")
-        config = serve_config_for(profile, system, num_instances, migration, str(path))
+        config = serve_config_for(profile, system, num_instances, migration, str(path), load_reports, preemption)
         return run_virtual(_serve(trace, config))
 
 

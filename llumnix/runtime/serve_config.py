@@ -64,6 +64,12 @@ class InstanceSpec(BaseModel):
     local_priority: Literal["artifact", "strict", "off"] = pydantic_field(SchedulerConfig, "local_priority")
     candidate: Literal["lcfs", "artifact"] = pydantic_field(LlumletConfig, "candidate")
     preemption: Literal["no_free_block", "block_needed"] = pydantic_field(SchedulerConfig, "preemption")
+    load_reports: Literal["per-step", "fresh"] = Field(
+        "per-step",
+        description="What the global scheduler sees of an instance: its load as of its last step, reported when that "
+        "step ends, without counting requests dispatched since (the artifact's view); or its load at every change, "
+        "plus the requests dispatched since its last report (fresh).",
+    )
     last_stage_blocks: int = pydantic_field(MigrationConfig, "last_stage_max_blocks", ge=0)
     max_stages: int = pydantic_field(MigrationConfig, "max_stages", ge=1)
     vllm_migration: Literal["recompute", "kv"] = Field(

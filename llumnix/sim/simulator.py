@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from llumnix.core.block_manager import BlockManager, blocks_for
-from llumnix.core.llumlet import Llumlet, LlumletConfig
+from llumnix.core.llumlet import LOAD_REPORTS, InstanceLoad, Llumlet, LlumletConfig, reported_load
 from llumnix.core.local_scheduler import LocalScheduler, SchedulerConfig, StepKind, StepPlan
 from llumnix.core.migration import Migration, MigrationConfig, answer_locally
 from llumnix.core.migration_protocol import Action, Copied, Copy
@@ -38,6 +38,12 @@ class SimConfig:
     high_priority_kv_tokens: int = dataclass_field(LlumletConfig, "high_priority_kv_tokens")
     max_migrations_per_instance: int = dataclass_field(LlumletConfig, "max_migrations")
     preemption: str = dataclass_field(SchedulerConfig, "preemption")
+    load_reports: str = field(
+        default="per-step",
+        metadata={"help": "What the global scheduler sees of an instance: its load as of its last step, reported when "
+                          "that step ends (the artifact's report-driven view, osdi24ae llm_engine_manager.py), or its "
+                          "load now (fresh).", "choices": LOAD_REPORTS},
+    )
     sample_interval_s: float = field(default=1.0, metadata={"help": "Seconds between per-instance timeline samples."})
     seed: int = field(default=0, metadata={"help": "Seed recorded with the run (the simulation itself is deterministic)."})
     # What a real cluster adds around the engines (zero in the paper-scale runs, as the paper's simulator): a request
@@ -79,6 +85,8 @@ class SimInstance:
         self.stop_s: float | None = None
         self.plan: StepPlan | None = None
         self.boundary: list[Callable[[float], None]] = []  # actions waiting for the current step to end
+        self.report: InstanceLoad | None = None  # its load as the global scheduler last heard it (per-step reports)
+        self.step_report: InstanceLoad | None = None  # its load when the step in flight was scheduled
 
     @property
     def scheduler(self) -> LocalScheduler:
@@ -172,8 +180,10 @@ class Simulator:
     def _live(self) -> list[SimInstance]:
         return [i for i in self.instances.values() if i.ready and i.stop_s is None]
 
-    def _loads(self):
-        return [i.llumlet.load() for i in self._live()]
+    def _loads(self) -> list[InstanceLoad]:
+        if self.config.load_reports == "fresh":
+            return [i.llumlet.load() for i in self._live()]
+        return [reported_load(i.llumlet, i.report) for i in self._live()]
 
     # -- the run -------------------------------------------------------------------------------------------------
     def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
@@ -246,6 +256,7 @@ class Simulator:
             if not plan.requests:  # a decode step whose every request was preempted: schedule again
                 continue
             inst.plan = plan
+            inst.step_report = inst.llumlet.load()
             step_s = self._step_time(plan)
             if self.profile.concurrency_slowdown:  # instances sharing the cores: those stepping now, this one too
                 step_s *= self.profile.concurrency_factor(sum(1 for i in self.instances.values() if i.busy))
@@ -258,6 +269,7 @@ class Simulator:
 
     def _on_step_done(self, now: float, inst: SimInstance) -> None:
         plan, inst.plan = inst.plan, None
+        inst.report = inst.step_report
         finished = inst.scheduler.on_step_done(plan, now)
         self._unfinished -= len(finished)
         self._kick(inst, now)

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 #: Generated input-output traces (S = Short, M = Medium, L = Long), then the two dataset workloads.
 GENERATED_WORKLOADS: tuple[str, ...] = ("S-S", "M-M", "L-L", "S-L", "L-S")
+TRACE_STREAMS: tuple[str, ...] = ("seeded", "artifact")
 DATASET_WORKLOADS: tuple[str, ...] = ("sharegpt", "burstgpt")
 WORKLOADS: tuple[str, ...] = GENERATED_WORKLOADS + DATASET_WORKLOADS
 
@@ -171,13 +172,28 @@ def make_trace(
     priority_fraction: float = 0.0,
     dataset_path: str | Path | None = None,
     lengths: str = "authors",
+    stream: str = "seeded",
 ) -> pd.DataFrame:
     """A trace of ``num_requests`` requests; the same arguments (and installed data) always give the same table.
 
     Arrivals, lengths and priorities use independent child streams of ``seed``, so changing the rate, the arrival
-    process or the priority fraction leaves the other columns unchanged: sweeps compare like with like.
+    process or the priority fraction leaves the other columns unchanged: sweeps compare like with like. ``stream:
+    artifact`` (generated workloads with the authors' lengths) replays the artifact's own seeded streams instead
+    (``llumnix.workload.artifact``): the trace the paper's runs sent; ``seed`` is then unused.
     """
     _check_args(workload, rate, num_requests, seed, arrival, cv, priority_fraction, dataset_path, lengths)
+    if stream not in TRACE_STREAMS:
+        raise ValueError(f"--stream must be one of {', '.join(TRACE_STREAMS)}, got {stream!r}")
+    if stream == "artifact":
+        if workload not in GENERATED_WORKLOADS or lengths != "authors":
+            raise ValueError(f"--stream artifact replays the authors' generated traces ({', '.join(GENERATED_WORKLOADS)}"
+                             f" with --lengths authors), not --workload {workload} --lengths {lengths}")
+        from llumnix.workload.artifact import artifact_trace
+
+        df = artifact_trace(workload, float(rate), num_requests, arrival, float(cv), float(priority_fraction))
+        df.attrs[TRACE_META_KEY] = {"workload": workload, "length_model": lengths,
+                                    "lengths": "authors' Zipf generator", "stream": "the artifact's (seed 0xCADE)"}
+        return df
     arrival_rng, length_rng, priority_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     pairs, meta = _lengths(workload, num_requests, length_rng, dataset_path, lengths)
     df = pd.DataFrame(
