@@ -17,6 +17,8 @@ from llumnix.engine.runner import ModelRunner, SeqInput, dense_logits
 from llumnix.engine.tokenizer import TextStream, TextTokenizer
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is the reference here: nothing may come from a model hub
+
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Llamas are animals that live in"]
 STEPS = 10
