@@ -240,6 +240,27 @@ def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype
     return model.requires_grad_(False).eval()
 
 
+def to_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face ``LlamaForCausalLM`` names (q/k/v and gate/up split again; no
+    ``lm_head.weight`` when it is tied to the embeddings): for transformers (tests) and vLLM (``vllm_model``)."""
+    cfg, out = model.config, {}
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not tied:
+                out[name] = w
+        elif name.endswith("qkv_proj.weight"):
+            parts = w.split([cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2])
+            out |= {"model." + name.replace("qkv_proj", f"{p}_proj"): t for p, t in zip("qkv", parts, strict=True)}
+        elif name.endswith("gate_up_proj.weight"):
+            parts = w.chunk(2)
+            out |= {"model." + name.replace("gate_up_proj", f"{p}_proj"): t
+                    for p, t in zip(("gate", "up"), parts, strict=True)}  # fmt: skip
+        else:
+            out["model." + name] = w
+    return out
+
+
 __all__ = [
     "REAL_MODELS",
     "GGUFSource",
@@ -252,5 +273,6 @@ __all__ = [
     "model_cache_dir",
     "model_config",
     "prepare",
+    "to_hf_state_dict",
     "unpermute_rope_rows",
 ]
