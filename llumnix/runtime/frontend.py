@@ -69,7 +69,7 @@ def decode_tokens(token_ids: list[int]) -> str:
     return "".join(f" {t}" for t in token_ids)
 
 
-class _Sampling(BaseModel):
+class GenerationParams(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model_config = ConfigDict(extra="forbid")
@@ -109,7 +109,7 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationParams):
     prompt: str | list[StrictInt] = Field(description="text, or a list of token ids")
     max_tokens: StrictInt = Field(16, ge=1, description="most tokens to generate (exactly this many without EOS)")
 
@@ -133,7 +133,7 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content} | ({"name": self.name} if self.name else {})
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="most tokens to generate (default: the context left)")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="the newer name of max_tokens")
@@ -212,7 +212,7 @@ def check_length(ids: list[int], max_tokens: int, manager: ClusterManager) -> No
         )
 
 
-def stop_token_ids(body: _Sampling, tokenizer: TextTokenizer | None) -> frozenset[int]:
+def stop_token_ids(body: GenerationParams, tokenizer: TextTokenizer | None) -> frozenset[int]:
     """The tokens that end the request: the model's end-of-sequence ones unless ``ignore_eos``. Random weights have
     none (and no text to stop on), so there ``ignore_eos`` must stay true or absent and ``stop`` unset."""
     if tokenizer is None:
@@ -352,7 +352,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     async def _unavailable(request: Request, exc: NoInstanceError):
         return error_response(503, str(exc), kind="service_unavailable")
 
-    async def generate(body: _Sampling, ids: list[int], max_tokens: int, chat: bool):
+    async def generate(body: GenerationParams, ids: list[int], max_tokens: int, chat: bool):
         stops = stop_token_ids(body, tokenizer)
         cr = await manager.submit(ids, max_tokens, body.priority, stops)
         gen = Generation(cr, manager, tokenizer, body.stop_strings)
