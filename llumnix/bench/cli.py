@@ -75,7 +75,7 @@ def bench() -> None:
 
 @bench.command(context_settings=CONTEXT)
 @click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
-@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b: random weights) or smollm2-135m (real).")
 @click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
 @click.option("--lengths", default="64,128,256,512,1024",
               help="Comma-separated sequence lengths (prompt + output tokens of the migrated request).")
@@ -131,7 +131,7 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 
 @bench.command("decode-floor", context_settings=CONTEXT)
 @click.option("--device", default="cuda", help="torch device: cpu or cuda (cuda:N).")
-@click.option("--model", default="llama-7b", help="Model preset; random weights.")
+@click.option("--model", default="llama-7b", help="Model preset (random weights) or smollm2-135m (real).")
 @click.option("--dtype", type=DTYPES, default="bfloat16", help="Weights and KV cache dtype.")
 @click.option("--batch", type=int, default=32, help="Sequences in the decode step.")
 @click.option("--context", "context_tokens", type=int, default=1024, help="Context tokens of each sequence.")
@@ -165,7 +165,7 @@ def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_
 
 @bench.command(context_settings=CONTEXT)
 @click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
-@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b: random weights) or smollm2-135m (real).")
 @click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
 @click.option("--lengths", default="64,256", help="Comma-separated prompt lengths of the target sequence.")
 @click.option("--batches", default="1,3,8",
@@ -231,7 +231,7 @@ def bench_scheduler(instances, designs, num_requests, rate_per_instance, speed, 
 
 @click.command(context_settings=CONTEXT)
 @click.option("--device", default="cpu", help="torch device: cpu or cuda (cuda:N).")
-@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b); random weights.")
+@click.option("--model", default="tiny", help="Model preset (tiny, small, llama-7b, llama-30b: random weights) or smollm2-135m (real).")
 @click.option("--dtype", type=DTYPES, default="float32", help="Weights and KV cache dtype.")
 @click.option("--num-blocks", type=int, default=792,
               help="KV blocks of the instance, the profile's total_blocks (792 = LLaMA-7B on the paper's A10).")

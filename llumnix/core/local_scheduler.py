@@ -148,10 +148,14 @@ class LocalScheduler:
 
     def _pop_waiting(self) -> Request:
         req = self.waiting.popleft()
+        self._unqueued(req)
+        return req
+
+    def _unqueued(self, req: Request) -> None:
+        """Account a request that left the waiting queue."""
         self.waiting_demand_blocks -= blocks_for(req.seq_len, self.blocks.block_size)
         self.waiting_demand_tokens -= req.seq_len
         self.preempted_waiting.discard(req.request_id)
-        return req
 
     def _insert_running(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
@@ -276,7 +280,8 @@ class LocalScheduler:
                 req.prefill_ends_s.append(now)
             if req.first_token_s is None:
                 req.first_token_s = now
-            if req.num_generated >= req.output_tokens:
+            stopped = token_ids is not None and token_ids[i] in req.stop_token_ids
+            if req.num_generated >= req.output_tokens or stopped:
                 finished.append(req)
         for req in finished:
             self._finish(req, now)
@@ -289,6 +294,22 @@ class LocalScheduler:
         req.finish_s = now
         if req.is_high:
             self.num_high -= 1
+
+    def abort(self, request_id: int, now: float) -> Request | None:
+        """Finish a waiting or running request now (its client stopped it, e.g. on a stop string), freeing its blocks;
+        None if it is not here or frozen (a frozen request is being migrated: it finishes on its destination)."""
+        for i, req in enumerate(self.waiting):
+            if req.request_id == request_id:
+                del self.waiting[i]
+                self._unqueued(req)
+                if req.is_high:
+                    self.num_high -= 1
+                req.status, req.finish_s = RequestStatus.FINISHED, now
+                return req
+        req = next((r for r in self.running if r.request_id == request_id), None)
+        if req is not None:
+            self._finish(req, now)
+        return req
 
     # -- migration hooks (used by the llumlet; only at step boundaries) -------------------------------------------
     def freeze(self, req: Request) -> None:

@@ -23,8 +23,10 @@ class Request:
     """One generation request.
 
     ``prompt_tokens`` / ``output_tokens`` are lengths (outputs use ignore_eos semantics: a request always produces
-    exactly ``output_tokens`` tokens). ``num_generated`` counts output tokens produced so far. A real engine also
-    fills ``prompt_token_ids`` / ``output_token_ids``; the simulator only counts.
+    exactly ``output_tokens`` tokens, unless it has ``stop_token_ids``). ``num_generated`` counts output tokens
+    produced so far. A real engine also fills ``prompt_token_ids`` / ``output_token_ids``; the simulator only counts.
+    ``stop_token_ids``: a real model's end-of-sequence tokens; generating one finishes the request early (it is the
+    last output token). Empty for the simulator and random weights.
     """
 
     request_id: int
@@ -33,6 +35,7 @@ class Request:
     output_tokens: int
     priority: int = NORMAL
     prompt_token_ids: list[int] | None = None
+    stop_token_ids: frozenset[int] = frozenset()
 
     status: RequestStatus = RequestStatus.WAITING
     num_generated: int = 0

@@ -1,4 +1,5 @@
-"""LLaMA-architecture decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) with seeded random weights.
+"""LLaMA-architecture decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) with seeded random weights
+(the ``PRESETS`` shapes) or a real model's (``llumnix.engine.gguf_model``).
 
 The model knows nothing about paging: each layer hands its rotated q/k/v to an ``attn`` callback chosen by the caller
 (the paged ModelRunner or the dense reference), so the same weights serve both. Module names follow Hugging Face's
@@ -74,9 +75,20 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def model_names() -> list[str]:
+    """Every model name the engine knows: the random-weight presets, then the real models (``gguf_model``)."""
+    from llumnix.engine.gguf_model import REAL_MODELS
+
+    return [*PRESETS, *REAL_MODELS]
+
+
 def get_model_config(name: str) -> ModelConfig:
+    from llumnix.engine import gguf_model
+
+    if gguf_model.is_real_model(name):
+        return gguf_model.model_config(name)
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
     return PRESETS[name]
 
 
@@ -199,8 +211,14 @@ def build_model(
     decoding would repeat one token; this keeps outputs varied and context-dependent, which the tests rely on.
     Values are drawn in fp32 one tensor at a time and cast, so the same seed and device type give the same weights
     in every dtype (CPU and CUDA generators differ). On the meta device nothing is allocated or initialised.
+    A real model's name (``gguf_model.REAL_MODELS``) loads its weights instead (``seed`` unused).
     """
-    config = get_model_config(config) if isinstance(config, str) else config
+    if isinstance(config, str):
+        from llumnix.engine import gguf_model
+
+        if gguf_model.is_real_model(config):
+            return gguf_model.load_model(config, device, dtype)
+        config = get_model_config(config)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -19,7 +19,6 @@ from llumnix.engine.model import (
     ModelConfig,
     build_model,
     causal_attention,
-    get_model_config,
     repeat_kv,
 )
 
@@ -166,9 +165,9 @@ class ModelRunner:
         paged_kernel: bool | None = None,
         invariant_batch: int | None = None,
     ):
-        self.config = get_model_config(config) if isinstance(config, str) else config
         self.device, self.dtype = torch.device(device), dtype
-        self.model = build_model(self.config, self.device, dtype, seed)
+        self.model = build_model(config, self.device, dtype, seed)  # a preset's name, a real model's, or a shape
+        self.config = self.model.config
         self.kv_cache = KVCachePool(
             self.config.num_layers,
             num_blocks,

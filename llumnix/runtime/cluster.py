@@ -309,11 +309,14 @@ class ClusterManager:
         return loads
 
     # -- requests ------------------------------------------------------------------------------------------------
-    async def submit(self, prompt_ids: list[int], max_tokens: int, priority: int = NORMAL) -> ClientRequest:
-        """Dispatch a new request; its tokens then arrive in ``ClientRequest.tokens``. Raises NoInstanceError."""
+    async def submit(self, prompt_ids: list[int], max_tokens: int, priority: int = NORMAL,
+                     stop_token_ids: frozenset[int] = frozenset()) -> ClientRequest:
+        """Dispatch a new request; its tokens then arrive in ``ClientRequest.tokens`` (up to ``max_tokens``, or up to
+        and including the first of ``stop_token_ids``). Raises NoInstanceError."""
         if priority not in (NORMAL, HIGH):
             raise ValueError(f"priority must be {NORMAL} or {HIGH}")
-        cr = ClientRequest(f"cmpl-{next(self._client_ids)}", list(prompt_ids), max_tokens, priority, self.clock())
+        cr = ClientRequest(f"cmpl-{next(self._client_ids)}", list(prompt_ids), max_tokens, priority, self.clock(),
+                           frozenset(stop_token_ids))
         self.counters["requests"] += 1
         self.active[cr.request_id] = cr
         try:
@@ -327,7 +330,7 @@ class ClusterManager:
         """A new engine request continuing ``cr``: its prompt, and the tokens streamed so far as its outputs (an
         instance recomputes them in its prefill). It keeps the client's arrival time, so it queues as it would have."""
         req = Request(next(self._engine_ids), cr.arrival_s, len(cr.prompt_ids), cr.max_tokens, cr.priority,
-                      prompt_token_ids=list(cr.prompt_ids))
+                      prompt_token_ids=list(cr.prompt_ids), stop_token_ids=cr.stop_token_ids)
         req.output_token_ids = list(cr.tokens)
         req.num_generated = len(cr.tokens)
         return req
@@ -426,6 +429,24 @@ class ClusterManager:
         self._retire_request(cr)
         self.counters["finished"] += 1
 
+    def finish_early(self, cr: ClientRequest, num_tokens: int) -> None:
+        """The client is done with ``cr`` after ``num_tokens`` tokens (a stop string matched): keep those, and unless
+        it has finished anyway, complete it now and tell the instance holding it to stop generating. A request frozen
+        in a migration then is not there to stop: it is stopped on its destination once the migration commits
+        (``_migration_ended``)."""
+        if cr.error is not None:
+            return
+        cr.cut(num_tokens)
+        if cr.finish_s is None:
+            cr.cut_short = True
+            self._complete(cr)
+            self._abort_engine_request(cr.owner, cr.engine_id)
+
+    def _abort_engine_request(self, instance_id: int | None, engine_id: int) -> None:
+        inst = self.instances.get(instance_id) if instance_id is not None else None
+        if inst is not None and inst.alive:
+            self.spawn(_quietly(inst.actor.abort.remote(engine_id)))
+
     def _fail(self, cr: ClientRequest, reason: str) -> None:
         cr.error = reason
         self._retire_request(cr)
@@ -485,6 +506,8 @@ class ClusterManager:
         if not cr.done:
             cr.migration_ended(record)
             self._check_owner(cr)
+        elif cr.cut_short and record.committed:  # it moved while its client finished it: stop it where it went
+            self._abort_engine_request(record.dst, record.request_id)
 
     def _on_tokens(self, instance_id: int, tokens: list[tuple[int, int, int]]) -> None:
         now = self.clock()

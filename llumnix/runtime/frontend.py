@@ -2,10 +2,14 @@
 
 Endpoints
 - ``POST /v1/completions``: ``prompt`` is text or a list of token ids; ``max_tokens`` (default 16); ``stream`` (SSE
-  chunks, one per token, then ``data: [DONE]``); ``ignore_eos`` must be true or absent: the models have random weights
-  and no end-of-sequence token, so a request always produces exactly ``max_tokens`` tokens. Decoding is greedy
-  (``temperature`` absent or 0, ``n`` 1). Extension fields: ``priority`` (0 normal, 1 high) in the request;
-  ``token_ids`` per choice and a ``llumnix`` block (instances, migrations, re-dispatches, timeline) in responses.
+  chunks, one per token, then ``data: [DONE]``); ``stop`` (a string or a list: the text ends before the first one
+  generated, ``finish_reason`` "stop"); ``ignore_eos`` (default false for a real model: it stops at its
+  end-of-sequence token; a random-weight preset has none, so there it must be true or absent and a request produces
+  exactly ``max_tokens`` tokens). Decoding is greedy (``temperature`` absent or 0, ``n`` 1). Extension fields:
+  ``priority`` (0 normal, 1 high) in the request; ``token_ids`` per choice and a ``llumnix`` block (instances,
+  migrations, re-dispatches, timeline) in responses.
+- ``POST /v1/chat/completions`` (real models): ``messages`` rendered by the model's chat template; ``max_tokens`` (or
+  ``max_completion_tokens``) defaults to what the context has left; ``stream``, ``stop``, ``ignore_eos`` as above.
 - ``GET /v1/models``: the model, its vocabulary size and the longest prompt + output a request may have.
 - ``GET /health``: 200 while at least one instance is alive, else 503.
 - ``GET /metrics``: Prometheus text: per instance running / waiting requests, free blocks, freeness, migrations
@@ -21,9 +25,11 @@ Endpoints
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
   ``POST /admin/start-instance`` launches one more.
 
-Tokenisation is deliberately trivial (there is no trained tokenizer for random weights): text becomes its UTF-8 bytes,
-each byte ``b`` the token id ``b % vocab_size``; output text is the generated token ids written out, each preceded by a
-space (" 17 903 44"), so streamed chunks concatenate to the whole text.
+Text: a real model (``llumnix.engine.gguf_model``) has its own tokenizer (``llumnix.engine.tokenizer``), and streamed
+text is released as whole characters (a stop string's possible beginning is held back until it is decided). A
+random-weight preset has none, so tokenisation is deliberately trivial: text becomes its UTF-8 bytes, each byte ``b``
+the token id ``b % vocab_size``; output text is the generated token ids written out, each preceded by a space
+(" 17 903 44"), so streamed chunks concatenate to the whole text.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from llumnix.engine.tokenizer import ChatTemplateError, TextStream, TextTokenizer
 from llumnix.runtime.cluster import ClusterManager, NoInstanceError
 from llumnix.runtime.serve_config import ServeConfig
 from llumnix.runtime.streams import ClientRequest
@@ -62,25 +69,19 @@ def decode_tokens(token_ids: list[int]) -> str:
     return "".join(f" {t}" for t in token_ids)
 
 
-class CompletionRequest(BaseModel):
+class GenerationParams(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="ignored: the cluster serves one model")
-    prompt: str | list[StrictInt] = Field(description="text, or a list of token ids")
-    max_tokens: StrictInt = Field(16, ge=1, description="tokens to generate (exactly this many: no EOS)")
     stream: bool = False
-    ignore_eos: bool | None = Field(None, description="must be true or absent")
+    stop: str | list[str] | None = Field(None, description="real models: the text ends before the first of these")
+    ignore_eos: bool | None = Field(None, description="real models: keep generating past the end-of-sequence token")
     temperature: float | None = Field(None, description="must be 0 or absent: decoding is greedy")
     n: StrictInt = Field(1, description="must be 1")
     priority: StrictInt = Field(0, description="0 normal, 1 high (honoured with --priorities)")
     user: str | None = None
-
-    @field_validator("ignore_eos")
-    @classmethod
-    def _eos(cls, v: bool | None) -> bool | None:
-        if v is False:
-            raise ValueError("ignore_eos must be true or absent: the model has no end-of-sequence token")
-        return v
 
     @field_validator("temperature")
     @classmethod
@@ -102,6 +103,40 @@ class CompletionRequest(BaseModel):
         if v not in (0, 1):
             raise ValueError("priority must be 0 (normal) or 1 (high)")
         return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[StrictInt] = Field(description="text, or a list of token ids")
+    max_tokens: StrictInt = Field(16, ge=1, description="most tokens to generate (exactly this many without EOS)")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content} | ({"name": self.name} if self.name else {})
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description="most tokens to generate (default: the context left)")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="the newer name of max_tokens")
 
 
 class MigrateRequest(BaseModel):
@@ -145,10 +180,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
-def prompt_ids(body: CompletionRequest, manager: ClusterManager) -> list[int]:
+def tokenizer_for(config: ServeConfig) -> TextTokenizer | None:
+    """The served model's tokenizer (torch or vllm backend, real model), or None (random weights, profile)."""
+    if config.instance.backend == "profile":
+        return None
+    return TextTokenizer.for_model(config.instance.model)
+
+
+def prompt_ids(body: CompletionRequest, manager: ClusterManager, tokenizer: TextTokenizer | None) -> list[int]:
     vocab = manager.vocab_size
     if isinstance(body.prompt, str):
-        ids = encode_text(body.prompt, vocab)
+        ids = tokenizer.encode(body.prompt) if tokenizer is not None else encode_text(body.prompt, vocab)
     else:
         ids = list(body.prompt)
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -156,24 +198,80 @@ def prompt_ids(body: CompletionRequest, manager: ClusterManager) -> list[int]:
             raise BadRequest(f"token ids must lie in [0, {vocab}); got {bad[:5]}", "prompt")
     if not ids:
         raise BadRequest("prompt is empty", "prompt")
-    limit = manager.max_context_tokens
-    if len(ids) + body.max_tokens > limit:
-        raise BadRequest(
-            f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) = {len(ids) + body.max_tokens} exceeds "
-            f"the {limit} tokens one instance can hold; shorten the prompt or lower max_tokens",
-            "max_tokens",
-        )
+    check_length(ids, body.max_tokens, manager)
     return ids
 
 
-def _choice(cr: ClientRequest, tokens: list[int], finished: bool) -> dict[str, Any]:
-    return {
-        "index": 0,
-        "text": decode_tokens(tokens),
-        "token_ids": tokens,
-        "logprobs": None,
-        "finish_reason": "length" if finished else None,
-    }
+def check_length(ids: list[int], max_tokens: int, manager: ClusterManager) -> None:
+    limit = manager.max_context_tokens
+    if len(ids) + max_tokens > limit:
+        raise BadRequest(
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} exceeds "
+            f"the {limit} tokens one instance can hold; shorten the prompt or lower max_tokens",
+            "max_tokens",
+        )
+
+
+def stop_token_ids(body: GenerationParams, tokenizer: TextTokenizer | None) -> frozenset[int]:
+    """The tokens that end the request: the model's end-of-sequence ones unless ``ignore_eos``. Random weights have
+    none (and no text to stop on), so there ``ignore_eos`` must stay true or absent and ``stop`` unset."""
+    if tokenizer is None:
+        if body.ignore_eos is False:
+            raise BadRequest("ignore_eos must be true or absent: the model has no end-of-sequence token", "ignore_eos")
+        if body.stop_strings:
+            raise BadRequest("stop strings need a model with a tokenizer (this one has random weights)", "stop")
+        return frozenset()
+    return frozenset() if body.ignore_eos else tokenizer.stop_token_ids
+
+
+class Generation:
+    """One request's tokens as they arrive, turned into text: the model's (with stop strings) or token ids written
+    out (random weights). A matched stop string finishes the request at once (``ClusterManager.finish_early``)."""
+
+    def __init__(self, cr: ClientRequest, manager: ClusterManager, tokenizer: TextTokenizer | None,
+                 stop: list[str]) -> None:
+        self.cr, self.manager = cr, manager
+        self.text = TextStream(tokenizer, stop) if tokenizer is not None else None
+        self.seen = 0  # tokens of cr.tokens taken so far
+        self.ended = False  # the last piece has been taken
+
+    def take(self) -> list[tuple[int | None, str, bool]]:
+        """(token, its text, is last) for each token since the last call; a last (None, text, True) when the request
+        ended with no new token to carry its end (e.g. it completed on a re-dispatch)."""
+        out: list[tuple[int | None, str, bool]] = []
+        cr = self.cr
+        while self.seen < len(cr.tokens):
+            tok = cr.tokens[self.seen]
+            self.seen += 1
+            last = cr.finish_s is not None and self.seen == len(cr.tokens)
+            if self.text is None:
+                piece = f" {tok}"
+            else:
+                piece = self.text.feed([tok], final=last)
+                if self.text.stopped and not last:  # a stop string: the client is done with the request
+                    self.manager.finish_early(cr, self.seen)
+                    last = True
+            out.append((tok, piece, last))
+        if cr.finish_s is not None and not self.ended and not out:
+            out.append((None, self.text.feed([], final=True) if self.text is not None else "", True))
+        self.ended = self.ended or bool(out and out[-1][2])
+        return out
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.cr.stopped or (self.text is not None and self.text.stopped) else "length"
+
+    async def wait(self) -> list[tuple[int | None, str, bool]]:
+        await self.cr.wait_for_change(self.seen)
+        return self.take()
+
+    async def run_to_end(self) -> str:
+        """Wait for the whole request; its text."""
+        pieces = []
+        while True:
+            pieces += [p for _, p, _ in await self.wait()]
+            if self.cr.done and self.seen == len(self.cr.tokens):
+                return "".join(pieces)
 
 
 def _usage(cr: ClientRequest) -> dict[str, int]:
@@ -184,27 +282,42 @@ def _usage(cr: ClientRequest) -> dict[str, int]:
     }
 
 
-def _envelope(cr: ClientRequest, model: str, obj: str = "text_completion") -> dict[str, Any]:
+def _envelope(cr: ClientRequest, model: str, obj: str) -> dict[str, Any]:
     return {"id": cr.request_id, "object": obj, "created": int(cr.arrival_s), "model": model}
 
 
-async def _stream(cr: ClientRequest, model: str) -> AsyncIterator[str]:
-    sent = 0
+def _completion_choice(text: str, tokens: list[int], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "token_ids": tokens, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _chat_choice(text: str, tokens: list[int], finish_reason: str | None, delta: bool, role: bool = True
+                 ) -> dict[str, Any]:
+    body = {"role": "assistant", "content": text} if role else {"content": text}
+    return {"index": 0, ("delta" if delta else "message"): body, "token_ids": tokens, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+async def _stream(gen: Generation, model: str, chat: bool) -> AsyncIterator[str]:
+    """SSE chunks, one per token (a chat stream's first delta also carries the role), then ``data: [DONE]``."""
+    cr = gen.cr
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    first = True
     while True:
-        await cr.wait_for_change(sent)
-        tokens = cr.tokens[sent:]
-        for i, tok in enumerate(tokens):
-            last = cr.finish_s is not None and i == len(tokens) - 1
-            chunk = {**_envelope(cr, model), "choices": [_choice(cr, [tok], last)]}
+        for tok, text, last in await gen.wait():
+            tokens, reason = ([] if tok is None else [tok]), (gen.finish_reason if last else None)
+            if chat:
+                choice, first = _chat_choice(text, tokens, reason, delta=True, role=first), False
+            else:
+                choice = _completion_choice(text, tokens, reason)
+            chunk = {**_envelope(cr, model, obj), "choices": [choice]}
             if last:
                 chunk["usage"] = _usage(cr)
                 chunk["llumnix"] = cr.summary()
             yield f"data: {json.dumps(chunk)}\n\n"
-        sent += len(tokens)
         if cr.error is not None:
             yield f"data: {json.dumps({'error': {'message': cr.error, 'type': 'server_error'}})}\n\n"
             break
-        if cr.finish_s is not None:
+        if cr.done and gen.seen == len(cr.tokens):
             break
     yield "data: [DONE]\n\n"
 
@@ -224,6 +337,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     app = FastAPI(title="llumnix", summary="Llumnix serving frontend", lifespan=lifespan)
     app.state.manager = manager
     model_name = config.instance.model_name
+    tokenizer = tokenizer_for(config)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -238,24 +352,45 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     async def _unavailable(request: Request, exc: NoInstanceError):
         return error_response(503, str(exc), kind="service_unavailable")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        ids = prompt_ids(body, manager)
-        cr = await manager.submit(ids, body.max_tokens, body.priority)
+    async def generate(body: GenerationParams, ids: list[int], max_tokens: int, chat: bool):
+        stops = stop_token_ids(body, tokenizer)
+        cr = await manager.submit(ids, max_tokens, body.priority, stops)
+        gen = Generation(cr, manager, tokenizer, body.stop_strings)
         if body.stream:
             return StreamingResponse(
-                _stream(cr, model_name), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                _stream(gen, model_name, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        while not cr.done:
-            await cr.wait_for_change(len(cr.tokens))
+        text = await gen.run_to_end()
         if cr.error is not None:
             return error_response(503, cr.error, kind="server_error")
-        return {
-            **_envelope(cr, model_name),
-            "choices": [_choice(cr, cr.tokens, True)],
-            "usage": _usage(cr),
-            "llumnix": cr.summary(),
-        }
+        if chat:
+            envelope, choice = _envelope(cr, model_name, "chat.completion"), _chat_choice(
+                text, cr.tokens, gen.finish_reason, delta=False)
+        else:
+            envelope, choice = _envelope(cr, model_name, "text_completion"), _completion_choice(
+                text, cr.tokens, gen.finish_reason)
+        return {**envelope, "choices": [choice], "usage": _usage(cr), "llumnix": cr.summary()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await generate(body, prompt_ids(body, manager, tokenizer), body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        if tokenizer is None:
+            raise BadRequest(f"model {model_name} has random weights and no chat template: use /v1/completions", "model")
+        try:
+            ids = tokenizer.encode(tokenizer.apply_chat_template([m.as_template_input() for m in body.messages]))
+        except ChatTemplateError as e:
+            raise BadRequest(str(e), "messages") from None
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise BadRequest("give max_tokens or max_completion_tokens, not both", "max_tokens")
+        max_tokens = body.max_tokens or body.max_completion_tokens or manager.max_context_tokens - len(ids)
+        if max_tokens < 1:
+            raise BadRequest(f"the conversation ({len(ids)} tokens) fills the {manager.max_context_tokens} tokens "
+                             "one instance can hold", "messages")
+        check_length(ids, max_tokens, manager)
+        return await generate(body, ids, max_tokens, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -485,6 +620,7 @@ class BackgroundServer:
 
 __all__ = [
     "BackgroundServer",
+    "ChatCompletionRequest",
     "ClusterCollector",
     "CompletionRequest",
     "create_app",

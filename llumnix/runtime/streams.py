@@ -51,7 +51,10 @@ class ClientRequest:
     max_tokens: int
     priority: int
     arrival_s: float
+    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence tokens: the request finishes after one
     tokens: list[int] = field(default_factory=list)
+    stopped: bool = False  # finished by a stop token or by its client (a stop string), not by max_tokens
+    cut_short: bool = False  # its client finished it (a stop string) before the engine did
     first_token_s: float | None = None
     finish_s: float | None = None
     error: str | None = None
@@ -95,15 +98,21 @@ class ClientRequest:
         self._out_of_order[position] = token
         if position > self._max_pos:
             self._max_pos, self.owner = position, instance_id
-        while len(self.tokens) in self._out_of_order:
+        while len(self.tokens) in self._out_of_order and not self.stopped:
             self.tokens.append(self._out_of_order.pop(len(self.tokens)))
+            self.stopped = self.tokens[-1] in self.stop_token_ids
         if self.first_token_s is None and self.tokens:
             self.first_token_s = now
-        if len(self.tokens) >= self.max_tokens:
+        if len(self.tokens) >= self.max_tokens or self.stopped:
             del self.tokens[self.max_tokens :]
             return True
         self._changed.set()
         return False
+
+    def cut(self, num_tokens: int) -> None:
+        """Its client is done with it after ``num_tokens`` tokens (a stop string ended its text): keep those only."""
+        del self.tokens[num_tokens:]
+        self.stopped = True
 
     def migration_ended(self, record: MigrationRecord) -> None:
         self.migration_records.append(record)

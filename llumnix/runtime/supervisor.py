@@ -44,7 +44,9 @@ class RealClusterConfig:
     policy: str = dataclass_field(SystemConfig, "policy")
     instances: int = field(default=4, metadata={"help": "Instance actors."})
     model: str = dataclass_field(
-        InstanceSpec, "model", help="Model preset (random weights): the torch engine's, or the shape vLLM serves."
+        InstanceSpec, "model",
+        help="Model: a preset (random weights: the torch engine's, or the shape vLLM serves) or smollm2-135m (real "
+        "weights; token-id prompts from the trace).",
     )
     device: str = dataclass_field(InstanceSpec, "device")
     dtype: str = dataclass_field(InstanceSpec, "dtype")
@@ -68,8 +70,8 @@ class RealClusterConfig:
     )
     backend: str = dataclass_field(
         InstanceSpec, "backend", choices=BACKENDS,
-        help="Engine of the instances (`llumnix serve --backend`); vllm serves the model preset's shape with random "
-        "weights through vLLM, started with --vllm-python.",
+        help="Engine of the instances (`llumnix serve --backend`); vllm serves the model (a preset's shape with random "
+        "weights, or smollm2-135m) through vLLM, started with --vllm-python.",
     )
     python: str | None = field(default=None, metadata={"help": "The Python that runs `llumnix serve` (default: this one)."})
     vllm_migration: str = dataclass_field(InstanceSpec, "vllm_migration")

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from llumnix.core.llumlet import LlumletConfig
 from llumnix.core.migration import MigrationConfig
 from llumnix.core.migration_protocol import Copy
+from llumnix.core.request import RequestStatus
 from llumnix.engine.kv_transfer import KVTransfer, PendingCopy, TaskCopy, check_copy
-from llumnix.runtime.instance_actor import InstanceActor
+from llumnix.runtime.instance_actor import InstanceActor, RequestDone, request_stats
 
 if TYPE_CHECKING:
     from llumnix.runtime.vllm_instance import MigratedRequest, VllmInstance
@@ -122,6 +123,19 @@ class VllmInstanceActor(InstanceActor):
     async def check(self) -> dict[str, Any]:
         """``InstanceActor.check`` plus the tokens whose KV migrations loaded rather than recomputed here."""
         return {**await super().check(), "kv_loaded_tokens": self.engine.connector.num_loaded_tokens}
+
+    async def abort(self, request_id: int) -> bool:
+        """Finish a request here now (its client is done with it); False if this engine does not hold it (a request
+        in its stop-and-copy is released to its destination before the step lock is free again)."""
+        async with self._lock:  # between steps: vLLM's state is touched only then
+            if not self.engine.holds(request_id):
+                return False
+            req = self.engine.release(request_id)
+        req.status, req.finish_s = RequestStatus.FINISHED, self.clock()
+        self._finished += 1
+        self._emit(RequestDone(req.request_id, request_stats(req)))
+        self._changed()
+        return True
 
     # -- migration: destination side -----------------------------------------------------------------------------
     async def mig_receive(self, migration_id: int, migrated: MigratedRequest) -> None:

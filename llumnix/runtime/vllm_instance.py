@@ -317,7 +317,8 @@ class VllmInstance:
         params = SamplingParams(
             max_tokens=req.remaining_tokens,
             temperature=0.0,
-            ignore_eos=True,
+            ignore_eos=True,  # the engine has no tokenizer (so no EOS of its own): the request's stop tokens decide
+            stop_token_ids=sorted(req.stop_token_ids) or None,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )

@@ -1,4 +1,5 @@
-"""The model a vLLM instance serves: a Hugging Face model directory, or a random-weight LLaMA written to one.
+"""The model a vLLM instance serves: a Hugging Face model directory, a random-weight LLaMA written to one, or a real
+model (``llumnix.engine.gguf_model``) written to one from the same dequantised weights the torch engine loads.
 
 vLLM loads models from disk and no weights can be downloaded here, so ``--backend vllm --model tiny`` writes a LLaMA of
 the torch preset's shape (``llumnix.engine.model.PRESETS``) with random weights from ``seed`` into a cache directory
@@ -40,7 +41,9 @@ def require_vllm() -> None:
 
 def model_cache_dir() -> Path:
     """Where preset models are written: ``$LLUMNIX_MODEL_CACHE``, else ``~/.cache/llumnix/models``."""
-    return Path(os.environ.get("LLUMNIX_MODEL_CACHE") or Path.home() / ".cache" / "llumnix" / "models")
+    from llumnix.engine.gguf_model import model_cache_dir as engine_cache_dir
+
+    return engine_cache_dir()
 
 
 def is_preset(model: str) -> bool:
@@ -50,15 +53,47 @@ def is_preset(model: str) -> bool:
 
 
 def check_model(model: str) -> None:
-    """Raise ValueError unless ``model`` is a preset name or a model directory (one with a config.json)."""
+    """Raise ValueError unless ``model`` is a preset name, a real model's (installed) or a model directory (one with
+    a config.json)."""
+    from llumnix.engine.gguf_model import REAL_MODELS, gguf_path, is_real_model
     from llumnix.engine.model import PRESETS
 
+    if is_real_model(model):
+        gguf_path(model)  # raises, naming the pip command, when its package is not installed
+        return
     if is_preset(model) or (Path(model) / "config.json").is_file():
         return
     raise ValueError(
-        f"vllm backend: model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}: random weights) nor a "
-        "Hugging Face model directory with a config.json"
+        f"vllm backend: model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}: random weights), a real "
+        f"model ({', '.join(REAL_MODELS)}) nor a Hugging Face model directory with a config.json"
     )
+
+
+def write_real_llama(path: Path | str, name: str) -> Path:
+    """Save real model ``name`` (the same dequantised fp32 weights as the torch engine's, ``gguf_model``) as a Hugging
+    Face ``LlamaForCausalLM`` directory: vLLM 0.32's CPU build has no GGUF loader, so it serves this instead."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from llumnix.engine import gguf_model
+
+    model = gguf_model.load_model(name)
+    cfg = model.config
+    meta = json.loads((gguf_model.prepare(name) / "config.json").read_text())
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=meta["tie_word_embeddings"], eos_token_id=sorted(meta["stop_token_ids"]),
+        torch_dtype=torch.float32,
+    )  # fmt: skip
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_cfg.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in gguf_model.to_hf_state_dict(model).items()}, path / "model.safetensors")
+    (path / RECIPE_FILE).write_text(json.dumps({"version": RECIPE_VERSION, "real_model": name}, indent=2) + "\n")
+    return path
 
 
 def _recipe(preset: str, seed: int) -> dict:
@@ -105,24 +140,37 @@ def write_random_llama(path: Path | str, preset: str = "tiny", seed: int = 0) ->
 
 def ensure_model_dir(model: str, seed: int = 0, cache_dir: Path | None = None) -> str:
     """The directory vLLM loads for ``model``: itself if it is a model directory, else the preset's random LLaMA with
-    ``seed``, written under ``cache_dir`` (default :func:`model_cache_dir`) unless an identical one is there.
+    ``seed``, written under ``cache_dir`` (default :func:`model_cache_dir`) unless an identical one is there, or a real
+    model's weights, written into its GGUF cache directory (``gguf_model.prepare``; ``cache_dir`` and ``seed`` unused).
     Concurrent callers are safe: each writes a private directory and renames it into place; the first rename wins."""
+    from llumnix.engine import gguf_model
+
     check_model(model)
-    if not is_preset(model):
+    real = gguf_model.is_real_model(model)
+    if not (real or is_preset(model)):
         return str(Path(model))
-    root = Path(cache_dir) if cache_dir is not None else model_cache_dir()
-    target = root / f"{model}-llama-seed{seed}-v{RECIPE_VERSION}"
-    if _complete(target, model, seed):
+    if real:  # beside the torch engine's cache of the same GGUF (its directory name carries the file's hash)
+        target = gguf_model.prepare(model) / f"hf-v{RECIPE_VERSION}"
+        root = target.parent
+        recipe = {"version": RECIPE_VERSION, "real_model": model}
+    else:
+        root = Path(cache_dir) if cache_dir is not None else model_cache_dir()
+        target = root / f"{model}-llama-seed{seed}-v{RECIPE_VERSION}"
+        recipe = _recipe(model, seed)
+    if _complete(target, recipe):
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        write_random_llama(tmp, model, seed)
+        if real:
+            write_real_llama(tmp, model)
+        else:
+            write_random_llama(tmp, model, seed)
         with contextlib.suppress(OSError):  # another process renamed its copy first
             os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not _complete(target, model, seed):
+    if not _complete(target, recipe):
         raise RuntimeError(
             f"could not write the {model} model to {target}: is the directory writable, or does it hold a stale "
             "copy (then delete it)?"
@@ -139,9 +187,9 @@ def max_positions(model_dir: str) -> int | None:
     return int(value) if value else None
 
 
-def _complete(path: Path, preset: str, seed: int) -> bool:
+def _complete(path: Path, recipe: dict) -> bool:
     try:
-        return json.loads((path / RECIPE_FILE).read_text()) == _recipe(preset, seed)
+        return json.loads((path / RECIPE_FILE).read_text()) == recipe
     except (OSError, ValueError):
         return False
 
@@ -156,4 +204,5 @@ __all__ = [
     "model_cache_dir",
     "require_vllm",
     "write_random_llama",
+    "write_real_llama",
 ]
