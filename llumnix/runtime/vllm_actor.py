@@ -112,9 +112,11 @@ class VllmInstanceActor(InstanceActor):
     async def _step_once(self) -> bool:
         if not self.engine.has_work():
             return False
+        self._step_report = self.llumlet.load()  # vLLM schedules inside its step: the load just before it
         t0 = time.perf_counter()
         finished = self.engine.step()
         self._busy_s += time.perf_counter() - t0
+        self._report = self._step_report
         tokens, self._step_tokens = self._step_tokens, []
         self._report_step(tokens, finished)
         self._changed()
