@@ -54,15 +54,18 @@ def main(verbose: int) -> None:
               help="authors: the artifact's Zipf generator (S/M/L) and real ShareGPT rows when installed; "
                    "table1: fits of Table 1's percentiles.")
 @click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
+@click.option("--stream", type=click.Choice(["seeded", "artifact"]), default="seeded",
+              help="artifact: replay the artifact's own trace of a generated workload (its seeded streams, "
+                   "llumnix/workload/artifact.py); --seed is then unused.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file: CSV, or Parquet (keeps the lengths' provenance) when it ends in .parquet.")
-def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, lengths, seed, output) -> None:
+def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, lengths, seed, stream, output) -> None:
     """Generate a request trace (arrival_s, prompt_tokens, output_tokens, priority)."""
     from llumnix.workload import TRACE_META_KEY, make_trace, write_trace
 
     try:
         df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
-                        priority_fraction=priority_fraction, dataset_path=dataset, lengths=lengths)
+                        priority_fraction=priority_fraction, dataset_path=dataset, lengths=lengths, stream=stream)
         write_trace(df, output)
     except ValueError as e:
         _fail(str(e))

@@ -31,6 +31,7 @@ from llumnix.profiles import DEFAULT_PROFILE
 from llumnix.runtime.serve_config import InstanceSpec
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
+from llumnix.workload.trace import GENERATED_WORKLOADS
 
 WORKLOADS = ("S-S", "M-M", "L-L", "S-L", "L-S", "sharegpt", "burstgpt")
 SYSTEM_POLICIES = ("round-robin", "infaas++", "llumnix")
@@ -67,6 +68,14 @@ class TraceSpec(_Strict):
     migration_threshold: float | None = Field(None, description="Overrides the systems' migration threshold.")
     group: str | None = Field(None, description="Figure row this trace belongs to (default: the trace's own name).")
     label: str | None = None
+    lengths: Literal["authors", "table1"] = Field(
+        "authors", description="Length source (llumnix trace --lengths): authors' generator / real rows, or Table 1."
+    )
+    stream: Literal["artifact", "seeded"] = Field(
+        "artifact",
+        description="Generated workloads: seed 0 replays the artifact's own trace (the one the paper's runs sent), "
+        "other seeds draw new traces of the same distributions; seeded: every seed draws its own.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TraceSpec:
@@ -83,6 +92,8 @@ class AutoscaleSpec(_Strict):
     min_instances: PositiveInt = pydantic_field(ScalingConfig, "min_instances")
     max_instances: PositiveInt = pydantic_field(ScalingConfig, "max_instances")
     initial_instances: PositiveInt | None = Field(None, description="Instances at start (default: instances).")
+    scale_down_queued: bool = pydantic_field(ScalingConfig, "scale_down_queued")
+    rule: Literal["artifact", "mean-freeness"] = pydantic_field(ScalingConfig, "rule")
 
     @model_validator(mode="after")
     def _check(self) -> AutoscaleSpec:
@@ -352,7 +363,10 @@ def trace_args(exp: Experiment, trace: str, rate: str, seed: str, scale: str) ->
         "--num-requests", str(exp.scale(scale).num_requests),
         "--arrival", t.arrival,
         "--seed", str(int(seed)),
+        "--lengths", t.lengths,
     ]  # fmt: skip
+    if t.stream == "artifact" and int(seed) == 0 and t.workload in GENERATED_WORKLOADS and t.lengths == "authors":
+        args += ["--stream", "artifact"]
     if t.arrival == "gamma":
         args += ["--cv", fmt_number(t.cv)]
     if t.priority_fraction:
@@ -380,6 +394,10 @@ def simulate_args(exp: Experiment, trace: str, system_id: str, seed: str) -> str
         ]  # fmt: skip
         if a.initial_instances is not None:
             args += ["--initial-instances", str(a.initial_instances)]
+        if not a.scale_down_queued:
+            args.append("--no-scale-down-queued")
+        if a.rule != "artifact":
+            args += ["--scaling-rule", a.rule]
     args.append("--no-progress")
     return shlex.join(args)
 

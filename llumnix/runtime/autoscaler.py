@@ -162,6 +162,8 @@ class AutoScaler:
             "since_s": m.started_s,
             "instance_seconds": self.instance_seconds(now),
             "avg_instances": self.instance_seconds(now) / (now - m.started_s) if now > m.started_s else None,
+            "step_rows": m.step_rows,
+            "step_instance_sum": m.step_instance_sum,
             "instances": len(m.starting) + len(live),
             "starting": len(m.starting),
             "serving": sum(1 for i in live if not i.draining),

@@ -128,6 +128,8 @@ class ClusterManager:
         self._by_engine: dict[int, ClientRequest] = {}
         self._recently_done: OrderedDict[int, ClientRequest] = OrderedDict()  # news may trail a request's end
         self.migration_log: deque[tuple[str, MigrationRecord]] = deque(maxlen=100_000)  # (client id, attempt)
+        self.step_rows = 0  # instance steps reported, and the serving instances at each: the artifact's cost
+        self.step_instance_sum = 0
         self._client_ids = itertools.count()
         self._engine_ids = itertools.count()
         self._migration_ids = itertools.count()
@@ -493,6 +495,8 @@ class ClusterManager:
                     cr.attempts.append(event.stats)
         for event in report.events:
             if isinstance(event, TokenBatch):
+                self.step_rows += 1
+                self.step_instance_sum += sum(1 for i in self.instances.values() if i.alive)
                 self._on_tokens(inst.instance_id, event.tokens)
             elif isinstance(event, MigrationDone):
                 self._migration_ended(event.record)

@@ -270,8 +270,11 @@ def write_replay_outputs(result: ReplayResult, out_dir: Path, extra: dict[str, A
         before, after = result.scaling
         instance_seconds, avg_instances = cost_between(before, after)
         events = [e for e in after.get("events", []) if e["time_s"] >= before["time_s"]]
+        rows = float(after.get("step_rows", 0)) - float(before.get("step_rows", 0))
+        instances = float(after.get("step_instance_sum", 0)) - float(before.get("step_instance_sum", 0))
         cost = {
             "avg_instances_source": "frontend",
+            "avg_instances_per_step": instances / rows if rows > 0 else float("nan"),
             "instance_seconds": instance_seconds,
             "instances_at_end": after.get("instances"),
             "scale_events": {k: sum(e["event"] == k for e in events) for k in ("launch", "drain", "stop", "failed")},

@@ -105,6 +105,7 @@ class SimResult:
     instance_spans: list[tuple[int, float, float]]  # (instance id, launch_s, stop_s)
     end_s: float
     config: SimConfig
+    avg_instances_per_step: float = float("nan")  # the artifact's cost: mean instance count over every step
 
     @property
     def avg_instances(self) -> float:
@@ -128,6 +129,8 @@ class Simulator:
         self._mig_ids = itertools.count()
         self._next_instance_id = 0
         self._unfinished = len(self.requests)
+        self._step_rows = 0  # every instance step, with the instances serving then: the artifact's cost
+        self._step_instances = 0
         self.now = 0.0
         system = self.config.system
         self._sched_cfg = SchedulerConfig(
@@ -226,7 +229,8 @@ class Simulator:
                 r.first_token_s += cfg.delivery_latency_s
                 r.finish_s += cfg.delivery_latency_s
         spans = [(i.instance_id, i.launch_s, i.stop_s if i.stop_s is not None else end) for i in self.instances.values()]
-        return SimResult(self.requests, self.samples, self.migrations, spans, end, cfg)
+        per_step = self._step_instances / self._step_rows if self._step_rows else float("nan")
+        return SimResult(self.requests, self.samples, self.migrations, spans, end, cfg, per_step)
 
     # -- handlers ------------------------------------------------------------------------------------------------
     def _dispatch(self, req: Request, now: float) -> None:
@@ -270,6 +274,8 @@ class Simulator:
     def _on_step_done(self, now: float, inst: SimInstance) -> None:
         plan, inst.plan = inst.plan, None
         inst.report = inst.step_report
+        self._step_rows += 1
+        self._step_instances += sum(1 for i in self.instances.values() if i.ready and i.stop_s is None)
         finished = inst.scheduler.on_step_done(plan, now)
         self._unfinished -= len(finished)
         self._kick(inst, now)
