@@ -238,15 +238,74 @@ def search(base: Profile, candidates: Sequence[Mapping[str, float]], points: pd.
 def calibrated_profile(base: Profile, values: Mapping[str, float], fit: Score, provenance: str) -> Profile:
     """The testbed profile with ``values``, its assumptions saying what was fitted, to what, within which bounds."""
     profile = testbed_profile(base, values)
+    p = {**{q.name: q.value for q in PARAMS}, **values}
     fitted = [
-        f"calibrated {p.name} = {values.get(p.name, p.value):.6g} {p.unit} (bounds {p.low:g}-{p.high:g}): {p.why}"
-        for p in PARAMS
+        f"calibrated {q.name} = {p[q.name]:.6g} {q.unit} (bounds {q.low:g}-{q.high:g}): {q.why}" for q in PARAMS
     ]
-    kept = [a for a in base.assumptions if not a.startswith(("decode", "calibrated", "step_overhead"))]
+    kept = [a for a in base.assumptions
+            if not a.startswith(("decode", "calibrated", "calibration", "step_overhead", "total_blocks", "prefill floor",
+                                 "testbed"))]
+    structure = [
+        f"total_blocks {base.total_blocks} ({base.total_blocks * base.block_size:,} tokens): LLaMA-7B fp16 on an A10 "
+        "at 90% GPU memory, per the paper and the artifact's profiling notes (osdi24ae vllm/simulator/profiling.py:"
+        f"124); max_batched_tokens {FIG11_MAX_BATCHED_TOKENS:,}: Fig 11's setting (artifact/63_serving_performance/"
+        "config/serving_exp:9), above the KV capacity, so memory bounds a prefill batch",
+        "prefill floor: a prefill step takes at least decode_fixed_s (prefill_floor_s): it reads every weight once, "
+        "however few tokens it computes",
+        "testbed around the profile (not in it): vLLM 0.1's preemption while no block is free, the artifact's "
+        "per-step load reports, the artifact's own traces for S/M/L workloads (seed 0), Table 1's ShareGPT and "
+        "BurstGPT stand-ins",
+    ]
     summary = (
         f"calibration: the parameters above were fitted on the paper's INFaaS++ points of Fig 11 only "
         f"({fit.points} points: 7 traces x 5 rates x 7 metrics); {fit.within_1_5:.0%} of the simulated values lie "
-        f"within 1.5x of the paper's and {fit.within_2:.0%} within 2x (mean |ln ratio| {fit.mean_abs_log:.3f}); "
-        f"Round-Robin, Llumnix, priorities and scaling are predictions"
+        f"within 1.5x of the paper's and {fit.within_2:.0%} within 2x (mean |ln ratio| {fit.mean_abs_log:.3f}, "
+        "results/calibration/); Round-Robin, Llumnix, priorities and scaling are predictions"
     )
-    return profile.model_copy(update={"assumptions": [*kept, *fitted, summary], "provenance": provenance})
+    description = (
+        "LLaMA-7B fp16 on one NVIDIA A10 (24 GB) under vLLM 0.1.x semantics, the testbed of Llumnix (OSDI'24). No A10 "
+        "profile is published: prefill and blocking-copy tables are the paper's Fig 10 measurements; the decode step's "
+        "costs are calibrated on the paper's INFaaS++ curves of Fig 11 (`llumnix calibrate`). See 'assumptions'."
+    )
+    return profile.model_copy(update={"assumptions": [*kept, *structure, *fitted, summary], "provenance": provenance,
+                                      "description": description})
+
+
+def plot_residuals(res: pd.DataFrame, out: Path, title: str) -> list[Path]:
+    """The fit at a glance: each metric's curve over rate, the paper's INFaaS++ (dots) and the calibrated testbed's
+    (line), one panel per (metric, trace), log scale for latencies; the share within 1.5x / 2x in the title."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    from llumnix.analysis.plots import METRIC_LABELS, save_figure
+
+    traces = list(PAPER_TRACES)
+    metrics = list(PAPER_METRICS.values())
+    fig, axes = plt.subplots(len(metrics), len(traces), figsize=(2.3 * len(traces), 1.7 * len(metrics)),
+                             squeeze=False)
+    for i, key in enumerate(metrics):
+        for j, trace in enumerate(traces):
+            ax = axes[i][j]
+            d = res[(res["key"] == key) & (res["trace"] == trace)].sort_values("rate")
+            ax.plot(d["rate"], d["value_s"], "o", color="black", ms=3, label="paper (INFaaS++)")
+            ax.plot(d["rate"], d["sim_s"], "-", color="tab:blue", label="simulated")
+            off = d[(d["ratio"] > 1.5) | (d["ratio"] < 1 / 1.5)]
+            ax.plot(off["rate"], off["sim_s"], "x", color="tab:red", ms=5, label="off by > 1.5x")
+            if key != "decode_mean_s" and (d[["value_s", "sim_s"]] > 0).all().all():
+                ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.tick_params(labelsize=6)
+            if i == 0:
+                ax.set_title(trace, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(METRIC_LABELS.get(key, key), fontsize=7)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("req/s", fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=3)
+    s = score(res)
+    fig.suptitle(f"{title}\n{s.within_1_5:.0%} of {s.points} points within 1.5x, {s.within_2:.0%} within 2x "
+                 f"(mean |ln ratio| {s.mean_abs_log:.2f}); calibrated on these INFaaS++ points only", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return save_figure(fig, out)

@@ -320,8 +320,8 @@ def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
 @click.option("--traces-only", "traces_only", is_flag=True, help="Only write the traces (e.g. to carry them).")
 @click.option("--jobs", type=int, default=None, help="Parallel simulations (default: every core).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory: grid.csv (every candidate's score), residuals.csv (the best one's points), "
-                   "profile.json (the best one, its fit in its assumptions).")
+              help="Output directory: grid.csv (every candidate's score), residuals.csv and residuals.png/pdf (the best "
+                   "one's points beside the paper's), profile.json (the best one, its fit in its assumptions).")
 def calibrate(paper_path, base_profile, traces_dir, num_requests, seeds, grid_specs, traces_only, jobs, out_dir) -> None:
     """Fit the testbed's free parameters on the paper's INFaaS++ points (Fig 11), by simulating INFaaS++ on 16
     instances for every trace and rate of the points with each candidate (llumnix.analysis.calibration)."""
@@ -356,6 +356,8 @@ def calibrate(paper_path, base_profile, traces_dir, num_requests, seeds, grid_sp
     provenance = (f"calibrated with `llumnix calibrate` on {paper_path.name} ({len(points)} points), seeds {seeds}, "
                   f"{num_requests} requests per trace, from {base_profile}")
     cal.calibrated_profile(base, chosen, cal.score(res), provenance).save(out_dir / "profile.json")
+    cal.plot_residuals(res, out_dir / "residuals", f"Calibrated {base_profile}: INFaaS++ on 16 simulated instances vs "
+                       "the paper's Fig 11 (" + ", ".join(f"{k} = {v:.4g}" for k, v in chosen.items()) + ")")
     click.echo(table.head(10).to_string(index=False), err=True)
 
 
