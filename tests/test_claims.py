@@ -182,7 +182,9 @@ def test_four_cost_rows_the_papers_way_and_at_equal_latency():
     # 11/8 - 1; at 2 s 12 vs 9: 12/9 - 1. Seed 1: at 4 s 12/8 - 1, at 2 s 14/9 - 1.
     assert table.loc["fair", "ours_min"] == pytest.approx(11 / 8 - 1)
     assert table.loc["fair", "ours_max"] == pytest.approx(14 / 9 - 1)
-    assert table.loc["fair", "ours_where"] == "prefill_p99_s 4 (seed 0); prefill_p99_s 2 (seed 1)"
+    assert table.loc["fair", "ours_where"] == (
+        "prefill_p99_s 4 (llumnix at scale_up=5) (seed 0); prefill_p99_s 2 (infaas++ at scale_up=25) (seed 1)"
+    )
     assert "infaas++ 11 vs llumnix 8 avg_instances; both cover 2 to 4" in table.loc["fair", "ours_where_seeds"]
     # Per step: INFaaS++ 11 -> 13 over the same latencies: at 4 s 12 vs 8 (both seeds); at 2 s 13 vs 9.
     assert table.loc["fair-per-step", "ours_mean"] == pytest.approx(12 / 8 - 1)
@@ -239,7 +241,7 @@ def test_the_papers_own_fig15_points_give_its_36_49_percent_and_29_4_at_equal_p9
     row = evaluate(fair, paper)
     needed = 13.33 + (14.25 - 13.33) * math.log(14.330 / 11.425) / math.log(14.330 / 4.587)
     assert row["ours_mean"] == pytest.approx(needed / 10.44 - 1) == pytest.approx(0.294, abs=5e-4)
-    assert row["ours_where"] == "prefill_p99_s 11.4"
+    assert row["ours_where"] == "prefill_p99_s 11.4 (llumnix at scale_up=5)"
     assert "both cover 3.42 to 11.4" in row["ours_where_seeds"]
 
 

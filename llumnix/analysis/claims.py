@@ -395,13 +395,18 @@ def _matched_cost(df: pd.DataFrame, spec: ClaimSpec, keys: list[str]) -> tuple[l
     if lo > hi:
         return [], f"the curves do not overlap in {m} ({ranges}): no saving at equal {m}"
     levels = sorted({lo, hi, *[p for p in np.concatenate([pb, ps]) if lo <= p <= hi]})
+    owners: dict[float, list[str]] = {}  # the measured points whose latency is a level
+    for name, curve in ((spec.baseline, base), (spec.system, sys_)):
+        for _, row in curve.iterrows():
+            owners.setdefault(float(row[m]), []).append(f"{name} at {describe_at(_at(row, keys), keys)}")
     points = []
     for level in levels:
         need_b, need_s = cost_to_reach(level, pb, cb, log), cost_to_reach(level, ps, cs, log)
         value = need_b / need_s - 1.0
         if math.isfinite(value):
+            where = f"{m} {level:.3g}" + (f" ({', '.join(owners[level])})" if level in owners else "")
             detail = f"{spec.baseline} {need_b:.3g} vs {spec.system} {need_s:.3g} {c}; both cover {lo:.3g} to {hi:.3g}"
-            points.append(Point(float(value), f"{m} {level:.3g}", {m: float(level)}, detail))
+            points.append(Point(float(value), where, {m: float(level)}, detail))
     return points, ""
 
 
