@@ -170,19 +170,27 @@ def plot(experiment_path, data_path, timeline, output) -> None:
 )
 def claims(claims_path, results_dir, md_path, csv_path) -> None:
     """Compute every claim of the paper from the aggregated data and judge it against its tolerances."""
-    from llumnix.analysis.claims import claims_table, load_claims, read_experiment_data, render_markdown
+    from llumnix.analysis.claims import (
+        claims_table,
+        load_claims_file,
+        point_tables,
+        read_experiment_data,
+        render_markdown,
+    )
     from llumnix.analysis.experiments import ExperimentError
 
     try:
-        specs = load_claims(claims_path)
+        claims_file = load_claims_file(claims_path)
+        specs = claims_file.claims
         data = read_experiment_data(results_dir, sorted({s.experiment for s in specs}))
         table = claims_table(specs, data)
+        groups, points = point_tables(claims_file, data)
     except (ExperimentError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for path in (md_path, csv_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv_path, index=False)
-    md_path.write_text(render_markdown(table))
+    md_path.write_text(render_markdown(table, groups, points))
     counts = table["verdict"].value_counts().to_dict()
     click.echo(f"wrote {md_path} and {csv_path}: {counts}", err=True)
 
