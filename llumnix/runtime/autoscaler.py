@@ -33,7 +33,7 @@ class AutoScaler:
         while m.running:
             await asyncio.sleep(scaler.config.check_interval_s)
             try:
-                decision = m.gs.scale(m.loads(), len(m.starting), m.clock())
+                decision = m.gs.scale(m.loads(), len(m.starting), m.clock() - m.started_s)  # the simulator's clock starts at 0
                 for _ in range(decision.start):
                     m.spawn(self.start_instance())
                 if decision.cancel_drain is not None:
