@@ -52,8 +52,9 @@ def main() -> None:
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    from llumnix.runtime.frontend import init_ray
+
+    init_ray(None, num_cpus=args.num_cpus, log_to_driver=False)
     rows = []
     try:
         for repeat in range(args.repeats):

@@ -123,8 +123,9 @@ def main() -> None:
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from llumnix.runtime.frontend import init_ray
+
+    init_ray(None, num_cpus=2, log_to_driver=False)
     machine = f"{platform.machine()} {os.cpu_count()} cpus, client + frontend + actors on one host"
     try:
         dispatch = pd.DataFrame(dispatch_rows([int(x) for x in args.instances.split(",")], args.requests, args.rate,

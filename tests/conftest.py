@@ -1,9 +1,5 @@
-import os
-
 import numpy as np
 import pytest
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def synthetic_requests(n: int, rate: float, seed: int, mean_len: int = 400, high_fraction: float = 0.0):
@@ -29,6 +25,8 @@ def ray_local():
     """A local Ray for one test module (2 CPUs, no dashboard), shut down after it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from llumnix.runtime.frontend import init_ray
+
+    init_ray(None, num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

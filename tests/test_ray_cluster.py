@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,11 +169,26 @@ async def _concurrent(url: str, bodies: list[dict]) -> list[httpx.Response]:
 
 
 def test_concurrent_requests_all_complete_with_exactly_max_tokens(server):
+    """A burst while one long request runs: every request gets exactly its tokens, and the burst's first request goes
+    to the instance that holds nothing (an empty instance's freeness is +inf), so the burst uses the other instance."""
+    started, long_out = threading.Event(), {}
+
+    def long_request() -> None:
+        long_out["tokens"], long_out["final"], _ = stream_live(
+            server.url, lambda chunk, tokens: started.set(), prompt=LONG_PROMPT[:64], max_tokens=120, ignore_eos=True
+        )
+
+    runner = threading.Thread(target=long_request)
+    runner.start()
+    assert started.wait(60), "the long request produced no token"
     bodies = [
         {"prompt": [(i * 31 + j) % 1024 for j in range(10 + 7 * i)], "max_tokens": 12 + 5 * i, "ignore_eos": True}
         for i in range(10)
     ] + [{"prompt": "hello llumnix", "max_tokens": 20}]
     responses = asyncio.run(_concurrent(server.url, bodies))
+    runner.join(120)
+    assert len(long_out["tokens"]) == 120
+    (busy,) = long_out["final"]["instances"]
     instances = set()
     for body, resp in zip(bodies, responses, strict=True):
         assert resp.status_code == 200, resp.text
@@ -182,7 +199,7 @@ def test_concurrent_requests_all_complete_with_exactly_max_tokens(server):
         assert choice["text"] == decode_tokens(choice["token_ids"])
         assert out["usage"]["completion_tokens"] == body["max_tokens"]
         instances.update(out["llumnix"]["instances"])
-    assert instances == {0, 1}  # the dispatch policy used both instances
+    assert 1 - busy in instances  # the dispatch policy used the idle instance
 
 
 def test_streaming_matches_the_non_streaming_answer(server):
@@ -396,3 +413,40 @@ def test_serve_command_joins_a_running_cluster(ray_local, tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_the_local_ray_cluster_takes_only_clients_holding_its_token(ray_local, tmp_path: Path):
+    """Ray's token authentication is on (``init_ray``): a process without the token (another user's home, none in
+    the environment), or with a wrong one, cannot join the cluster and so cannot run code in it; one holding the token
+    can."""
+    address = ray_local.get_runtime_context().gcs_address
+    join = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('joined', ray.is_initialized())"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base["RAY_gcs_server_port_wait_time_s"] = "2"  # a refused client gives up after two tries
+
+    def joins(**env: str) -> bool:
+        proc = subprocess.run([sys.executable, "-c", join, address], env={**base, **env}, capture_output=True,
+                              text=True, timeout=120)
+        return proc.returncode == 0 and "joined True" in proc.stdout
+
+    stranger = str(tmp_path)  # a home without ~/.ray/auth_token
+    assert not joins(HOME=stranger, RAY_AUTH_MODE="token")
+    assert not joins(HOME=stranger, RAY_AUTH_MODE="disabled")
+    assert not joins(HOME=stranger)
+    assert not joins(HOME=stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
+    assert joins(RAY_AUTH_MODE="token")  # this user's token, in ~/.ray/auth_token
+
+
+def test_the_kv_rendezvous_store_listens_on_loopback_only():
+    import psutil
+
+    from llumnix.runtime.dist_channel import serve_store
+
+    server, address = serve_store("127.0.0.1")
+    try:
+        port = int(address.rpartition(":")[2])
+        listening = [c.laddr for c in psutil.Process().net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
+    finally:
+        server.close()

@@ -5,7 +5,6 @@ that leaves no Ray process behind, also when it fails), real-vs-simulated tables
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -237,9 +236,9 @@ def test_frontend_completes_100_concurrent_requests_without_loss():
     import ray
 
     from llumnix.bench.load import load_test
+    from llumnix.runtime.frontend import init_ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(None, num_cpus=2, log_to_driver=False)
     try:
         row = load_test(100, instances=2, speed=4.0)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,9 @@ def write_trace(path: Path, n: int, seed: int = 0) -> pd.DataFrame:
 def server():
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from llumnix.runtime.frontend import init_ray
+
+    init_ray(None, num_cpus=2, log_to_driver=False)
     config = build_serve_config(
         {},
         {"instances": 2, "port": 0, "backend": "profile", "speed": 10, "num_blocks": 64, "num_cpus_per_instance": 0.5},

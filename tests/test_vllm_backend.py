@@ -183,11 +183,11 @@ def cluster(model_dir, tmp_path_factory):
     the recompute path differs only in sending no KV (its token identity is tested in-process above)."""
     import ray
 
-    from llumnix.runtime.frontend import BackgroundServer
+    from llumnix.runtime.frontend import BackgroundServer, init_ray
 
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "LLUMNIX_MODEL_CACHE")}
-    os.environ.update(RAY_AUTH_MODE="disabled", LLUMNIX_MODEL_CACHE=str(tmp_path_factory.mktemp("model-cache")))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the actors inherit the environment
+    os.environ.update(LLUMNIX_MODEL_CACHE=str(tmp_path_factory.mktemp("model-cache")))
+    init_ray(None, num_cpus=2, log_to_driver=False)  # the actors inherit the environment
     config = build_serve_config({}, {
         "backend": "vllm", "model": "tiny", "instances": 2, "port": 0, "num_cpus_per_instance": 0.5,
         "num_blocks": CLUSTER_BLOCKS, "vllm_migration": "kv",

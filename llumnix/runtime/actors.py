@@ -62,8 +62,12 @@ class RayLauncher(ActorLauncher):
         return ray.cluster_resources()
 
     def node_address(self) -> str:
+        """Loopback while the Ray cluster is this one host (nothing it listens on for KV need be reachable from
+        outside); this node's address once other nodes have joined."""
         import ray
 
+        if len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
+            return "127.0.0.1"
         return ray.util.get_node_ip_address()
 
 

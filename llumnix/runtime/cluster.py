@@ -218,7 +218,9 @@ class ClusterManager:
             from llumnix.runtime.dist_channel import serve_store
 
             self._kv_store = serve_store(self.launcher.node_address())
-        return TransportSpec(self.config.kv_transport, self._kv_store[1], self.config.kv_timeout_s)
+        address = self._kv_store[1]
+        listen = address.rpartition(":")[0] if address.startswith("127.") else None  # one host: loopback throughout
+        return TransportSpec(self.config.kv_transport, address, self.config.kv_timeout_s, listen)
 
     def add_instance(self, inst: InstanceHandle, report: Report) -> None:
         """The instance takes requests from now on (it has reported a load)."""

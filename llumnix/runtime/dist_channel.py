@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,31 @@ class ChannelError(RuntimeError):
     """A channel could not be opened, or a transfer over it failed or timed out; the channel is closed."""
 
 
-def serve_store(host: str = "127.0.0.1", port: int = 0) -> tuple[dist.TCPStore, str]:
-    """Host a ``TCPStore`` for channels to rendezvous on; return it (keep it alive) and its ``host:port`` address."""
-    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-    return store, f"{host}:{store.port}"
+@dataclass
+class StoreServer:
+    """A ``TCPStore`` that listens on one address only, and the socket it listens on (keep both alive)."""
+
+    store: dist.TCPStore
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serve_store(host: str = "127.0.0.1", port: int = 0) -> tuple[StoreServer, str]:
+    """Host a ``TCPStore`` for channels to rendezvous on; return it (keep it alive) and its ``host:port`` address.
+
+    The store listens on ``host`` alone (torch's own server would listen on every interface, where anyone who reaches
+    the port could read and write the rendezvous keys): loopback for a cluster on one host, the node's address
+    otherwise."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False, master_listen_fd=sock.fileno())
+    return StoreServer(store, sock), f"{host}:{bound}"
 
 
 _keys = itertools.count()
@@ -205,4 +227,4 @@ def _cuda_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
 
 
-__all__ = ["BACKENDS", "ChannelError", "DistChannel", "Transfer", "pair_key", "serve_store"]
+__all__ = ["BACKENDS", "ChannelError", "DistChannel", "StoreServer", "Transfer", "pair_key", "serve_store"]

@@ -549,17 +549,27 @@ def metric_samples(text: str, name: str, **labels: str) -> list[float]:
     ]
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` or start a local Ray cluster (no dashboard; token auth off for a local cluster)."""
+RAY_AUTH_ENV = "RAY_AUTH_MODE"
+
+
+def init_ray(address: str | None, **options: Any) -> None:
+    """Join the Ray cluster at ``address``, or start a local one (no dashboard; ``options`` go to ``ray.init``).
+
+    Ray's token authentication stays on: a new local cluster uses (or makes) the token in ``~/.ray/auth_token``, and
+    only a process holding it can join the cluster or run code in it. To join a multi-node cluster by address, every
+    node runs with ``RAY_AUTH_MODE=token`` and the same token (README, "Operating it safely")."""
     import ray
 
     if ray.is_initialized():
         return
+    mode = os.environ.get(RAY_AUTH_ENV)
+    if mode is not None and mode.lower() != "token":
+        log.warning("%s=%s: this Ray cluster takes no authentication; anyone who reaches its ports can run code as this "
+                    "user. Unset it: token authentication is the default.", RAY_AUTH_ENV, mode)  # fmt: skip
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, **options)
     else:
-        ray.init(address=address)
+        ray.init(address=address, **options)
 
 
 def serve(config: ServeConfig) -> None:

@@ -181,7 +181,8 @@ class InstanceActor:
         return MigrationConfig(last_stage_max_blocks=self.spec.last_stage_blocks, max_stages=self.spec.max_stages)
 
     def _build_transport(self, transport: TransportSpec | str) -> KVTransfer:
-        return make_transport(transport, self.instance_id, self.engine.executor, self._peers, _node_address())
+        listen = transport.listen_host if isinstance(transport, TransportSpec) else None
+        return make_transport(transport, self.instance_id, self.engine.executor, self._peers, listen or _node_address())
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     @property

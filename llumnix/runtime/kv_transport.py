@@ -84,6 +84,7 @@ class TransportSpec:
     name: str = "object-store"
     store_address: str | None = None  # gloo / nccl: the TCPStore (host:port) their channels rendezvous on
     timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
+    listen_host: str | None = None  # gloo: the address channels listen on (None: each instance's node address)
 
 
 class RayTransport(KVTransfer):

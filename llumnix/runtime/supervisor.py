@@ -136,7 +136,7 @@ class ServeProcess:
 
     def __enter__(self) -> ServeProcess:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray
-        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")
         self._log.write(f"$ {shlex.join(self.command)}\n")
