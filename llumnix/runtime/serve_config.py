@@ -190,7 +190,7 @@ class ServeConfig(BaseModel):
         "beside the prompt.",
     )
     max_active_requests: int = Field(
-        512, ge=1,
+        4096, ge=1,
         description="Requests the frontend holds at once, running or queued on the instances; beyond it a new one "
         "gets 429 with Retry-After.",
     )
