@@ -93,7 +93,8 @@ def migration_rows(lengths: list[int], num_blocks: int) -> list[dict]:
                     tokens += chunk["choices"][0]["token_ids"]
                     final = chunk.get("llumnix", final)
                     if len(tokens) == 4:
-                        started = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}).json()
+                        started = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]},
+                                              headers=srv.admin_headers).json()
             records = [m for m in final.get("migration_records", []) if m[6]]
             ref_ttft = reference["llumnix"]["first_token_s"] - reference["llumnix"]["arrival_s"]
             rows.append(

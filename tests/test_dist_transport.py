@@ -98,7 +98,8 @@ def test_migration_over_dist_channel_commits_and_a_failed_transfer_aborts_to_the
                 return
             if len(started) == 2:  # the destination forgets the channel from the request's owner
                 asyncio.run(_call(manager.instances[1 - cr.owner].actor.peer_died.remote(cr.owner)))
-            result = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json()
+            result = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30,
+                                headers=srv.admin_headers).json()
             assert "started" in result, result
             if result["started"]:
                 started.append(result)

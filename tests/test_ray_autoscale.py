@@ -116,7 +116,7 @@ def test_a_burst_scales_up_and_idleness_drains_back_to_min(ray_local, tmp_path: 
         result = CliRunner().invoke(
             replay_command,
             ["--url", srv.url, "--trace", str(tmp_path / "burst.csv"), "--out", str(out), "--sample-interval", "0.2",
-             "--no-progress"],
+             "--no-progress", "--admin-key", srv.admin_key],
         )
         assert result.exit_code == 0, result.output
         summary = json.loads((out / "summary.json").read_text())
@@ -131,7 +131,7 @@ def test_a_burst_scales_up_and_idleness_drains_back_to_min(ray_local, tmp_path: 
         # Idle now: drained back to one serving instance, nothing starting or draining.
         wait_for(lambda: (s := manager.scaling_status())["serving"] == 1 and s["instances"] == 1, 60,
                  lambda: f"scale-down: {manager.scaling_status()}")
-        status = httpx.get(f"{srv.url}/admin/scaling").json()
+        status = httpx.get(f"{srv.url}/admin/scaling", headers=srv.admin_headers).json()
         events = status["events"]
         launched = {e["instance_id"] for e in events if e["event"] == "launch"}
         stopped = {e["instance_id"] for e in events if e["event"] == "stop"}
@@ -140,7 +140,7 @@ def test_a_burst_scales_up_and_idleness_drains_back_to_min(ray_local, tmp_path: 
         assert manager.counters["instances_started"] == len(launched) - 1
         assert manager.counters["failed"] == 0 and manager.counters["instance_failures"] == 0
         assert len(manager.instances) == 1 and not manager.active
-        rows = httpx.get(f"{srv.url}/admin/instances").json()
+        rows = httpx.get(f"{srv.url}/admin/instances", headers=srv.admin_headers).json()
         assert [r["instance_id"] for r in rows] == list(manager.instances)  # stopped instances left the rows
         metrics = httpx.get(f"{srv.url}/metrics").text
         assert metric_samples(metrics, "llumnix_instances", state="serving") == [1.0]
@@ -173,7 +173,7 @@ def test_infaas_drain_requeues_waiting_and_finishes_running_in_place(ray_local):
                           and i.load.num_running >= 1]
                 if queued:
                     victim = queued[0]
-                    async with httpx.AsyncClient() as client:
+                    async with httpx.AsyncClient(headers=srv.admin_headers) as client:
                         resp = await client.post(f"{srv.url}/admin/drain", json={"instance_id": victim.instance_id})
                     drained.update(resp.json())
                     return
@@ -190,9 +190,11 @@ def test_infaas_drain_requeues_waiting_and_finishes_running_in_place(ray_local):
         assert manager.counters["requeued_on_drain"] == drained["requeued"]
         print("infaas++ drain:", drained, "finished on the drained instance:", len(finished_there))
         assert httpx.get(f"{srv.url}/health").json()["instances"] == 1
-        assert httpx.post(f"{srv.url}/admin/drain", json={"instance_id": victim}).status_code == 404
+        assert httpx.post(f"{srv.url}/admin/drain", json={"instance_id": victim},
+                          headers=srv.admin_headers).status_code == 404
         last = next(iter(manager.instances))
-        assert httpx.post(f"{srv.url}/admin/drain", json={"instance_id": last}).status_code == 409  # the last one
+        assert httpx.post(f"{srv.url}/admin/drain", json={"instance_id": last},
+                          headers=srv.admin_headers).status_code == 409  # the last one
 
 
 def test_draining_migrates_running_requests_token_identically(ray_local):

@@ -245,7 +245,8 @@ def test_malformed_requests_get_a_4xx_and_do_not_disturb_others(server):
     assert bad_resps[-1].status_code == 400 and "not valid JSON" in bad_resps[-1].json()["error"]["message"]
     for body, resp in zip(good, good_resps, strict=True):
         assert resp.status_code == 200 and len(resp.json()["choices"][0]["token_ids"]) == body["max_tokens"]
-    assert httpx.post(f"{url}/admin/migrate", json={"request_id": "cmpl-999999"}).status_code == 404
+    assert httpx.post(f"{url}/admin/migrate", json={"request_id": "cmpl-999999"},
+                      headers=server.admin_headers).status_code == 404
 
 
 def test_forced_migration_commits_and_the_stream_is_seamless(server):
@@ -257,7 +258,8 @@ def test_forced_migration_commits_and_the_stream_is_seamless(server):
 
     def migrate_once(chunk, tokens):
         if len(tokens) == 4:
-            results.append(httpx.post(f"{url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json())
+            results.append(httpx.post(f"{url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30,
+                                       headers=server.admin_headers).json())
 
     tokens, final, _ = stream_live(url, migrate_once, **body)
     assert results and results[0]["started"], results
@@ -369,7 +371,8 @@ def test_a_destination_dying_mid_migration_loses_nothing(ray_local):
 
         def migrate_then_kill(chunk, tokens):
             if len(tokens) == 4:
-                result = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json()
+                result = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30,
+                                    headers=srv.admin_headers).json()
                 assert result["started"], result
                 ray.kill(srv.manager.instances[result["dst"]].actor, no_restart=True)
                 killed.append(result["dst"])

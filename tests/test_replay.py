@@ -59,6 +59,7 @@ def test_replay_writes_the_simulators_tables(server, tmp_path: Path):
         replay_command,
         ["--url", server.url, "--trace", str(tmp_path / "trace.csv"), "--out", str(out), "--time-scale", "0.5",
          "--sample-interval", "0.2", "--no-progress"],
+        env={"LLUMNIX_ADMIN_KEY": server.admin_key},
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -85,7 +86,8 @@ def test_replay_accepts_parquet_and_reports_failures(server, tmp_path: Path):
     df.to_parquet(tmp_path / "t.parquet", index=False)
     out = tmp_path / "run"
     result = CliRunner().invoke(
-        replay_command, ["--url", server.url, "--trace", str(tmp_path / "t.parquet"), "--out", str(out), "--no-progress"]
+        replay_command, ["--url", server.url, "--trace", str(tmp_path / "t.parquet"), "--out", str(out), "--no-progress",
+                         "--admin-key", server.admin_key]
     )
     assert result.exit_code != 0 and "1 requests did not finish" in result.output
     summary = json.loads((out / "summary.json").read_text())

@@ -137,7 +137,7 @@ def test_a_migrated_stream_has_the_unmigrated_text(server):
     def migrate_once(chunk, chunks):
         if len(chunks) == 3:
             migrations.append(httpx.post(f"{server.url}/admin/migrate", json={"request_id": chunk["id"]},
-                                         timeout=30).json())  # fmt: skip
+                                         timeout=30, headers=server.admin_headers).json())  # fmt: skip
 
     chunks = stream(server.url, "completions", migrate_once, **body)
     assert migrations and migrations[0]["started"], migrations

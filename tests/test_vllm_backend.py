@@ -259,7 +259,8 @@ def test_migration_between_vllm_actors_is_seamless_and_loads_are_reported(cluste
         if len(tokens) == 4:  # the request runs on one instance: its load shows it
             seen["metrics"] = httpx.get(f"{url}/metrics").text
             seen["owner"] = cluster.manager.active[chunk["id"]].owner
-            seen["moved"] = httpx.post(f"{url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30).json()
+            seen["moved"] = httpx.post(f"{url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30,
+                                       headers=cluster.admin_headers).json()
 
     tokens, final = _stream(url, on_chunk, prompt=prompt, max_tokens=60)
     assert tokens == reference  # token-identical across the move, no gap and no repeat in the stream
@@ -313,7 +314,7 @@ def test_a_refused_migration_leaves_the_request_running_on_its_source(cluster, e
     def on_chunk(chunk, tokens):
         if len(tokens) == 4:
             body = {"request_id": chunk["id"], "dst": held}
-            results.append(httpx.post(f"{url}/admin/migrate", json=body, timeout=30).json())
+            results.append(httpx.post(f"{url}/admin/migrate", json=body, timeout=30, headers=cluster.admin_headers).json())
 
     tokens, final = _stream(url, on_chunk, prompt=big[1], max_tokens=40)
     blocker.join(timeout=120)

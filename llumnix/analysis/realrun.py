@@ -31,6 +31,21 @@ from llumnix.runtime.supervisor import (
 log = logging.getLogger(__name__)
 
 
+def all_steps(url: str, admin_headers: dict[str, str], instance_ids: list[int]) -> list[dict]:
+    """Every step the instances kept (``GET /admin/steps``, page after page per instance)."""
+    from llumnix.runtime.replay import admin_pages
+
+    async def fetch() -> list[dict]:
+        async with httpx.AsyncClient() as client:
+            pages = [await admin_pages(client, f"{url}/admin/steps", admin_headers, {"instance_id": i}, 60.0)
+                     for i in instance_ids]
+        if any(p is None for p in pages):
+            raise RuntimeError(f"{url}/admin/steps refused the admin key")
+        return [row for p in pages for row in p]
+
+    return asyncio.run(fetch())
+
+
 def run_real_cluster(
     trace_path: Path,
     out_dir: Path,
@@ -52,10 +67,10 @@ def run_real_cluster(
         with tqdm(total=len(trace), desc="replaying", unit="req", disable=not progress, leave=False) as bar:
             result = asyncio.run(
                 replay(server.url, trace, time_scale, config.seed, sample_interval_s, request_timeout_s,
-                       progress=bar.update)
+                       progress=bar.update, admin_key=server.admin_key)
             )  # fmt: skip
-        rows = httpx.get(f"{server.url}/admin/instances", timeout=10.0).json()
-        step_log = steps_table(httpx.get(f"{server.url}/admin/steps", timeout=60.0).json())
+        rows = httpx.get(f"{server.url}/admin/instances", timeout=10.0, headers=server.admin_headers).json()
+        step_log = steps_table(all_steps(server.url, server.admin_headers, [r["instance_id"] for r in rows]))
         dispatch = _dispatch_seconds(httpx.get(f"{server.url}/metrics", timeout=10.0).text)
         cpu = server.cpu_seconds_since_healthy()
         machine_cpu = machine_cpu_seconds() - machine_cpu0

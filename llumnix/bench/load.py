@@ -113,13 +113,15 @@ def load_test(
 ) -> dict[str, Any]:
     """``n`` concurrent requests against a fresh frontend over ``instances`` profile-backend instances (Ray must be
     initialised); returns one row of measurements and checks (``ok`` is all of them)."""
+    from llumnix.fields import default_of
     from llumnix.runtime.frontend import BackgroundServer
-    from llumnix.runtime.serve_config import build_serve_config
+    from llumnix.runtime.serve_config import ServeConfig, build_serve_config
 
     config = build_serve_config(
         {},
         {"instances": instances, "port": 0, "backend": "profile", "profile": profile, "speed": speed,
-         "num_cpus_per_instance": 0, "policy": policy},
+         "num_cpus_per_instance": 0, "policy": policy,
+         "max_active_requests": max(n, default_of(ServeConfig, "max_active_requests"))},  # all n at once
     )  # fmt: skip
     with BackgroundServer(config) as server:
         result = asyncio.run(run_load(server.url, n, prompt_tokens, max_tokens, stream, seed))

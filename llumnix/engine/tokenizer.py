@@ -31,6 +31,7 @@ class TextTokenizer:
         self.stop_token_ids: frozenset[int] = frozenset(meta["stop_token_ids"])
         self.chat_template: str | None = meta["chat_template"]
         self._template: Any = None
+        self._max_token_chars: int | None = None
 
     @staticmethod
     @cache
@@ -46,6 +47,15 @@ class TextTokenizer:
         if self.add_bos_token and self.bos_token is not None:
             ids.insert(0, self._tok.token_to_id(self.bos_token))
         return ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for (its longest vocabulary entry: a byte-level entry's
+        characters are bytes, at least as many as the text's characters): a text of n characters has at least
+        ``n / max_token_chars`` tokens, known before it is tokenised."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens (end of sequence, chat markers) left out."""

@@ -23,6 +23,7 @@ from llumnix.runtime.serve_config import (
 from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
 
 COMMANDS: list[click.Command] = []
+API_KEY_ENV, ADMIN_KEY_ENV = "LLUMNIX_API_KEY", "LLUMNIX_ADMIN_KEY"
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
@@ -42,7 +43,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, path: Path | N
               is_eager=True, callback=_load_config_file,
               help="YAML file of settings (the flags' names with underscores, flat or with an 'instance:' section); "
                    "flags given here win.")
-@options(ServeConfig, exclude=["instance"])
+@options(ServeConfig, exclude=["instance"], overrides={
+    "api_key": {"envvar": API_KEY_ENV, "show_envvar": True},
+    "admin_key": {"envvar": ADMIN_KEY_ENV, "show_envvar": True}})
 @options(InstanceSpec, overrides={"block_size": {
     "default": None, "show_default": f"{default_of(InstanceSpec, 'block_size')}; {VLLM_CPU_BLOCK_MULTIPLE} for vllm"}})
 def serve(config_path: Path | None, **settings: object) -> None:
@@ -85,14 +88,20 @@ COMMANDS.append(serve)
 @click.option("--sample-interval", type=float, default=1.0, help="Seconds between per-instance load samples.")
 @click.option("--request-timeout", type=float, default=3600.0, help="Seconds one request may take before it fails.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout, progress) -> None:
+@click.option("--api-key", envvar=API_KEY_ENV, show_envvar=True, default=None,
+              help="The frontend's API key, if it has one (sent to /v1/*).")
+@click.option("--admin-key", envvar=ADMIN_KEY_ENV, show_envvar=True, default=None,
+              help="The frontend's admin key: the load samples, migrations and cost come from /admin/* (without it, "
+                   "what the responses carry; no load samples).")
+def replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout, progress, api_key,
+           admin_key) -> None:
     """Send a trace's requests to a frontend at their arrival times; write the same tables as `llumnix simulate`
     (summary.json's avg_instances: the frontend's instance-seconds over the replay, as the simulator counts cost)."""
     from llumnix.runtime.replay import run_replay
 
     try:
         summary = run_replay(url, trace_path, out_dir, time_scale, seed, sample_interval, request_timeout,
-                             progress=progress and sys.stderr.isatty())
+                             progress=progress and sys.stderr.isatty(), api_key=api_key, admin_key=admin_key)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     keys = ("requests", "finished", "errors", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s",

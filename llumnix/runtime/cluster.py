@@ -128,6 +128,7 @@ class ClusterManager:
         self._by_engine: dict[int, ClientRequest] = {}
         self._recently_done: OrderedDict[int, ClientRequest] = OrderedDict()  # news may trail a request's end
         self.migration_log: deque[tuple[str, MigrationRecord]] = deque(maxlen=100_000)  # (client id, attempt)
+        self.migrations_logged = 0  # attempts ever appended to migration_log
         self.step_rows = 0  # instance steps reported, and the serving instances at each: the artifact's cost
         self.step_instance_sum = 0
         self._client_ids = itertools.count()
@@ -141,6 +142,7 @@ class ClusterManager:
             "requests": 0,
             "finished": 0,
             "failed": 0,
+            "aborted": 0,  # their clients went away before they finished (freed on their instances)
             "redispatched": 0,
             "instance_failures": 0,
             "migrations_requested": 0,
@@ -344,6 +346,8 @@ class ClusterManager:
         cr.dispatching = True
         try:
             while True:
+                if cr.abandoned:
+                    return
                 t0 = time.perf_counter()
                 loads = self.loads()
                 if not loads:
@@ -375,6 +379,9 @@ class ClusterManager:
                 if not inst.alive:  # it died after taking the request (its failure skipped us: we were dispatching)
                     req = None
                     continue
+                if cr.abandoned:  # its client went away while this dispatch was in flight
+                    self._abort_engine_request(iid, req.request_id)
+                    return
                 handed_back = self._handed_back.pop(req.request_id, None)
                 if handed_back is not None:  # a drain took it back before this await returned
                     self.counters["requeued_on_drain"] += 1
@@ -446,6 +453,21 @@ class ClusterManager:
             self._complete(cr)
             self._abort_engine_request(cr.owner, cr.engine_id)
 
+    def abort(self, cr: ClientRequest, reason: str = "client disconnected") -> bool:
+        """The client went away: fail ``cr`` (counted as aborted) and have the instance holding it drop it and free its
+        blocks. A request frozen in a migration then is dropped where the migration leaves it, once it ends
+        (``_migration_ended``); one whose dispatch is in flight, where that dispatch lands (``_dispatch``). False if it
+        had ended already."""
+        if cr.done:
+            return False
+        cr.abandoned = True
+        cr.error = reason
+        self._retire_request(cr)
+        self.counters["aborted"] += 1
+        self._abort_engine_request(cr.owner, cr.engine_id)
+        log.debug("%s aborted after %d tokens: %s", cr.request_id, len(cr.tokens), reason)
+        return True
+
     def _abort_engine_request(self, instance_id: int | None, engine_id: int) -> None:
         inst = self.instances.get(instance_id) if instance_id is not None else None
         if inst is not None and inst.alive:
@@ -509,11 +531,12 @@ class ClusterManager:
         if cr is None:
             return
         self.migration_log.append((cr.request_id, record))
+        self.migrations_logged += 1
         if not cr.done:
             cr.migration_ended(record)
             self._check_owner(cr)
-        elif cr.cut_short and record.committed:  # it moved while its client finished it: stop it where it went
-            self._abort_engine_request(record.dst, record.request_id)
+        elif cr.cut_short or cr.abandoned:  # its client let go while it was frozen: stop it where the migration left it
+            self._abort_engine_request(record.dst if record.committed else record.src, record.request_id)
 
     def _on_tokens(self, instance_id: int, tokens: list[tuple[int, int, int]]) -> None:
         now = self.clock()
@@ -604,15 +627,16 @@ class ClusterManager:
 
         return instance_rows(self)
 
-    async def step_logs(self) -> list[dict[str, Any]]:
+    async def step_logs(self, instance_id: int | None = None, start: int = 0,
+                        limit: int | None = None) -> list[dict[str, Any]]:
         from llumnix.runtime.introspection import step_logs
 
-        return await step_logs(self)
+        return await step_logs(self, instance_id, start, limit)
 
-    def migration_rows(self) -> list[dict[str, Any]]:
+    def migration_rows(self, start: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         from llumnix.runtime.introspection import migration_rows
 
-        return migration_rows(self)
+        return migration_rows(self, start, limit)
 
     async def check_instances(self) -> dict[int, dict[str, Any]]:
         from llumnix.runtime.introspection import check_instances

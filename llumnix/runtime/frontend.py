@@ -1,15 +1,18 @@
 """The HTTP frontend: an OpenAI-style completions API (FastAPI) over a ``ClusterManager``.
 
 Endpoints
-- ``POST /v1/completions``: ``prompt`` is text or a list of token ids; ``max_tokens`` (default 16); ``stream`` (SSE
-  chunks, one per token, then ``data: [DONE]``); ``stop`` (a string or a list: the text ends before the first one
-  generated, ``finish_reason`` "stop"); ``ignore_eos`` (default false for a real model: it stops at its
-  end-of-sequence token; a random-weight preset has none, so there it must be true or absent and a request produces
-  exactly ``max_tokens`` tokens). Decoding is greedy (``temperature`` absent or 0, ``n`` 1). Extension fields:
-  ``priority`` (0 normal, 1 high) in the request; ``token_ids`` per choice and a ``llumnix`` block (instances,
-  migrations, re-dispatches, timeline) in responses.
+- ``POST /v1/completions``: ``prompt`` is text or a list of token ids; ``max_tokens`` (default
+  ``--max-tokens-default``, at most ``--max-tokens-cap``); ``stream`` (SSE chunks, one per token, then
+  ``data: [DONE]``; ``stream_options.include_usage``: a last chunk, without choices, carries the usage); ``stop`` (a
+  string or a list: the text ends before the first one generated, ``finish_reason`` "stop"); ``ignore_eos`` (default
+  false for a real model: it stops at its end-of-sequence token; a random-weight preset has none, so there it must be
+  true or absent and a request produces exactly ``max_tokens`` tokens). Decoding is greedy (``temperature`` absent or
+  0, ``n`` 1). ``model``, if given, must be the served one (404). Extension fields: ``priority`` (0 normal, 1 high) in
+  the request; ``token_ids`` per choice and a ``llumnix`` block (instances, migrations, re-dispatches, timeline) in
+  responses.
 - ``POST /v1/chat/completions`` (real models): ``messages`` rendered by the model's chat template; ``max_tokens`` (or
-  ``max_completion_tokens``) defaults to what the context has left; ``stream``, ``stop``, ``ignore_eos`` as above.
+  ``max_completion_tokens``) defaults to what the context has left (up to the cap); ``stream``, ``stop``,
+  ``ignore_eos`` as above.
 - ``GET /v1/models``: the model, its vocabulary size and the longest prompt + output a request may have.
 - ``GET /health``: 200 while at least one instance is alive, else 503.
 - ``GET /metrics``: Prometheus text: per instance running / waiting requests, free blocks, freeness, migrations
@@ -17,13 +20,23 @@ Endpoints
   draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
 - ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
-- ``GET /admin/steps``: every engine step of every live instance (start/end on its clock, kind, batch, tokens).
-- ``GET /admin/migrations``: every migration attempt (``MigrationRecord`` fields and the client request id), also
-  those that ended after their request (a migration aborts when its request finishes first).
+- ``GET /admin/steps?instance_id=&start=&limit=``: the engine steps the live instances kept (the last
+  ``--step-log-size`` each: start/end on its clock, kind, batch, tokens), each with ``seq``, its number on its
+  instance; a page holds at most ``--admin-page-size`` per instance: ask again from the last ``seq`` + 1.
+- ``GET /admin/migrations?start=&limit=``: migration attempts (``MigrationRecord`` fields, the client request id and
+  ``seq``), also those that ended after their request (a migration aborts when its request finishes first); paged so.
 - ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
   and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
   ``POST /admin/start-instance`` launches one more.
+
+Who may call what (``HttpGuard``): with ``--api-key`` every ``/v1/*`` request needs ``Authorization: Bearer KEY``;
+``/admin/*`` needs ``--admin-key`` and is off (404) without one; ``/health`` and ``/metrics`` are open. Limits: the
+body's bytes (413), the prompt's tokens (400; text whose length alone exceeds it is refused before it is tokenised),
+``max_tokens`` (400 beyond the cap), requests held at once (429 with ``Retry-After``). Every error has OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``. A client that goes away (a closed stream, or a connection closed
+while it waits for a whole completion) has its request aborted: dropped by its instance, its blocks freed, counted in
+``llumnix_aborted_total``.
 
 Text: a real model (``llumnix.engine.gguf_model``) has its own tokenizer (``llumnix.engine.tokenizer``), and streamed
 text is released as whole characters (a stop string's possible beginning is held back until it is decided). A
@@ -34,23 +47,28 @@ the token id ``b % vocab_size``; output text is the generated token ids written 
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llumnix.engine.tokenizer import ChatTemplateError, TextStream, TextTokenizer
 from llumnix.runtime.cluster import ClusterManager, NoInstanceError
@@ -69,13 +87,20 @@ def decode_tokens(token_ids: list[int]) -> str:
     return "".join(f" {t}" for t in token_ids)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="a last chunk, with no choices, carries the usage")
+
+
 class GenerationParams(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="ignored: the cluster serves one model")
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), or absent")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
     stop: str | list[str] | None = Field(None, description="real models: the text ends before the first of these")
     ignore_eos: bool | None = Field(None, description="real models: keep generating past the end-of-sequence token")
     temperature: float | None = Field(None, description="must be 0 or absent: decoding is greedy")
@@ -111,7 +136,9 @@ class GenerationParams(BaseModel):
 
 class CompletionRequest(GenerationParams):
     prompt: str | list[StrictInt] = Field(description="text, or a list of token ids")
-    max_tokens: StrictInt = Field(16, ge=1, description="most tokens to generate (exactly this many without EOS)")
+    max_tokens: StrictInt | None = Field(
+        None, ge=1, description="most tokens to generate (exactly this many without EOS; default --max-tokens-default)"
+    )
 
 
 class TextPart(BaseModel):
@@ -153,15 +180,42 @@ class DrainRequest(BaseModel):
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    """An API error: answered as ``error_response`` says."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.kind, self.code, self.headers = (
+            message, param, status, kind, code, headers)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.kind, self.code, self.headers)
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape, which every error of this API has: ``{"error": {message, type, param, code}}``."""
     return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}}
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}},
+        headers=headers,
     )
+
+
+def check_unicode(value: Any, where: str = "") -> None:
+    """Text a request carries must be encodable as UTF-8: JSON may spell a lone surrogate (``"\\ud800"``), which no
+    tokenizer can take."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{where or 'body'}: invalid Unicode (a lone surrogate, \\ud800-\\udfff): send valid text",
+                             where.split(".")[0] or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{where}.{i}")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -187,9 +241,56 @@ def tokenizer_for(config: ServeConfig) -> TextTokenizer | None:
     return TextTokenizer.for_model(config.instance.model)
 
 
-def prompt_ids(body: CompletionRequest, manager: ClusterManager, tokenizer: TextTokenizer | None) -> list[int]:
+class Limits:
+    """What one request may ask for: its prompt's tokens (checked before tokenising where its length already tells),
+    its max_tokens (default and cap), and prompt + output within what one instance holds."""
+
+    def __init__(self, config: ServeConfig, manager: ClusterManager, tokenizer: TextTokenizer | None) -> None:
+        self.config, self.manager, self.tokenizer = config, manager, tokenizer
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The longest prompt: ``max_prompt_tokens``, and room for one token of output in one instance."""
+        held = self.manager.max_context_tokens - 1
+        return held if self.config.max_prompt_tokens is None else min(self.config.max_prompt_tokens, held)
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse a text whose length alone shows it has too many tokens, before tokenising it."""
+        if self.tokenizer is None:
+            at_least = len(text.encode("utf-8"))  # one token per byte
+        else:
+            at_least = -(-len(text) // self.tokenizer.max_token_chars)
+        if at_least > self.prompt_tokens:
+            raise BadRequest(f"{param} is too long: at least {at_least} tokens, more than the limit of "
+                             f"{self.prompt_tokens} prompt tokens", param)
+
+    def check_prompt(self, ids: list[int], param: str) -> None:
+        if len(ids) > self.prompt_tokens:
+            raise BadRequest(f"{param} has {len(ids)} tokens, more than the limit of {self.prompt_tokens} prompt "
+                             "tokens", param)
+
+    def max_tokens(self, asked: int | None, ids: list[int], chat: bool) -> int:
+        """The request's max_tokens: as asked (400 beyond the cap), or the default; prompt + output must fit."""
+        cap = self.config.max_tokens_cap
+        if asked is not None and cap is not None and asked > cap:
+            raise BadRequest(f"max_tokens ({asked}) exceeds this server's limit of {cap}", "max_tokens")
+        if asked is None and chat:  # what the context has left, up to the cap
+            left = self.manager.max_context_tokens - len(ids)
+            if left < 1:
+                raise BadRequest(f"the conversation ({len(ids)} tokens) fills the {self.manager.max_context_tokens} "
+                                 "tokens one instance can hold", "messages")
+            asked = left if cap is None else min(left, cap)
+        max_tokens = self.config.max_tokens_default if asked is None else asked
+        check_length(ids, max_tokens, self.manager)
+        return max_tokens
+
+
+def prompt_ids(body: CompletionRequest, manager: ClusterManager, tokenizer: TextTokenizer | None,
+               limits: Limits | None = None) -> list[int]:
     vocab = manager.vocab_size
     if isinstance(body.prompt, str):
+        if limits is not None:
+            limits.check_text(body.prompt, "prompt")
         ids = tokenizer.encode(body.prompt) if tokenizer is not None else encode_text(body.prompt, vocab)
     else:
         ids = list(body.prompt)
@@ -198,7 +299,8 @@ def prompt_ids(body: CompletionRequest, manager: ClusterManager, tokenizer: Text
             raise BadRequest(f"token ids must lie in [0, {vocab}); got {bad[:5]}", "prompt")
     if not ids:
         raise BadRequest("prompt is empty", "prompt")
-    check_length(ids, body.max_tokens, manager)
+    if limits is not None:
+        limits.check_prompt(ids, "prompt")
     return ids
 
 
@@ -297,8 +399,10 @@ def _chat_choice(text: str, tokens: list[int], finish_reason: str | None, delta:
             "finish_reason": finish_reason}
 
 
-async def _stream(gen: Generation, model: str, chat: bool) -> AsyncIterator[str]:
-    """SSE chunks, one per token (a chat stream's first delta also carries the role), then ``data: [DONE]``."""
+async def _stream(gen: Generation, model: str, chat: bool, include_usage: bool = False) -> AsyncIterator[str]:
+    """SSE chunks, one per token (a chat stream's first delta also carries the role), then ``data: [DONE]``. The last
+    token's chunk carries ``usage`` and the ``llumnix`` block; with ``include_usage`` (OpenAI's ``stream_options``)
+    every chunk has ``usage``: null but a last one, without choices, which carries it."""
     cr = gen.cr
     obj = "chat.completion.chunk" if chat else "text_completion"
     first = True
@@ -310,16 +414,121 @@ async def _stream(gen: Generation, model: str, chat: bool) -> AsyncIterator[str]
             else:
                 choice = _completion_choice(text, tokens, reason)
             chunk = {**_envelope(cr, model, obj), "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
             if last:
-                chunk["usage"] = _usage(cr)
+                if not include_usage:
+                    chunk["usage"] = _usage(cr)
                 chunk["llumnix"] = cr.summary()
             yield f"data: {json.dumps(chunk)}\n\n"
         if cr.error is not None:
-            yield f"data: {json.dumps({'error': {'message': cr.error, 'type': 'server_error'}})}\n\n"
+            error = {"message": cr.error, "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             break
         if cr.done and gen.seen == len(cr.tokens):
+            if include_usage:
+                yield f"data: {json.dumps({**_envelope(cr, model, obj), 'choices': [], 'usage': _usage(cr)})}\n\n"
             break
     yield "data: [DONE]\n\n"
+
+
+class _RequestStream(StreamingResponse):
+    """A streamed completion that, however its response ends (the client went away: Starlette cancels the stream),
+    calls ``on_close``; the frontend then aborts a request not yet finished."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone away (the request's body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- HTTP guard: keys and body size ------------------------------------------------------------------------------------
+def bearer_token(scope: Scope) -> bytes | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else None
+    return None
+
+
+def key_matches(given: bytes | None, key: SecretStr) -> bool:
+    """Constant-time comparison (no timing tells how much of a guess was right)."""
+    return given is not None and secrets.compare_digest(given, key.get_secret_value().encode("utf-8"))
+
+
+class HttpGuard:
+    """ASGI middleware in front of every route: the keys (``/v1/*`` needs the API key when one is set; ``/admin/*`` the
+    admin key, and is off (404) without one; ``/health``, ``/metrics`` stay open), then the body size: a body beyond
+    ``max_request_bytes`` (declared, or counted while it is read) gets 413 before the app sees it."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            refusal, receive = await self._read_body(scope, receive)
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> BadRequest | None:
+        path = scope["path"]
+        if path == "/admin" or path.startswith("/admin/"):
+            key = self.config.admin_key
+            if key is None:
+                return BadRequest(f"Invalid URL ({scope['method']} {path}): the admin API is off (no admin key)",
+                                  status=404, kind="not_found")
+        elif path == "/v1" or path.startswith("/v1/"):
+            key = self.config.api_key
+        else:
+            return None
+        if key is None or key_matches(bearer_token(scope), key):
+            return None
+        return BadRequest("Incorrect or missing API key: send 'Authorization: Bearer KEY'", status=401,
+                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[BadRequest | None, Receive]:
+        limit = self.config.max_request_bytes
+        too_large = BadRequest(f"the request body exceeds the limit of {limit} bytes", status=413)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return too_large, receive
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None, receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return too_large, receive
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        return None, replay
 
 
 def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> FastAPI:
@@ -335,9 +544,11 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
             await manager.stop()
 
     app = FastAPI(title="llumnix", summary="Llumnix serving frontend", lifespan=lifespan)
+    app.add_middleware(HttpGuard, config=config)
     app.state.manager = manager
     model_name = config.instance.model_name
     tokenizer = tokenizer_for(config)
+    limits = Limits(config, manager, tokenizer)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -346,21 +557,53 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
-        return error_response(exc.status, exc.message, exc.param)
+        return exc.response()
 
     @app.exception_handler(NoInstanceError)
     async def _unavailable(request: Request, exc: NoInstanceError):
         return error_response(503, str(exc), kind="service_unavailable")
 
-    async def generate(body: GenerationParams, ids: list[int], max_tokens: int, chat: bool):
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message, kind = f"Invalid URL ({request.method} {request.url.path})", "not_found"
+        elif exc.status_code == 405:
+            message, kind = f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
+        else:  # e.g. a body that is not UTF-8 (FastAPI's 400 "There was an error parsing the body")
+            message, kind = str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, message, kind=kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+    def admit(body: GenerationParams) -> None:
+        """Checks before any work: the model, the text, stream_options, room for one more request."""
+        check_unicode(body.model_dump(exclude_none=True))  # first: an error message may quote the text
+        if body.model is not None and body.model != model_name:
+            raise BadRequest(f"The model `{body.model}` does not exist (this server serves `{model_name}`)", "model",
+                             status=404, code="model_not_found")
+        if body.stream_options is not None and not body.stream:
+            raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+        if len(manager.active) >= config.max_active_requests:
+            raise BadRequest(f"the server holds its limit of {config.max_active_requests} requests; retry shortly",
+                             status=429, kind="rate_limit_error", code="rate_limit_exceeded",
+                             headers={"Retry-After": "1"})
+
+    async def generate(request: Request, body: GenerationParams, ids: list[int], max_tokens: int, chat: bool):
         stops = stop_token_ids(body, tokenizer)
         cr = await manager.submit(ids, max_tokens, body.priority, stops)
         gen = Generation(cr, manager, tokenizer, body.stop_strings)
         if body.stream:
-            return StreamingResponse(
-                _stream(gen, model_name, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        text = await gen.run_to_end()
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return _RequestStream(_stream(gen, model_name, chat, include_usage), lambda: manager.abort(cr))
+        watcher = asyncio.create_task(_disconnected(request.receive))
+        watcher.add_done_callback(lambda task: task.cancelled() or task.exception() or manager.abort(cr))
+        try:
+            text = await gen.run_to_end()
+        finally:
+            watcher.cancel()
         if cr.error is not None:
             return error_response(503, cr.error, kind="server_error")
         if chat:
@@ -372,25 +615,28 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
         return {**envelope, "choices": [choice], "usage": _usage(cr), "llumnix": cr.summary()}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await generate(body, prompt_ids(body, manager, tokenizer), body.max_tokens, chat=False)
+    async def completions(request: Request, body: CompletionRequest):
+        admit(body)
+        ids = prompt_ids(body, manager, tokenizer, limits)
+        return await generate(request, body, ids, limits.max_tokens(body.max_tokens, ids, chat=False), chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        admit(body)
         if tokenizer is None:
-            raise BadRequest(f"model {model_name} has random weights and no chat template: use /v1/completions", "model")
-        try:
-            ids = tokenizer.encode(tokenizer.apply_chat_template([m.as_template_input() for m in body.messages]))
-        except ChatTemplateError as e:
-            raise BadRequest(str(e), "messages") from None
+            raise BadRequest(f"model {model_name} has random weights and no chat template: use /v1/completions",
+                             "model")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise BadRequest("give max_tokens or max_completion_tokens, not both", "max_tokens")
-        max_tokens = body.max_tokens or body.max_completion_tokens or manager.max_context_tokens - len(ids)
-        if max_tokens < 1:
-            raise BadRequest(f"the conversation ({len(ids)} tokens) fills the {manager.max_context_tokens} tokens "
-                             "one instance can hold", "messages")
-        check_length(ids, max_tokens, manager)
-        return await generate(body, ids, max_tokens, chat=True)
+        try:
+            text = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        except ChatTemplateError as e:
+            raise BadRequest(str(e), "messages") from None
+        limits.check_text(text, "messages")
+        ids = tokenizer.encode(text)
+        limits.check_prompt(ids, "messages")
+        max_tokens = limits.max_tokens(body.max_tokens or body.max_completion_tokens, ids, chat=True)
+        return await generate(request, body, ids, max_tokens, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -437,13 +683,16 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
             for row in manager.instance_rows()
         ]
 
+    page = config.admin_page_size
+
     @app.get("/admin/steps")
-    async def admin_steps():
-        return await manager.step_logs()
+    async def admin_steps(instance_id: int | None = None, start: int = Query(0, ge=0),
+                          limit: int = Query(page, ge=1, le=page)):
+        return await manager.step_logs(instance_id, start, limit)
 
     @app.get("/admin/migrations")
-    async def admin_migrations():
-        return manager.migration_rows()
+    async def admin_migrations(start: int = Query(0, ge=0), limit: int = Query(page, ge=1, le=page)):
+        return manager.migration_rows(start, limit)
 
     @app.get("/admin/scaling")
     async def admin_scaling():
@@ -572,12 +821,26 @@ def init_ray(address: str | None, **options: Any) -> None:
         ray.init(address=address, **options)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def serve(config: ServeConfig) -> None:
     """Run the cluster and the HTTP server until interrupted (``llumnix serve``)."""
     import ray
     import uvicorn
 
     started = time.time()
+    if not is_loopback(config.host) and config.api_key is None:
+        log.warning("--host %s takes connections from other machines, but no API key is set: anyone who reaches this "
+                    "port can use the model. Set LLUMNIX_API_KEY (or --api-key), or bind 127.0.0.1 behind a proxy "
+                    "that authenticates.", config.host)
     init_ray(config.address)
     try:
         app = create_app(config)
@@ -591,11 +854,18 @@ class BackgroundServer:
     """The frontend on a free port in a thread of this process (Ray must be initialised): for tests and benchmarks.
 
     ``with BackgroundServer(config) as server: httpx.get(server.url + "/health")``; ``server.manager`` is the live
-    ClusterManager. Leaving the block stops the server and kills the instance actors.
+    ClusterManager. Leaving the block stops the server and kills the instance actors. Without an admin key in
+    ``config`` it makes a random one, so that /admin/* is on: send ``server.admin_headers`` there (and
+    ``server.api_headers`` to /v1/* when ``config`` has an API key).
     """
 
     def __init__(self, config: ServeConfig, startup_timeout_s: float = 120.0) -> None:
+        if config.admin_key is None:
+            config = config.model_copy(update={"admin_key": SecretStr(secrets.token_urlsafe(32))})
         self.config = config
+        self.admin_key = config.admin_key.get_secret_value()
+        self.admin_headers = {"Authorization": f"Bearer {self.admin_key}"}
+        self.api_headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
         self.app = create_app(config)
         self.manager: ClusterManager = self.app.state.manager
         self.url = f"http://{config.host}:{config.port}"  # port 0: the real one is known once started

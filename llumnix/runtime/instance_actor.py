@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,7 +147,9 @@ class InstanceActor:
         self._num_received = 0
         self._steps = 0
         self._busy_s = 0.0
-        self._step_log: list[StepRecord] = []  # every step: the in-situ profile (llumnix.bench.insitu)
+        # The last steps (the in-situ profile, llumnix.bench.insitu); _steps_logged counts every one ever logged.
+        self._step_log: deque[StepRecord] = deque(maxlen=spec.step_log_size)
+        self._steps_logged = 0
         self._finished = 0
         self._mig_committed = 0
         self._mig_aborted = 0
@@ -279,6 +283,7 @@ class InstanceActor:
             self._report = self._step_report
             self._after_step(plan, tokens)
             self._step_log.append(plan.record(self.instance_id, start, self.clock(), bool(self.llumlet.migrating)))
+            self._steps_logged += 1
         return True  # (with no requests: every request of a decode step was preempted, so schedule again)
 
     async def _execute(self, plan: StepPlan) -> list[int]:
@@ -287,9 +292,13 @@ class InstanceActor:
             return await run(plan)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.execute, plan)
 
-    async def step_log(self) -> list[StepRecord]:
-        """Every step this instance ran so far."""
-        return list(self._step_log)
+    async def step_log(self, start: int = 0, limit: int | None = None) -> tuple[int, list[StepRecord]]:
+        """Steps ``start``, ``start + 1``, ... (numbered from this instance's first step; at most ``limit``) of those
+        still kept (the last ``step_log_size``): (the number of the first one returned, the steps)."""
+        first_kept = self._steps_logged - len(self._step_log)
+        first = max(start, first_kept)
+        stop = self._steps_logged if limit is None else min(self._steps_logged, first + limit)
+        return first, list(itertools.islice(self._step_log, first - first_kept, max(first, stop) - first_kept))
 
     def _after_step(self, plan: StepPlan, tokens: list[int]) -> None:
         finished = self.scheduler.on_step_done(plan, self.clock(), tokens)

@@ -5,6 +5,7 @@ accounting checks (tests, debugging)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -43,17 +44,28 @@ def instance_rows(manager: ClusterManager) -> list[dict[str, Any]]:
     return rows
 
 
-def migration_rows(manager: ClusterManager) -> list[dict[str, Any]]:
-    """Every migration attempt the cluster reported (``MigrationRecord`` fields, engine request ids and instance
-    clocks), with the client request id it belongs to, oldest first (the last 100,000)."""
-    return [{"client_request_id": client, **asdict(record)} for client, record in manager.migration_log]
+def migration_rows(manager: ClusterManager, start: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Migration attempts the cluster reported (``MigrationRecord`` fields, engine request ids and instance clocks),
+    with the client request id each belongs to and ``seq``, its number among every attempt logged: from ``start`` (or
+    the oldest kept: the log keeps the last 100,000), at most ``limit``."""
+    log = manager.migration_log
+    first_kept = manager.migrations_logged - len(log)
+    first = max(start, first_kept)
+    stop = manager.migrations_logged if limit is None else min(manager.migrations_logged, first + limit)
+    rows = itertools.islice(log, first - first_kept, max(first, stop) - first_kept)
+    return [{"seq": first + i, "client_request_id": client, **asdict(record)}
+            for i, (client, record) in enumerate(rows)]
 
 
-async def step_logs(manager: ClusterManager) -> list[dict[str, Any]]:
-    """Every step of every live instance (``InstanceActor.step_log``), one dict per step (``StepRecord`` fields)."""
-    live = [inst for inst in manager.instances.values() if inst.alive]
-    logs = await asyncio.gather(*(inst.actor.step_log.remote() for inst in live), return_exceptions=True)
-    return [asdict(step) for rows in logs if not isinstance(rows, BaseException) for step in rows]
+async def step_logs(manager: ClusterManager, instance_id: int | None = None, start: int = 0,
+                    limit: int | None = None) -> list[dict[str, Any]]:
+    """Steps of the live instances (or of ``instance_id``), one dict per step (``StepRecord`` fields and ``seq``, the
+    step's number on its instance): on each instance from step ``start`` (or its oldest kept), at most ``limit``."""
+    live = [inst for inst in manager.instances.values() if inst.alive
+            and (instance_id is None or inst.instance_id == instance_id)]
+    logs = await asyncio.gather(*(inst.actor.step_log.remote(start, limit) for inst in live), return_exceptions=True)
+    return [{**asdict(step), "seq": first + i} for got in logs if not isinstance(got, BaseException)
+            for first, steps in [got] for i, step in enumerate(steps)]
 
 
 async def check_instances(manager: ClusterManager) -> dict[int, dict[str, Any]]:

@@ -88,10 +88,17 @@ def instance_samples(rows: list[dict]) -> list[InstanceSample]:
     ]
 
 
-async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list[dict], stop: asyncio.Event) -> None:
+def bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list[dict], stop: asyncio.Event,
+                       admin: dict[str, str]) -> None:
     while not stop.is_set():
         try:
-            rows = (await client.get(f"{url}/admin/instances", timeout=10.0)).json()
+            resp = await client.get(f"{url}/admin/instances", timeout=10.0, headers=admin)
+            resp.raise_for_status()
+            rows = resp.json()
         except Exception as e:  # a missed sample is not worth failing the replay for
             log.debug("sample failed: %r", e)
         else:
@@ -102,9 +109,9 @@ async def _sample_loop(client, url: str, t0: float, interval_s: float, out: list
             pass
 
 
-async def _scaling_status(client, url: str) -> dict[str, Any] | None:
+async def _scaling_status(client, url: str, admin: dict[str, str]) -> dict[str, Any] | None:
     try:
-        resp = await client.get(f"{url}/admin/scaling", timeout=10.0)
+        resp = await client.get(f"{url}/admin/scaling", timeout=10.0, headers=admin)
     except Exception as e:
         log.debug("no scaling status: %r", e)
         return None
@@ -182,12 +189,28 @@ def _apply_engine_timeline(req: Request, info: dict[str, Any], t0: float, result
         req.dispatch_s = info["dispatch_s"] - t0
 
 
-async def _migrations(client, url: str, t0: float, result: ReplayResult) -> None:
+async def admin_pages(client, url: str, admin: dict[str, str], params: dict[str, Any] | None = None,
+                      timeout_s: float = 30.0) -> list[dict[str, Any]] | None:
+    """Every row of a paged admin listing (``/admin/migrations``, ``/admin/steps`` of one instance: rows numbered by
+    ``seq``), page after page; None without access (no admin key, or an older frontend)."""
+    rows: list[dict[str, Any]] = []
+    start = 0
+    while True:
+        resp = await client.get(url, params={**(params or {}), "start": start}, timeout=timeout_s, headers=admin)
+        if resp.status_code != 200:
+            return None
+        page = resp.json()
+        if not page or "seq" not in page[0]:
+            return rows + page
+        rows += page
+        start = page[-1]["seq"] + 1
+
+
+async def _migrations(client, url: str, t0: float, result: ReplayResult, admin: dict[str, str]) -> None:
     """Every migration attempt from ``/admin/migrations`` (those that ended after their request too), on the
     client's time axis under the trace's request ids; without that endpoint, what the responses carried."""
     try:
-        resp = await client.get(f"{url}/admin/migrations", timeout=30.0)
-        rows = resp.json() if resp.status_code == 200 else None
+        rows = await admin_pages(client, f"{url}/admin/migrations", admin)
     except Exception as e:
         log.debug("no migration log: %r", e)
         rows = None
@@ -214,14 +237,18 @@ async def replay(
     sample_interval_s: float = 1.0,
     request_timeout_s: float = 3600.0,
     progress=None,
+    api_key: str | None = None,
+    admin_key: str | None = None,
 ) -> ReplayResult:
+    """``api_key`` goes to /v1/*, ``admin_key`` to /admin/* (load samples, migrations, cost)."""
     import httpx
 
     url = url.rstrip("/")
     if time_scale <= 0:
         raise ValueError(f"--time-scale must be > 0, got {time_scale}")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+    admin = bearer(admin_key)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0, headers=bearer(api_key)) as client:
         resp = await client.get(f"{url}/v1/models")
         resp.raise_for_status()
         model = resp.json()["data"][0]
@@ -235,10 +262,13 @@ async def replay(
             for r in trace.itertuples(index=False)
         ]
         result = ReplayResult(requests, [], [], [], 0.0, 0.0, model)
-        before = await _scaling_status(client, url)
+        before = await _scaling_status(client, url, admin)
+        if before is None:
+            log.warning("%s/admin/* answers nothing to this client (no --admin-key, or a wrong one): no load samples, "
+                        "and cost and migrations come from the responses alone", url)
         t0 = time.time() + 0.2  # a little lead so the first sends are not late
         stop = asyncio.Event()
-        sampler = asyncio.create_task(_sample_loop(client, url, t0, sample_interval_s, result.samples, stop))
+        sampler = asyncio.create_task(_sample_loop(client, url, t0, sample_interval_s, result.samples, stop, admin))
 
         async def tracked(req: Request):
             await _one(client, url, req, t0, req.arrival_s * time_scale, result, request_timeout_s)
@@ -252,8 +282,8 @@ async def replay(
             stop.set()
             await sampler
         result.wall_s = time.perf_counter() - started
-        await _migrations(client, url, t0, result)
-        after = await _scaling_status(client, url)
+        await _migrations(client, url, t0, result, admin)
+        after = await _scaling_status(client, url, admin)
         if before is not None and after is not None:
             result.scaling = [before, after]
     return result
@@ -311,6 +341,8 @@ def run_replay(
     sample_interval_s: float = 1.0,
     request_timeout_s: float = 3600.0,
     progress: bool = False,
+    api_key: str | None = None,
+    admin_key: str | None = None,
 ) -> dict:
     """The body of ``llumnix replay``."""
     from tqdm.auto import tqdm
@@ -318,7 +350,8 @@ def run_replay(
     trace = load_trace(trace_path)
     with tqdm(total=len(trace), desc="replaying", unit="req", disable=not progress, leave=False) as bar:
         result = asyncio.run(
-            replay(url, trace, time_scale, seed, sample_interval_s, request_timeout_s, progress=bar.update)
+            replay(url, trace, time_scale, seed, sample_interval_s, request_timeout_s, progress=bar.update,
+                   api_key=api_key, admin_key=admin_key)
         )
     extra = {"url": url, "trace": str(trace_path), "time_scale": time_scale, "seed": seed}
     summary = write_replay_outputs(result, Path(out_dir), extra)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from llumnix.core.llumlet import LlumletConfig
 from llumnix.core.local_scheduler import SchedulerConfig
@@ -73,6 +73,11 @@ class InstanceSpec(BaseModel):
     )
     last_stage_blocks: int = pydantic_field(MigrationConfig, "last_stage_max_blocks", ge=0)
     max_stages: int = pydantic_field(MigrationConfig, "max_stages", ge=1)
+    step_log_size: int = Field(
+        100_000, ge=1,
+        description="Engine steps each instance keeps for GET /admin/steps and the in-situ profile (the oldest are "
+        "dropped beyond this many).",
+    )
     vllm_migration: Literal["recompute", "kv"] = Field(
         "recompute",
         description="With --backend vllm: a migrated request's destination recomputes its tokens so far, or loads "
@@ -155,6 +160,43 @@ class ServeConfig(BaseModel):
     )
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    # HTTP: who may call it, and how much one request may ask for (README, "Operating it safely").
+    api_key: SecretStr | None = Field(
+        None,
+        description="Every /v1/* request must send 'Authorization: Bearer KEY' (/health and /metrics stay open). "
+        "Prefer $LLUMNIX_API_KEY: a flag's value shows in the process list.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="The /admin/* endpoints (migrate, drain, start an instance, logs) need 'Authorization: Bearer "
+        "KEY'; without one they are off (404). Prefer $LLUMNIX_ADMIN_KEY.",
+    )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1, description="Largest request body in bytes (413 beyond it)."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Longest prompt in tokens (400 beyond it; text too long for it is refused before it is "
+        "tokenised). Default: what one instance can hold.",
+    )
+    max_tokens_default: int = Field(
+        16, ge=1,
+        description="max_tokens of a /v1/completions request that gives none (chat: what the context has left, up "
+        "to --max-tokens-cap).",
+    )
+    max_tokens_cap: int | None = Field(
+        None, ge=1,
+        description="Most tokens a request may ask to generate (400 beyond it). Default: what one instance can hold "
+        "beside the prompt.",
+    )
+    max_active_requests: int = Field(
+        4096, ge=1,
+        description="Requests the frontend holds at once, running or queued on the instances; beyond it a new one "
+        "gets 429 with Retry-After.",
+    )
+    admin_page_size: int = Field(
+        10_000, ge=1, description="Most rows one GET /admin/steps or /admin/migrations page returns."
+    )
     num_cpus_per_instance: float = Field(1.0, ge=0, description="Ray CPUs reserved by each instance actor.")
     num_gpus_per_instance: float | None = Field(
         None, ge=0, description="Ray GPUs per instance actor, fractions allowed (default: 1 with --device cuda, else 0)."
@@ -201,6 +243,9 @@ class ServeConfig(BaseModel):
                 "the vllm backend sends a migrating request's KV in the migration call itself (vllm_migration kv): "
                 "leave kv_transport at object-store"
             )
+        if self.max_tokens_cap is not None and self.max_tokens_default > self.max_tokens_cap:
+            raise ValueError(f"max_tokens_default ({self.max_tokens_default}) exceeds max_tokens_cap "
+                             f"({self.max_tokens_cap})")
         if self.autoscale:
             self.scaling_config()  # raises on an inverted range or bounds
             n = self.initial_count

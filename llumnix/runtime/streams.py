@@ -55,6 +55,7 @@ class ClientRequest:
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # finished by a stop token or by its client (a stop string), not by max_tokens
     cut_short: bool = False  # its client finished it (a stop string) before the engine did
+    abandoned: bool = False  # its client went away before it finished (ClusterManager.abort)
     first_token_s: float | None = None
     finish_s: float | None = None
     error: str | None = None

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -131,12 +132,16 @@ class ServeProcess:
         if SERVER_NICENESS and sys.platform != "win32":
             self.command = ["nice", "-n", str(SERVER_NICENESS), *self.command]
         self.proc: subprocess.Popen | None = None
+        # /admin/* is on only with an admin key: one for this run, passed in the environment (not the process list).
+        self.admin_key = secrets.token_urlsafe(32)
+        self.admin_headers = {"Authorization": f"Bearer {self.admin_key}"}
         self.startup_s = math.nan
         self._spawned: dict[int, float] = {}  # pid -> create time, of every descendant seen
 
     def __enter__(self) -> ServeProcess:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray
-        env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        # Always a fresh local Ray; /v1/* open to the replay on loopback (no API key from this environment).
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLUMNIX_API_KEY")}
+        env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", LLUMNIX_ADMIN_KEY=self.admin_key)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")
         self._log.write(f"$ {shlex.join(self.command)}\n")
