@@ -193,7 +193,8 @@ def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, mo
     monkeypatch.setattr(ServeProcess, "__enter__", lambda self: servers.append(self) or enter(self))
     out = tmp_path / "run"
     args = ["real-cluster", "--trace", str(tmp_path / "trace.csv"), "--policy", "llumnix", "--instances", "2",
-            "--num-blocks", "32", "--out", str(out), "--no-progress", "--sample-interval", "0.2"]
+            "--num-blocks", "32", "--out", str(out), "--no-progress", "--sample-interval", "0.2",
+            "--quiet-window", "0.5", "--quiet-wait", "0"]  # one look at the machine, then on whatever its load
     result = CliRunner().invoke(llumnix_cli, args)
     assert result.exit_code == 0, result.output + (out / "serve.log").read_text()
     assert len(servers) == 1 and len(servers[0]._spawned) >= 3  # GCS, raylet, the instance workers at least
@@ -202,6 +203,9 @@ def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, mo
     assert summary["finished"] == n and summary["errors"] == 0 and summary["runtime"] == "ray"
     assert summary["engine_steps"] > 0 and summary["num_blocks"] == 32 and summary["instances"] == 2
     assert "--num-blocks 32" in summary["serve_command"] and summary["dispatch_mean_s"] > 0
+    # other processes' CPU before and during the run (its value depends on the machine's load: not asserted)
+    assert summary["attempts"] == 1 and summary["cpu_other_cores"] >= 0 and summary["cpu_other_cores_before"] >= 0
+    assert isinstance(summary["disturbed"], bool) and summary["disturbed_bound_cores"] == 0.05
     # the legs around the engines, measured per request: arrival -> dispatch, prefill end -> the client
     assert 0 < summary["dispatch_latency_mean_s"] < 5 and 0 < summary["delivery_latency_mean_s"] < 5
     requests = pd.read_parquet(out / "requests.parquet")
@@ -272,3 +276,64 @@ def test_the_vllm_backend_has_its_own_runs_data_and_figure(tmp_path: Path):
     with pytest.raises(ValueError, match="make install-vllm"):
         RealClusterConfig(backend="vllm", python=str(tmp_path / "no-python"))
     assert set(REAL_BACKENDS) == set(BACKENDS)  # every engine the supervisor serves has a runtime folder
+
+
+# -- other processes' CPU: disturbed runs (llumnix.runtime.cpuload; fake runs, nothing measured on this machine) ------
+def _fake_attempts(monkeypatch, other_cpu_s: list[float], wall_s: float = 80.0) -> list[int]:
+    """``run_real_cluster``'s attempts replaced by fakes during which other processes use ``other_cpu_s[i]``."""
+    import llumnix.analysis.realrun as realrun
+    from llumnix.runtime.replay import ReplayResult
+
+    served = []
+
+    def serve(trace_path, trace, out_dir, *args):
+        served.append(len(served))
+        extra = {"cpu_other_s": other_cpu_s[len(served) - 1], "cpu_count": 2, "attempt": len(served)}
+        steps = pd.DataFrame({"instance_id": [0], "start_s": [0.0], "end_s": [0.1]})
+        return ReplayResult([], [], [], [], wall_s, 0.0), extra, steps
+
+    def write(result, out_dir, extra):
+        summary = {**extra, "requests": 1, "finished": 1, "wall_s": result.wall_s}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(realrun, "_serve_and_replay", serve)
+    monkeypatch.setattr(realrun, "write_replay_outputs", write)
+    return served
+
+
+def test_a_disturbed_real_run_is_marked_and_rerun(tmp_path: Path, monkeypatch):
+    from llumnix.analysis.realrun import run_real_cluster
+    from llumnix.runtime.cpuload import QuietConfig
+
+    trace = tmp_path / "trace.csv"
+    pd.DataFrame({"request_id": [0], "arrival_s": [0.0], "prompt_tokens": [8], "output_tokens": [2]}).to_csv(trace)
+    served = _fake_attempts(monkeypatch, [36.0, 0.5, 0.0])  # 0.45 cores, then 0.006: the second attempt is kept
+    samples = iter([0.0, 0.0, 10.0, 10.0])  # cumulative CPU of the others: quiet before both attempts
+    quiet = QuietConfig(quiet_window_s=0.01, retry_disturbed=3)
+    summary = run_real_cluster(trace, tmp_path / "run", RealClusterConfig(instances=2), quiet=quiet,
+                               sampler=lambda: next(samples))
+    assert served == [0, 1] and summary["attempt"] == 2 and summary["attempts"] == 2
+    assert summary["disturbed"] is False and summary["cpu_other_cores"] == pytest.approx(0.5 / 80)
+    assert summary["attempts_cpu_other_cores"] == pytest.approx([0.45, 0.5 / 80])
+    assert summary["disturbed_bound_cores"] == 0.05 and summary["quiet_before"] is True
+    assert (tmp_path / "run" / "steps.parquet").exists()
+
+
+def test_the_real_cluster_command_warns_of_a_disturbed_run(tmp_path: Path, monkeypatch):
+    trace = tmp_path / "trace.csv"
+    pd.DataFrame({"request_id": [0], "arrival_s": [0.0], "prompt_tokens": [8], "output_tokens": [2]}).to_csv(trace)
+    _fake_attempts(monkeypatch, [36.0, 30.0])
+    args = ["real-cluster", "--trace", str(trace), "--instances", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--quiet-window", "0", "--retry-disturbed", "1", "--max-other-cores", "0.25"]
+    result = CliRunner().invoke(llumnix_cli, args)
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if line.startswith("WARNING")]
+    assert warning == ["WARNING: disturbed run: other processes took 0.38 of the 2 cores during the replay (bound "
+                       "0.25), so its latencies measure the machine's load, not the cluster's; rerun it on a quiet "
+                       "machine (or with --retry-disturbed N) (2 attempts, all disturbed)"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["disturbed"] and summary["attempts"] == 2 and summary["disturbed_bound_cores"] == 0.25
+    _fake_attempts(monkeypatch, [36.0])
+    quiet = CliRunner().invoke(llumnix_cli, [*args[:-4], "--max-other-cores", "0.5"])
+    assert quiet.exit_code == 0 and "WARNING" not in quiet.output

@@ -41,8 +41,8 @@ class QuietConfig:
 
     max_other_cores: float = field(
         default=0.05,
-        metadata={"help": "Cores other processes may take, before and during a real run, before it counts as "
-                          "disturbed (0.05: a twentieth of one core)."},
+        metadata={"help": "Cores other processes may take before the cluster starts (else it waits, --quiet-wait) "
+                          "and during the replay (else the run is marked disturbed)."},
     )
     quiet_window_s: float = field(
         default=3.0,
@@ -171,8 +171,11 @@ def run_undisturbed(
         if not found.disturbed:
             break
         if attempt <= config.retry_disturbed:
-            log.warning("attempt %d: %s; re-running it (%d of %d retries left)", attempt, found.message(),
-                        config.retry_disturbed - attempt + 1, config.retry_disturbed)  # fmt: skip
+            log.warning(
+                "attempt %d was disturbed: other processes took %.2f of the %d cores (bound %g); re-running it "
+                "(%d of %d retries left)", attempt, found.other_cores, found.cpu_count, found.bound_cores,
+                config.retry_disturbed - attempt + 1, config.retry_disturbed,
+            )  # fmt: skip
     columns = {**before.columns(), **found.columns(), "attempts": len(history), "attempts_cpu_other_cores": history}
     return result, columns
 
