@@ -172,6 +172,60 @@ def test_real_vs_sim_table_and_figure(tmp_path: Path):
         real_vs_sim_table(exp, "paper", tmp_path)
 
 
+def test_disturbed_runs_are_marked_left_out_of_the_errors_and_hatched(tmp_path: Path):
+    """A real run during which other processes took more than the bound: every row of its run says disturbed, the
+    errors are the other runs' (nan for a system with none), the command says which runs it left out, the figure
+    says so; a summary from before the mark gets it from cpu_other_s / wall_s."""
+    from llumnix.analysis.figures.real_vs_sim import disturbed_note
+    from llumnix.analysis.realsim import disturbed_runs, mark_disturbed
+
+    exp = load_experiment(write_experiment(tmp_path, REAL | {"scales": {"quick": {"num_requests": 10, "seeds": 2},
+                                                                        "paper": {"num_requests": 20}}}))
+    for run in expand_runs(exp, "quick"):
+        # infaas++ seed 1 disturbed (marked by real-cluster), llumnix seed 0 disturbed (an older summary: derived)
+        marked = run.system == "infaas++" and run.seed == 1
+        old = run.system == "llumnix" and run.seed == 0
+        for runtime, factor in (("real", 3.0 if marked or old else 1.0), ("sim-insitu", 0.9), ("sim", 0.8),
+                                ("sim-alone", 0.25)):
+            summary = {m: 2.0 * factor for m in COMPARED_METRICS} | {"decode_mean_s": 0.01, "machine": "test box"}
+            if runtime == "real":
+                summary |= {"cpu_other_s": 30.0 if old else 0.1, "wall_s": 80.0, "cpu_count": 2}
+                if not old:
+                    summary |= {"cpu_other_cores": 0.4 if marked else 0.001, "disturbed": marked,
+                                "disturbed_bound_cores": 0.25}
+            d = tmp_path / run.run_dir("quick") / runtime
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps(summary))
+    data = real_vs_sim_table(exp, "quick", tmp_path)
+    flagged = data.groupby(["system_id", "seed"])["disturbed"].agg(["all", "any"])
+    assert flagged["all"].to_dict() == flagged["any"].to_dict() == {("infaas++", 0): False, ("infaas++", 1): True,
+                                                                    ("llumnix", 0): True, ("llumnix", 1): False}
+    bad = disturbed_runs(data)
+    assert list(zip(bad["system_id"], bad["seed"], bad["disturbed_bound_cores"], strict=True)) == [
+        ("infaas++", 1, 0.25), ("llumnix", 0, 0.05)]  # the derived one with the default bound
+    assert bad["cpu_other_cores"].to_numpy() == pytest.approx([0.4, 30 / 80])
+    errors = error_summary(data)  # the undisturbed runs' (the disturbed ones' would be -0.7)
+    assert errors.to_numpy() == pytest.approx(-0.1)
+    only = error_summary(data[~((data["system_id"] == "llumnix") & (data["seed"] == 1))])
+    assert only.loc["INFaaS++"].to_numpy() == pytest.approx(-0.1) and only.loc["Llumnix"].isna().all()
+    # read back from data.csv: the same marks
+    data.to_csv(tmp_path / "data.csv", index=False)
+    again = mark_disturbed(pd.read_csv(tmp_path / "data.csv"))
+    assert again["disturbed"].tolist() == data["disturbed"].tolist()
+    real = data[data["runtime"] == "real"]
+    note = disturbed_note(real)
+    assert "DISTURBED (hatched): 2 of 4 real runs" in note and "up to 0.40 of the 2 cores" in note
+    assert disturbed_note(real[~real["disturbed"]]) == ""
+    written = plot_real_vs_sim(exp, data, tmp_path / "fig" / "real.png")
+    assert all(p.stat().st_size > 1000 for p in written)
+    result = CliRunner().invoke(llumnix_cli, ["real-vs-sim", "--experiment", str(tmp_path / "real.yaml"), "--root",
+                                              str(tmp_path), "-o", str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: 2 disturbed run(s), left out of the errors above" in result.output
+    assert "INFaaS++ L-L r2 s1 (0.40 cores), Llumnix L-L r2 s0 (0.38 cores)" in result.output
+    assert pd.read_csv(tmp_path / "out.csv")["disturbed"].sum() == 2 * 4
+
+
 def test_the_dispatch_latency_is_read_from_the_metrics_text():
     from llumnix.analysis.realrun import _dispatch_seconds
 

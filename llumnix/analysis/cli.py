@@ -305,7 +305,7 @@ def real_cluster(trace_path, time_scale, sample_interval_s, vllm_python, out_dir
               help="The real runs' engine: torch (with its simulated twins) or vllm (real runs only).")
 def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     """Put a real-cluster experiment's real and simulated runs side by side, with the simulator's relative errors."""
-    from llumnix.analysis.realsim import error_summary, real_vs_sim_table
+    from llumnix.analysis.realsim import disturbed_runs, error_summary, real_vs_sim_table
 
     exp = _load(experiment_path)
     try:
@@ -316,6 +316,13 @@ def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     df.to_csv(output, index=False)
     if backend == "torch":  # a vLLM run has no simulated twin
         click.echo(error_summary(df).to_string(float_format=lambda x: f"{x:+.1%}"), err=True)
+    disturbed = disturbed_runs(df)
+    if len(disturbed):
+        runs = ", ".join(f"{r.system_label} {r.trace} r{r.rate:g} s{r.seed} ({r.cpu_other_cores:.2f} cores)"
+                         for r in disturbed.itertuples())
+        left_out = "left out of the errors above" if backend == "torch" else "flagged in the figure"
+        click.echo(f"WARNING: {len(disturbed)} disturbed run(s), {left_out} (other processes took more than "
+                   f"{disturbed['disturbed_bound_cores'].max():g} cores during the real run): {runs}", err=True)
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
