@@ -96,6 +96,7 @@ def test_repository_real_cluster_experiment_validates():
     assert {s.policy for s in exp.systems.values()} == {"round-robin", "infaas++", "llumnix"}
     assert 0 < len(expand_runs(exp, "quick")) <= len(expand_runs(exp, "paper"))
     assert exp.real.max_prompt_tokens + exp.real.max_output_tokens <= exp.real.num_blocks * exp.real.block_size
+    assert "--retry-disturbed 1" in real_cluster_args(exp, "L-L", "llumnix", "0")  # a disturbed run is re-run once
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,8 @@ def test_command_lines_of_a_run(tmp_path: Path):
     exp = load_experiment(write_experiment(tmp_path, REAL))
     real = real_cluster_args(exp, "L-L", "llumnix", "1")
     for part in ("--policy llumnix", "--instances 2", "--num-blocks 32", "--torch-threads 1", "--seed 1",
-                 "--migration-threshold 2", "--num-cpus-per-instance 0.5"):
+                 "--migration-threshold 2", "--num-cpus-per-instance 0.5", "--max-other-cores 0.05",
+                 "--retry-disturbed 0"):
         assert part in real, part
     assert "--profile results/profiles/real.json" in twin_simulate_args(exp, "L-L", "llumnix", "1",
                                                                        "results/profiles/real.json")

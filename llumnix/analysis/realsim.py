@@ -130,6 +130,7 @@ def real_cluster_args(
         "--dtype", r.dtype, "--num-blocks", str(backend_blocks(exp, backend)), "--torch-threads", str(r.torch_threads),
         "--num-cpus-per-instance", fmt_number(r.num_cpus_per_instance),
         "--migration-threshold", fmt_number(exp.migration_threshold(trace, s)), "--seed", str(int(seed)),
+        "--max-other-cores", fmt_number(r.max_other_cores), "--retry-disturbed", str(r.retry_disturbed),
     ]  # fmt: skip
     if s.policy == "llumnix" and not s.migration:
         args.append("--no-migration")
