@@ -22,11 +22,12 @@ from llumnix.fields import REQUIRED, default_of, pydantic_field, setting, settin
 from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SystemConfig
 from llumnix.profiles import DEFAULT_PROFILE
+from llumnix.runtime.cpuload import QuietConfig
 from llumnix.runtime.serve_config import InstanceSpec, ServeConfig
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
 
-OWNERS = (SchedulerConfig, LlumletConfig, MigrationConfig, SystemConfig, ScalingConfig, SimConfig)
+OWNERS = (SchedulerConfig, LlumletConfig, MigrationConfig, SystemConfig, ScalingConfig, SimConfig, QuietConfig)
 COPIES = (ServeConfig, InstanceSpec, RealClusterConfig, SystemSpec, AutoscaleSpec, RealSpec, Experiment)
 COMMANDS = ("simulate", "serve", "real-cluster")
 

@@ -96,6 +96,7 @@ def test_repository_real_cluster_experiment_validates():
     assert {s.policy for s in exp.systems.values()} == {"round-robin", "infaas++", "llumnix"}
     assert 0 < len(expand_runs(exp, "quick")) <= len(expand_runs(exp, "paper"))
     assert exp.real.max_prompt_tokens + exp.real.max_output_tokens <= exp.real.num_blocks * exp.real.block_size
+    assert "--retry-disturbed 1" in real_cluster_args(exp, "L-L", "llumnix", "0")  # a disturbed run is re-run once
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,8 @@ def test_command_lines_of_a_run(tmp_path: Path):
     exp = load_experiment(write_experiment(tmp_path, REAL))
     real = real_cluster_args(exp, "L-L", "llumnix", "1")
     for part in ("--policy llumnix", "--instances 2", "--num-blocks 32", "--torch-threads 1", "--seed 1",
-                 "--migration-threshold 2", "--num-cpus-per-instance 0.5"):
+                 "--migration-threshold 2", "--num-cpus-per-instance 0.5", "--max-other-cores 0.05",
+                 "--retry-disturbed 0"):
         assert part in real, part
     assert "--profile results/profiles/real.json" in twin_simulate_args(exp, "L-L", "llumnix", "1",
                                                                        "results/profiles/real.json")
@@ -172,6 +174,60 @@ def test_real_vs_sim_table_and_figure(tmp_path: Path):
         real_vs_sim_table(exp, "paper", tmp_path)
 
 
+def test_disturbed_runs_are_marked_left_out_of_the_errors_and_hatched(tmp_path: Path):
+    """A real run during which other processes took more than the bound: every row of its run says disturbed, the
+    errors are the other runs' (nan for a system with none), the command says which runs it left out, the figure
+    says so; a summary from before the mark gets it from cpu_other_s / wall_s."""
+    from llumnix.analysis.figures.real_vs_sim import disturbed_note
+    from llumnix.analysis.realsim import disturbed_runs, mark_disturbed
+
+    exp = load_experiment(write_experiment(tmp_path, REAL | {"scales": {"quick": {"num_requests": 10, "seeds": 2},
+                                                                        "paper": {"num_requests": 20}}}))
+    for run in expand_runs(exp, "quick"):
+        # infaas++ seed 1 disturbed (marked by real-cluster), llumnix seed 0 disturbed (an older summary: derived)
+        marked = run.system == "infaas++" and run.seed == 1
+        old = run.system == "llumnix" and run.seed == 0
+        for runtime, factor in (("real", 3.0 if marked or old else 1.0), ("sim-insitu", 0.9), ("sim", 0.8),
+                                ("sim-alone", 0.25)):
+            summary = {m: 2.0 * factor for m in COMPARED_METRICS} | {"decode_mean_s": 0.01, "machine": "test box"}
+            if runtime == "real":
+                summary |= {"cpu_other_s": 30.0 if old else 0.1, "wall_s": 80.0, "cpu_count": 2}
+                if not old:
+                    summary |= {"cpu_other_cores": 0.4 if marked else 0.001, "disturbed": marked,
+                                "disturbed_bound_cores": 0.25}
+            d = tmp_path / run.run_dir("quick") / runtime
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps(summary))
+    data = real_vs_sim_table(exp, "quick", tmp_path)
+    flagged = data.groupby(["system_id", "seed"])["disturbed"].agg(["all", "any"])
+    assert flagged["all"].to_dict() == flagged["any"].to_dict() == {("infaas++", 0): False, ("infaas++", 1): True,
+                                                                    ("llumnix", 0): True, ("llumnix", 1): False}
+    bad = disturbed_runs(data)
+    assert list(zip(bad["system_id"], bad["seed"], bad["disturbed_bound_cores"], strict=True)) == [
+        ("infaas++", 1, 0.25), ("llumnix", 0, 0.05)]  # the derived one with the default bound
+    assert bad["cpu_other_cores"].to_numpy() == pytest.approx([0.4, 30 / 80])
+    errors = error_summary(data)  # the undisturbed runs' (the disturbed ones' would be -0.7)
+    assert errors.to_numpy() == pytest.approx(-0.1)
+    only = error_summary(data[~((data["system_id"] == "llumnix") & (data["seed"] == 1))])
+    assert only.loc["INFaaS++"].to_numpy() == pytest.approx(-0.1) and only.loc["Llumnix"].isna().all()
+    # read back from data.csv: the same marks
+    data.to_csv(tmp_path / "data.csv", index=False)
+    again = mark_disturbed(pd.read_csv(tmp_path / "data.csv"))
+    assert again["disturbed"].tolist() == data["disturbed"].tolist()
+    real = data[data["runtime"] == "real"]
+    note = disturbed_note(real)
+    assert "DISTURBED (hatched): 2 of 4 real runs" in note and "up to 0.40 of the 2 cores" in note
+    assert disturbed_note(real[~real["disturbed"]]) == ""
+    written = plot_real_vs_sim(exp, data, tmp_path / "fig" / "real.png")
+    assert all(p.stat().st_size > 1000 for p in written)
+    result = CliRunner().invoke(llumnix_cli, ["real-vs-sim", "--experiment", str(tmp_path / "real.yaml"), "--root",
+                                              str(tmp_path), "-o", str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: 2 disturbed run(s), left out of the errors above" in result.output
+    assert "INFaaS++ L-L r2 s1 (0.40 cores), Llumnix L-L r2 s0 (0.38 cores)" in result.output
+    assert pd.read_csv(tmp_path / "out.csv")["disturbed"].sum() == 2 * 4
+
+
 def test_the_dispatch_latency_is_read_from_the_metrics_text():
     from llumnix.analysis.realrun import _dispatch_seconds
 
@@ -193,7 +249,8 @@ def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, mo
     monkeypatch.setattr(ServeProcess, "__enter__", lambda self: servers.append(self) or enter(self))
     out = tmp_path / "run"
     args = ["real-cluster", "--trace", str(tmp_path / "trace.csv"), "--policy", "llumnix", "--instances", "2",
-            "--num-blocks", "32", "--out", str(out), "--no-progress", "--sample-interval", "0.2"]
+            "--num-blocks", "32", "--out", str(out), "--no-progress", "--sample-interval", "0.2",
+            "--quiet-window", "0.5", "--quiet-wait", "0"]  # one look at the machine, then on whatever its load
     result = CliRunner().invoke(llumnix_cli, args)
     assert result.exit_code == 0, result.output + (out / "serve.log").read_text()
     assert len(servers) == 1 and len(servers[0]._spawned) >= 3  # GCS, raylet, the instance workers at least
@@ -202,6 +259,9 @@ def test_real_cluster_serves_a_trace_and_leaves_no_ray_behind(tmp_path: Path, mo
     assert summary["finished"] == n and summary["errors"] == 0 and summary["runtime"] == "ray"
     assert summary["engine_steps"] > 0 and summary["num_blocks"] == 32 and summary["instances"] == 2
     assert "--num-blocks 32" in summary["serve_command"] and summary["dispatch_mean_s"] > 0
+    # other processes' CPU before and during the run (its value depends on the machine's load: not asserted)
+    assert summary["attempts"] == 1 and summary["cpu_other_cores"] >= 0 and summary["cpu_other_cores_before"] >= 0
+    assert isinstance(summary["disturbed"], bool) and summary["disturbed_bound_cores"] == 0.05
     # the legs around the engines, measured per request: arrival -> dispatch, prefill end -> the client
     assert 0 < summary["dispatch_latency_mean_s"] < 5 and 0 < summary["delivery_latency_mean_s"] < 5
     requests = pd.read_parquet(out / "requests.parquet")
@@ -272,3 +332,64 @@ def test_the_vllm_backend_has_its_own_runs_data_and_figure(tmp_path: Path):
     with pytest.raises(ValueError, match="make install-vllm"):
         RealClusterConfig(backend="vllm", python=str(tmp_path / "no-python"))
     assert set(REAL_BACKENDS) == set(BACKENDS)  # every engine the supervisor serves has a runtime folder
+
+
+# -- other processes' CPU: disturbed runs (llumnix.runtime.cpuload; fake runs, nothing measured on this machine) ------
+def _fake_attempts(monkeypatch, other_cpu_s: list[float], wall_s: float = 80.0) -> list[int]:
+    """``run_real_cluster``'s attempts replaced by fakes during which other processes use ``other_cpu_s[i]``."""
+    import llumnix.analysis.realrun as realrun
+    from llumnix.runtime.replay import ReplayResult
+
+    served = []
+
+    def serve(trace_path, trace, out_dir, *args):
+        served.append(len(served))
+        extra = {"cpu_other_s": other_cpu_s[len(served) - 1], "cpu_count": 2, "attempt": len(served)}
+        steps = pd.DataFrame({"instance_id": [0], "start_s": [0.0], "end_s": [0.1]})
+        return ReplayResult([], [], [], [], wall_s, 0.0), extra, steps
+
+    def write(result, out_dir, extra):
+        summary = {**extra, "requests": 1, "finished": 1, "wall_s": result.wall_s}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(realrun, "_serve_and_replay", serve)
+    monkeypatch.setattr(realrun, "write_replay_outputs", write)
+    return served
+
+
+def test_a_disturbed_real_run_is_marked_and_rerun(tmp_path: Path, monkeypatch):
+    from llumnix.analysis.realrun import run_real_cluster
+    from llumnix.runtime.cpuload import QuietConfig
+
+    trace = tmp_path / "trace.csv"
+    pd.DataFrame({"request_id": [0], "arrival_s": [0.0], "prompt_tokens": [8], "output_tokens": [2]}).to_csv(trace)
+    served = _fake_attempts(monkeypatch, [36.0, 0.5, 0.0])  # 0.45 cores, then 0.006: the second attempt is kept
+    samples = iter([0.0, 0.0, 10.0, 10.0])  # cumulative CPU of the others: quiet before both attempts
+    quiet = QuietConfig(quiet_window_s=0.01, retry_disturbed=3)
+    summary = run_real_cluster(trace, tmp_path / "run", RealClusterConfig(instances=2), quiet=quiet,
+                               sampler=lambda: next(samples))
+    assert served == [0, 1] and summary["attempt"] == 2 and summary["attempts"] == 2
+    assert summary["disturbed"] is False and summary["cpu_other_cores"] == pytest.approx(0.5 / 80)
+    assert summary["attempts_cpu_other_cores"] == pytest.approx([0.45, 0.5 / 80])
+    assert summary["disturbed_bound_cores"] == 0.05 and summary["quiet_before"] is True
+    assert (tmp_path / "run" / "steps.parquet").exists()
+
+
+def test_the_real_cluster_command_warns_of_a_disturbed_run(tmp_path: Path, monkeypatch):
+    trace = tmp_path / "trace.csv"
+    pd.DataFrame({"request_id": [0], "arrival_s": [0.0], "prompt_tokens": [8], "output_tokens": [2]}).to_csv(trace)
+    _fake_attempts(monkeypatch, [36.0, 30.0])
+    args = ["real-cluster", "--trace", str(trace), "--instances", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--quiet-window", "0", "--retry-disturbed", "1", "--max-other-cores", "0.25"]
+    result = CliRunner().invoke(llumnix_cli, args)
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if line.startswith("WARNING")]
+    assert warning == ["WARNING: disturbed run: other processes took 0.38 of the 2 cores during the replay (bound "
+                       "0.25), so its latencies measure the machine's load, not the cluster's; rerun it on a quiet "
+                       "machine (or with --retry-disturbed N) (2 attempts, all disturbed)"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["disturbed"] and summary["attempts"] == 2 and summary["disturbed_bound_cores"] == 0.25
+    _fake_attempts(monkeypatch, [36.0])
+    quiet = CliRunner().invoke(llumnix_cli, [*args[:-4], "--max-other-cores", "0.5"])
+    assert quiet.exit_code == 0 and "WARNING" not in quiet.output

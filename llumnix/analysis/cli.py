@@ -8,6 +8,7 @@ import click
 
 from llumnix.analysis.realsim import VLLM_PYTHON
 from llumnix.cli_options import options
+from llumnix.runtime.cpuload import QuietConfig
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
 
@@ -258,6 +259,7 @@ def capped_trace(workload, rate, num_requests, arrival, cv, priority_fraction, s
 @options(RealClusterConfig, exclude=["python"])
 @click.option("--time-scale", type=float, default=1.0, help="Multiply the trace's arrival times by this.")
 @options(SimConfig, ["sample_interval_s"])
+@options(QuietConfig)
 @click.option("--vllm-python", type=click.Path(dir_okay=False, path_type=Path), default=Path(VLLM_PYTHON),
               help="With --backend vllm: the Python (with vLLM and llumnix installed: make install-vllm) that runs "
                    "`llumnix serve`.")
@@ -270,17 +272,24 @@ def real_cluster(trace_path, time_scale, sample_interval_s, vllm_python, out_dir
     import sys
 
     from llumnix.analysis.realrun import run_real_cluster
+    from llumnix.fields import settings as fields_of
+    from llumnix.runtime.cpuload import Disturbance
 
     try:
+        quiet = QuietConfig(**{s.name: settings.pop(s.name) for s in fields_of(QuietConfig)})
         python = str(vllm_python) if settings["backend"] == "vllm" else None
         config = RealClusterConfig(**settings, python=python)
         summary = run_real_cluster(trace_path, out_dir, config, time_scale, sample_interval_s,
-                                   progress=progress and sys.stderr.isatty())
+                                   progress=progress and sys.stderr.isatty(), quiet=quiet)
     except (ValueError, RuntimeError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     keys = ("requests", "finished", "errors", "prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s",
-            "preemptions", "migrations", "engine_step_mean_s", "wall_s")
+            "preemptions", "migrations", "engine_step_mean_s", "wall_s", "cpu_other_cores", "disturbed", "attempts")
     click.echo(json.dumps({k: summary.get(k) for k in keys}), err=True)
+    if summary.get("disturbed"):
+        found = Disturbance(summary["cpu_other_cores"], summary["disturbed_bound_cores"], summary["cpu_count"])
+        tries = f" ({summary['attempts']} attempts, all disturbed)" if summary.get("attempts", 1) > 1 else ""
+        click.echo(f"WARNING: {found.message()}{tries}", err=True)
     if summary["finished"] < summary["requests"]:
         raise click.ClickException(f"{summary['requests'] - summary['finished']} of {summary['requests']} requests "
                                    f"did not finish (see {out_dir / 'serve.log'})")
@@ -296,7 +305,7 @@ def real_cluster(trace_path, time_scale, sample_interval_s, vllm_python, out_dir
               help="The real runs' engine: torch (with its simulated twins) or vllm (real runs only).")
 def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     """Put a real-cluster experiment's real and simulated runs side by side, with the simulator's relative errors."""
-    from llumnix.analysis.realsim import error_summary, real_vs_sim_table
+    from llumnix.analysis.realsim import disturbed_runs, error_summary, real_vs_sim_table
 
     exp = _load(experiment_path)
     try:
@@ -307,6 +316,13 @@ def real_vs_sim(experiment_path, scale, root, output, backend) -> None:
     df.to_csv(output, index=False)
     if backend == "torch":  # a vLLM run has no simulated twin
         click.echo(error_summary(df).to_string(float_format=lambda x: f"{x:+.1%}"), err=True)
+    disturbed = disturbed_runs(df)
+    if len(disturbed):
+        runs = ", ".join(f"{r.system_label} {r.trace} r{r.rate:g} s{r.seed} ({r.cpu_other_cores:.2f} cores)"
+                         for r in disturbed.itertuples())
+        left_out = "left out of the errors above" if backend == "torch" else "flagged in the figure"
+        click.echo(f"WARNING: {len(disturbed)} disturbed run(s), {left_out} (other processes took more than "
+                   f"{disturbed['disturbed_bound_cores'].max():g} cores during the real run): {runs}", err=True)
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 

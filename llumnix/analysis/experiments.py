@@ -28,6 +28,7 @@ from llumnix.fields import default_of, pydantic_field
 from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SystemConfig
 from llumnix.profiles import DEFAULT_PROFILE
+from llumnix.runtime.cpuload import QuietConfig
 from llumnix.runtime.serve_config import InstanceSpec
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
@@ -158,6 +159,8 @@ class RealSpec(_Strict):
     max_prompt_tokens: PositiveInt = Field(description="prompt lengths are capped here (after scaling)")
     max_output_tokens: PositiveInt = Field(description="output lengths are capped here (after scaling)")
     block_size: PositiveInt = pydantic_field(InstanceSpec, "block_size")
+    max_other_cores: float = pydantic_field(QuietConfig, "max_other_cores", ge=0)
+    retry_disturbed: int = pydantic_field(QuietConfig, "retry_disturbed", ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> RealSpec:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from llumnix.bench.insitu import request_legs, steps_table
 from llumnix.machine import machine_description
+from llumnix.runtime.cpuload import QuietConfig, Sampler, other_cpu_seconds, run_undisturbed
 from llumnix.runtime.frontend import metric_samples
 from llumnix.runtime.replay import load_trace, replay, write_replay_outputs
 from llumnix.runtime.supervisor import (
@@ -54,14 +55,40 @@ def run_real_cluster(
     sample_interval_s: float = 1.0,
     request_timeout_s: float = 3600.0,
     progress: bool = False,
+    quiet: QuietConfig | None = None,
+    sampler: Sampler = other_cpu_seconds,
 ) -> dict:
     """Serve ``trace_path`` on a fresh real cluster; write the simulator's tables to ``out_dir``; return the summary.
 
     ``out_dir/serve.log`` keeps the server's output. Per-instance counters read at the end (steps, busy seconds) go
-    into the summary, so a run tells how long its engine steps really took.
+    into the summary, so a run tells how long its engine steps really took. Before the cluster starts, the run waits
+    for other processes to quieten (``quiet``, :func:`llumnix.runtime.cpuload.wait_for_quiet`); a run during which
+    they took more than ``quiet.max_other_cores`` is marked ``disturbed`` in the summary (and re-run up to
+    ``quiet.retry_disturbed`` times, the last kept). ``sampler``: the other processes' cumulative CPU seconds.
     """
     out_dir = Path(out_dir)
     trace = load_trace(trace_path)
+    quiet = quiet or QuietConfig()
+
+    def once():
+        result, extra, step_log = _serve_and_replay(trace_path, trace, out_dir, config, time_scale,
+                                                    sample_interval_s, request_timeout_s, progress)  # fmt: skip
+        return (result, extra, step_log), extra["cpu_other_s"], result.wall_s
+
+    (result, extra, step_log), columns = run_undisturbed(once, quiet, sampler)
+    # other processes' cores before the run and during it; disturbed: more than the bound during it
+    extra.update(columns)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step_log.to_parquet(out_dir / "steps.parquet", index=False)  # before summary.json, whose presence means complete
+    summary = write_replay_outputs(result, out_dir, extra)
+    if result.errors:
+        log.warning("%d of %d requests failed, e.g. %s", len(result.errors), len(trace), result.errors[0])
+    return summary
+
+
+def _serve_and_replay(trace_path, trace, out_dir, config, time_scale, sample_interval_s, request_timeout_s, progress):
+    """One attempt: a fresh cluster serves the trace; returns the replay's result, the summary's extra columns and
+    the engine steps."""
     with ServeProcess(config, out_dir / "serve.log") as server:
         client_cpu0, machine_cpu0 = process_cpu_seconds(), machine_cpu_seconds()
         with tqdm(total=len(trace), desc="replaying", unit="req", disable=not progress, leave=False) as bar:
@@ -111,12 +138,7 @@ def run_real_cluster(
     }
     # arrival -> dispatch and prefill end -> the client's first token: what the simulator's twin adds to its steps
     extra.update(request_legs(result.requests))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    step_log.to_parquet(out_dir / "steps.parquet", index=False)  # before summary.json, whose presence means complete
-    summary = write_replay_outputs(result, out_dir, extra)
-    if result.errors:
-        log.warning("%d of %d requests failed, e.g. %s", len(result.errors), len(trace), result.errors[0])
-    return summary
+    return result, extra, step_log
 
 
 def _engine_prefill_latencies(requests) -> list[float]:

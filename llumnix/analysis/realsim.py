@@ -19,6 +19,11 @@ One run of the experiment is a trace served twice by the same system (dispatch +
 All write the same tables (``requests.parquet``, ``summary.json``, ...); :func:`real_vs_sim_table` puts them side by
 side with the simulator's relative error on the latencies, :mod:`llumnix.analysis.figures.real_vs_sim` draws them.
 
+A real run during which other processes took more than a small share of the cores is *disturbed*
+(:mod:`llumnix.runtime.cpuload`): its latencies measure the machine's load, not the cluster. Every row of such a run
+(the real one and its twins, whose errors are measured against it) carries ``disturbed``; :func:`error_summary` and
+the figure's errors leave those runs out, and the figure hatches them.
+
 Traces are a paper workload with lengths scaled down and capped (:func:`cap_lengths`): a small model with a small KV
 pool on a CPU must be able to hold every request, and a run must take minutes, not hours.
 """
@@ -33,6 +38,8 @@ import numpy as np
 import pandas as pd
 
 from llumnix.analysis.experiments import RUN_DIR, Experiment, expand_runs, fmt_number, run_metadata
+from llumnix.fields import default_of
+from llumnix.runtime.cpuload import QuietConfig, disturbance
 from llumnix.runtime.vllm_model import VLLM_CPU_BLOCK_MULTIPLE
 
 # Output layout (relative to the workflow's working directory). Capped traces get their own name so that the generic
@@ -53,6 +60,7 @@ REAL_BACKENDS = {"torch": "real", "vllm": "real-vllm"}
 VLLM_BLOCK_SIZE = VLLM_CPU_BLOCK_MULTIPLE  # vLLM's CPU attention's block size (the torch engine: the experiment's)
 VLLM_PYTHON = ".venv-vllm/bin/python"  # `make install-vllm`
 COMPARED_METRICS = ("prefill_mean_s", "prefill_p99_s", "e2e_mean_s", "e2e_p99_s")
+RUN_KEY = ["trace", "rate", "system_id", "seed"]  # the columns that tell one run (of every runtime) from another
 
 
 # -- traces ---------------------------------------------------------------------------------------------------------
@@ -122,6 +130,7 @@ def real_cluster_args(
         "--dtype", r.dtype, "--num-blocks", str(backend_blocks(exp, backend)), "--torch-threads", str(r.torch_threads),
         "--num-cpus-per-instance", fmt_number(r.num_cpus_per_instance),
         "--migration-threshold", fmt_number(exp.migration_threshold(trace, s)), "--seed", str(int(seed)),
+        "--max-other-cores", fmt_number(r.max_other_cores), "--retry-disturbed", str(r.retry_disturbed),
     ]  # fmt: skip
     if s.policy == "llumnix" and not s.migration:
         args.append("--no-migration")
@@ -181,14 +190,52 @@ def real_vs_sim_table(exp: Experiment, scale: str, root: Path | str = ".", backe
         rows += list(by_runtime.values())
     if not rows:
         raise ValueError(f"experiment {exp.name} has no runs at scale {scale}")
-    return pd.DataFrame(rows)
+    return mark_disturbed(pd.DataFrame(rows))
+
+
+def mark_disturbed(data: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``cpu_other_cores``, ``disturbed`` and ``disturbed_bound_cores`` on its real rows (from
+    ``cpu_other_s`` over ``wall_s`` and the default bound where a run's summary predates them), and every row's
+    ``disturbed`` set to its run's real row's: a twin of a disturbed run is compared against the machine's load."""
+    out = data.copy()
+    for col in ("cpu_other_cores", "disturbed", "disturbed_bound_cores"):
+        if col not in out:
+            out[col] = math.nan
+    out["disturbed"] = out["disturbed"].astype(object)
+    real = out["runtime"].isin(list(REAL_BACKENDS.values()))
+    missing = real & out["disturbed"].isna()
+    if missing.any() and {"cpu_other_s", "wall_s"} <= set(out):
+        bound = default_of(QuietConfig, "max_other_cores")
+        found = [disturbance(float(c), float(w), bound) for c, w in out.loc[missing, ["cpu_other_s", "wall_s"]].values]
+        out.loc[missing, "cpu_other_cores"] = [f.other_cores for f in found]
+        out.loc[missing, "disturbed"] = [f.disturbed for f in found]
+        out.loc[missing, "disturbed_bound_cores"] = bound
+    flags = out.loc[real].set_index(RUN_KEY)["disturbed"].map(_truthy)
+    flags = flags[~flags.index.duplicated()]
+    out["disturbed"] = flags.reindex(pd.MultiIndex.from_frame(out[RUN_KEY])).fillna(False).astype(bool).to_numpy()
+    return out
+
+
+def _truthy(value) -> bool:
+    """A flag as pandas may hold it: a bool, nan (unknown: not disturbed) or, read back from CSV, a string."""
+    return str(value).strip().lower() in ("true", "1", "1.0")
+
+
+def disturbed_runs(data: pd.DataFrame) -> pd.DataFrame:
+    """The real rows of disturbed runs: which run, and the cores other processes took against the bound."""
+    data = data if "disturbed" in data and "cpu_other_cores" in data else mark_disturbed(data)
+    real = data[data["runtime"].isin(list(REAL_BACKENDS.values())) & data["disturbed"].map(_truthy)]
+    return real[["system_label", *RUN_KEY, "cpu_other_cores", "disturbed_bound_cores"]]
 
 
 def error_summary(data: pd.DataFrame) -> pd.DataFrame:
-    """The simulator's relative error per system and compared metric, mean over runs (seeds, traces, rates)."""
+    """The simulator's relative error per system and compared metric, mean over the runs (seeds, traces, rates) that
+    were not disturbed (:func:`disturbed_runs` lists those left out); nan for a system with no other run."""
+    data = data if "disturbed" in data else mark_disturbed(data)
     sim = data[data["runtime"] == INSITU]
     cols = [f"rel_error_{m}" for m in COMPARED_METRICS]
-    return sim.groupby("system_label", sort=False)[cols].mean()
+    order = list(dict.fromkeys(sim["system_label"]))
+    return sim[~sim["disturbed"].map(_truthy)].groupby("system_label", sort=False)[cols].mean().reindex(order)
 
 
 def backend_of(data: pd.DataFrame) -> str:
@@ -205,6 +252,7 @@ __all__ = [
     "INSITU",
     "INSITU_PROFILE",
     "REAL_BACKENDS",
+    "RUN_KEY",
     "RUNTIMES",
     "SIM_PROFILES",
     "SIM_RUNTIMES",
@@ -213,7 +261,9 @@ __all__ = [
     "backend_of",
     "cap_lengths",
     "capped_trace_args",
+    "disturbed_runs",
     "error_summary",
+    "mark_disturbed",
     "profile_args",
     "real_cluster_args",
     "real_spec",

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
 from llumnix.analysis.experiments import Experiment
 from llumnix.analysis.plots import FIGURE_KINDS, metric_label, save_figure
@@ -20,6 +21,7 @@ from llumnix.analysis.realsim import (
     VLLM_BLOCK_SIZE,
     backend_blocks,
     backend_of,
+    mark_disturbed,
     real_spec,
 )
 
@@ -31,13 +33,21 @@ RUNTIME_LABELS = {
     "real-vllm": "real cluster, vLLM instances",
 }
 ERROR_TOLERANCE = 0.15  # relative error of the simulator above which the figure flags a metric
+DISTURBED_COLOR = "0.45"  # what a disturbed run's text is written in (its bars: hatched and faded)
 
 
 @FIGURE_KINDS.register("real_vs_sim")
 def plot_real_vs_sim(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Path]:
     """One panel per compared metric; per system a bar per runtime (mean over runs, min-max whiskers), the
-    simulator's relative error written above each group (red beyond the tolerance)."""
+    simulator's relative error written above each group (red beyond the tolerance). A system with disturbed runs
+    (other processes took more than the bound during its real run) has its bars hatched and faded; its error is the
+    mean over its other runs, and where it has none, "disturbed" and the cores other processes took are written
+    instead of an error."""
+    data = mark_disturbed(data)
     order = [s.label for s in exp.systems.values() if s.label in set(data["system_label"])]
+    real_rows = data[data["runtime"].isin(list(REAL_BACKENDS.values()))]
+    disturbed = real_rows[real_rows["disturbed"]].groupby("system_label")["cpu_other_cores"].max()
+    clean = real_rows[~real_rows["disturbed"]].groupby("system_label").size()
     colors = {"real": "#4c72b0", "real-vllm": "#4c72b0", INSITU: "#55a868", "sim": "#dd8452", "sim-alone": "#c9c9c9"}
     runtimes = [r for r in (*REAL_BACKENDS.values(), *SIM_RUNTIMES) if r in set(data["runtime"])]
     vllm = backend_of(data) == "vllm"
@@ -45,35 +55,68 @@ def plot_real_vs_sim(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Pat
     width = 0.8 / len(runtimes)
     for ax, metric in zip(axes[0], COMPARED_METRICS, strict=True):
         stats = data.groupby(["system_label", "runtime"])[metric].agg(["mean", "min", "max"])
-        sims = data[data["runtime"] == INSITU]
+        sims = data[(data["runtime"] == INSITU) & ~data["disturbed"]]
         errors = sims.groupby("system_label")[f"rel_error_{metric}"].mean() if len(sims) else pd.Series(dtype=float)
         top = float(stats["max"].max()) if len(stats) else 1.0
         for k, runtime in enumerate(runtimes):
             xs = np.arange(len(order)) + (k - (len(runtimes) - 1) / 2) * width
             s = stats.xs(runtime, level="runtime").reindex(order)
             spread = [s["mean"] - s["min"], s["max"] - s["mean"]] if (s["max"] > s["min"]).any() else None
-            ax.bar(xs, s["mean"], width, color=colors[runtime], label=RUNTIME_LABELS[runtime], yerr=spread,
-                   capsize=2, ecolor="0.3")
-        for i, label in enumerate([] if vllm else order):  # a vLLM run has no simulated twin to compare
+            bars = ax.bar(xs, s["mean"], width, color=colors[runtime], label=RUNTIME_LABELS[runtime], yerr=spread,
+                          capsize=2, ecolor="0.3")
+            for bar, label in zip(bars, order, strict=True):
+                if label in disturbed.index:
+                    bar.set(hatch="////", alpha=0.45, edgecolor="0.2")
+        for i, label in enumerate(order):
+            if label in disturbed.index and label not in clean.index:  # no undisturbed run: no error to show
+                ax.annotate(f"disturbed:\nothers {disturbed[label]:.2f} cores", (i, top * 1.03), ha="center",
+                            va="bottom", fontsize=7, color=DISTURBED_COLOR, style="italic")
+                continue
+            if vllm:  # a vLLM run has no simulated twin to compare
+                continue
             err = errors.get(label, math.nan)
             bad = math.isfinite(err) and abs(err) > ERROR_TOLERANCE
-            ax.annotate(f"{err:+.0%}" if math.isfinite(err) else "n/a", (i, top * 1.04), ha="center", va="bottom",
-                        fontsize=9, color="#c44e52" if bad else "0.2", fontweight="bold" if bad else "normal")
-        ax.set_ylim(0, top * 1.2)
+            mark = "\u2020" if label in disturbed.index else ""  # some runs left out: disturbed
+            ax.annotate(f"{err:+.0%}{mark}" if math.isfinite(err) else "n/a", (i, top * 1.04), ha="center",
+                        va="bottom", fontsize=9, color="#c44e52" if bad else "0.2",
+                        fontweight="bold" if bad else "normal")
+        ax.set_ylim(0, top * (1.3 if len(disturbed.index.difference(clean.index)) else 1.2))
         ax.set_xticks(range(len(order)), order, fontsize=8)
         ax.set_title(metric_label(metric), fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(runtimes), fontsize=8,
+    handles = [Patch(facecolor=colors[r]) for r in runtimes]  # plain patches: a group's bars may be hatched
+    labels = [RUNTIME_LABELS[r] for r in runtimes]
+    if len(disturbed):
+        handles.append(Patch(facecolor="white", edgecolor="0.2", hatch="////", alpha=0.45))
+        labels.append("disturbed run")
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(handles), fontsize=8,
                frameon=False)
     r = real_spec(exp)
     title = f"Real cluster of {exp.instances} vLLM engines ({r.model} shape, {r.device.upper()})" if vllm else exp.title
     fig.suptitle(title, fontsize=12, y=0.995)
     note = vllm_cluster_note(exp, data) if vllm else real_vs_sim_note(exp, data)
+    note += disturbed_note(real_rows, vllm)
     fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7.5, style="italic",
              wrap=True)
     fig.tight_layout(rect=(0, 0.16, 1, 0.88))
     return save_figure(fig, out)
+
+
+def disturbed_note(real: pd.DataFrame, vllm: bool = False) -> str:
+    """The footnote's sentence on disturbed runs (empty when there is none)."""
+    bad = real[real["disturbed"]]
+    if not len(bad):
+        return ""
+    cpus = real["cpu_count"].max() if "cpu_count" in real else math.nan
+    left_out = "" if vllm else (
+        "; their twins' errors are left out of the errors above the bars (\u2020: the mean of the other runs) and of "
+        "the worst errors"
+    )  # fmt: skip
+    return (
+        f" DISTURBED (hatched): {len(bad)} of {len(real)} real runs, during which other processes took up to "
+        f"{bad['cpu_other_cores'].max():.2f} of the {cpus:.0f} cores (bound {bad['disturbed_bound_cores'].max():g}): "
+        f"their latencies measure the machine's load, not the cluster{left_out}. Rerun them on a quiet machine."
+    )
 
 
 def vllm_cluster_note(exp: Experiment, data: pd.DataFrame) -> str:
@@ -107,7 +150,7 @@ def real_vs_sim_note(exp: Experiment, data: pd.DataFrame) -> str:
     first = real.iloc[0] if len(real) else {}
     seeds = int(real["seed"].nunique()) if len(real) else 0
     cols = [f"rel_error_{m}" for m in COMPARED_METRICS]
-    worst = {rt: data.loc[data["runtime"] == rt, cols].abs().max().max() for rt in SIM_RUNTIMES}
+    worst = {rt: data.loc[(data["runtime"] == rt) & ~data["disturbed"], cols].abs().max().max() for rt in SIM_RUNTIMES}
     cpu = real["cpu_cores_used"].mean() if "cpu_cores_used" in real else math.nan
     other = real["cpu_other_s"].max() if "cpu_other_s" in real else math.nan
     # Per request, outside any engine step: arrival to dispatch, and the first token's trip back to the client.
