@@ -6,7 +6,7 @@
 #   kernel       the kernel alone vs the copy bandwidth, over shapes x batch x context x kernel constants
 #                -> benchmarks/<gpu>-decode-kernel.csv (benchmarks/gpu_decode_kernel.py)
 #   grid         LLaMA-7B bf16 decode steps (CUDA graphs + paged kernel) over batch {1,8,32,128,256} x context
-#                {512,2048,8192} where the KV fits, split-KV (512) and one partition per sequence (8192/64/4: the
+#                {512,2048,8192} where the KV fits, split-KV (512) and one partition per sequence (8192/64/4/1: the
 #                kernel before split-KV) -> benchmarks/<gpu>-decode-grid.csv: step time, floor and ratio per cell
 #   determinism  bf16 determinism and batch invariance with the split kernel -> $OUT/<gpu>-determinism-splitkv.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
@@ -30,13 +30,13 @@ run() { [ "$WHAT" = all ] || [ "$WHAT" = "$1" ]; }
       tests/test_engine_model.py -k "split or paged or invariant or static or cuda" 2>&1 | tail -30
   fi
   if run kernel; then
-    timeout 300 python3 benchmarks/gpu_decode_kernel.py --batches 1,8,32,128 --contexts 512,2048,8192 \
-      --configs 512/32/4,512/64/8,512/16/4,256/32/4,1024/32/4,8192/64/4 -o "benchmarks/$G-decode-kernel.csv" \
-      && cp "benchmarks/$G-decode-kernel.csv" "$OUT/"
+    C=512/32/4/4,512/32/4/2,512/32/4/8,512/64/8/4,512/16/4/4,256/32/4/4,1024/32/4/4,8192/64/4/1  # P/tile/warps/per SM
+    timeout 300 python3 benchmarks/gpu_decode_kernel.py --batches 1,8,32,128 --contexts 512,2048,8192 --configs $C \
+      -o "benchmarks/$G-decode-kernel.csv" && cp "benchmarks/$G-decode-kernel.csv" "$OUT/"
   fi
   if run grid; then
     timeout 300 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
-      --context 512,2048,8192 --kernel-configs 512,8192/64/4 -o "benchmarks/$G-decode-grid.csv" \
+      --context 512,2048,8192 --kernel-configs 512,8192/64/4/1 -o "benchmarks/$G-decode-grid.csv" \
       && cp "benchmarks/$G-decode-grid.csv" "$OUT/"
   fi
   if run determinism; then

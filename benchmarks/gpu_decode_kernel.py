@@ -1,10 +1,10 @@
 """Issue 19: the split-KV paged decode kernel alone (llumnix/engine/paged_attention.py), against the device's copy
-bandwidth, over model shapes x batch x context x kernel constants (PARTITION/TILE/WARPS): which constants reach the
-bandwidth floor, and how far one partition per sequence (8192/64/4: the kernel before split-KV, one program per
-sequence and KV head) is from it.
+bandwidth, over model shapes x batch x context x kernel constants (PARTITION/TILE/WARPS/PROGRAMS_PER_SM): which
+constants reach the bandwidth floor, and how far one partition per sequence (8192/64/4/1: the kernel before split-KV,
+one program per sequence and KV head walking the whole context) is from it.
 
 Each timed call is one layer's decode attention, bf16, block size 16, block tables as wide as the engine's CUDA
-graphs make them (8192 tokens: programs past a sequence's length exit at once), blocks in shuffled order. Calls go
+graphs make them (8192 tokens: partitions past a sequence's length are skipped), blocks in shuffled order. Calls go
 through a CUDA graph over several layers' own K/V pools (at least 1 GiB in all, past the L2 cache), so launch costs
 and cache hits stay out. A config whose output differs from the first config's by more than bf16 rounding is flagged.
 
@@ -74,8 +74,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="llama-7b,smollm2-135m")
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--contexts", default="512,2048,8192")
-    ap.add_argument("--configs", default="512/32/4,512/64/4,512/64/8,512/16/4,256/32/4,256/16/4,1024/32/4,8192/64/4",
-                    help="PARTITION/TILE/WARPS entries; the first is the reference for the output check")
+    ap.add_argument("--configs", default="512/32/4/4,512/32/4/2,512/64/8/4,256/32/4/4,1024/32/4/4,8192/64/4/1",
+                    help="PARTITION/TILE/WARPS/PROGRAMS_PER_SM entries; the first: the reference of the output check")
     ap.add_argument("--table-tokens", type=int, default=8192, help="block table width in tokens (the graphs')")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--max-gib", type=float, default=48.0, help="skip cells whose K/V pools would exceed this")
@@ -118,19 +118,20 @@ def main() -> int:
                 q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
                 reference = None
                 for config in configs:
-                    with _kernel_constants(config) as (partition, tile, warps):
+                    with _kernel_constants(config) as constants:
                         outs, per_call = _time_calls(functools.partial(_layers, q, pools, tables, lens), args.repeats)
                         per_call /= layers
                     if reference is None:
                         reference = outs[0].float()
                     diff = (outs[0].float() - reference).abs().max().item()
                     row = {**common, "shape": shape, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-                           "batch": batch, "context": ctx, "partition": partition, "tile": tile, "num_warps": warps,
+                           "batch": batch, "context": ctx, **constants,
                            "layers_in_graph": layers, "call_s": per_call, "kv_bytes": kv_bytes,
                            "floor_s": kv_bytes / bandwidth, "call_over_floor": per_call * bandwidth / kv_bytes,
                            "max_diff_vs_first_config": diff, "output_ok": diff <= 2e-2}
                     rows.append(row)
-                    print(f"{shape} b{batch} ctx{ctx} {partition}/{tile}/{warps}: {per_call * 1e6:.1f} us, "
+                    name = "/".join(map(str, constants.values()))
+                    print(f"{shape} b{batch} ctx{ctx} {name}: {per_call * 1e6:.1f} us, "
                           f"{row['call_over_floor']:.2f}x floor, diff {diff:.1e}", flush=True)
                 del pools, outs, reference
                 if cuda:

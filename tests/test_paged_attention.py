@@ -69,7 +69,8 @@ def test_split_kernel_matches_float64_reference(dtype, heads, kv_heads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_kernel_is_batch_invariant_and_deterministic(dtype):
     """A 1100-token sequence (3 partitions) and a 40-token one (1): the same bits alone (table as wide as their own
-    context), in a batch of others of different lengths (a wider table, other rows, other positions), and again."""
+    context), in a batch of others of different lengths (a wider table, other rows, other positions), again, and
+    with the partitions split among fewer programs."""
     lens = [1100, 2100, 40, 513, 7]
     q, k_pool, v_pool, tables, lens_t = _case(lens, 3, 1, dtype, seed=3)
 
@@ -80,6 +81,9 @@ def test_split_kernel_is_batch_invariant_and_deterministic(dtype):
     batch = run([1, 3, 0, 4, 2])
     again = run([1, 3, 0, 4, 2])
     assert batch.equal(again)
+    for splits in (1, 2):  # programs per (sequence, KV head): the same partitions, taken by fewer programs
+        assert paged_attention.paged_decode_attention(q[[1, 3, 0, 4, 2]], k_pool, v_pool, tables[[1, 3, 0, 4, 2]],
+                                                      lens_t[[1, 3, 0, 4, 2]], BLOCK, splits=splits).equal(batch)
     alone = run([0])
     assert alone[0].equal(batch[2])
     assert run([0], width=tables.shape[1])[0].equal(alone[0])  # a padded table: more partitions in the grid

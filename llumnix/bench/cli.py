@@ -142,8 +142,8 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 @click.option("--paged-kernel/--no-paged-kernel", default=None,
               help="Decode attention by the Triton paged kernel (default: where Triton runs) or gather + SDPA.")
 @click.option("--kernel-configs", default=None,
-              help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS]] (e.g. "
-                   "512,8192/64/4; default: the engine's).")
+              help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] "
+                   "(e.g. 512,8192/64/4/1; default: the engine's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output: JSON with the step time, the floor and their ratio (one cell), or a CSV of every cell "
                    "(an output named *.csv; a grid).")
@@ -184,7 +184,7 @@ def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_grap
 
     df = pd.DataFrame(rows).assign(command=command)
     df["decode_step_ms"], df["floor_ms"] = df["decode_step_s"] * 1e3, df["floor_s"] * 1e3
-    summary = [c for c in ("partition", "tile", "num_warps") if c in df]
+    summary = [c for c in ("partition", "tile", "num_warps", "programs_per_sm") if c in df]
     _write_csv(df, output, [*summary, "batch", "context_tokens_per_seq", "fits", "decode_step_ms", "floor_ms",
                             "step_over_floor"])
 

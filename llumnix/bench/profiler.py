@@ -422,29 +422,36 @@ class KernelConfig:
     partition: int | None = None
     tile: int | None = None
     num_warps: int | None = None
+    programs_per_sm: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> KernelConfig:
-        """'512' or '512/32' or '512/32/4': PARTITION[/BLOCK_N[/NUM_WARPS]]."""
-        parts = [int(x) for x in text.split("/")]
-        if not 1 <= len(parts) <= 3 or min(parts) < 1:
-            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS]] of positive integers")
+        """'512', '512/32', '512/32/4' or '512/32/4/4': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM]]]."""
+        try:
+            parts = [int(x) for x in text.split("/")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 4 or min(parts) < 1:
+            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] of "
+                             "positive integers")
         return cls(*parts)
 
 
 @contextlib.contextmanager
-def _kernel_constants(config: KernelConfig) -> Iterator[tuple[int, int, int]]:
+def _kernel_constants(config: KernelConfig) -> Iterator[dict[str, int]]:
     """Set the paged kernel's module constants for a block (restored after); yields those in force."""
     from llumnix.engine import paged_attention as pa
 
-    saved = pa.PARTITION, pa.BLOCK_N, pa.NUM_WARPS
-    pa.PARTITION = config.partition or saved[0]
-    pa.BLOCK_N = config.tile or saved[1]
-    pa.NUM_WARPS = config.num_warps or saved[2]
+    names = {"partition": "PARTITION", "tile": "BLOCK_N", "num_warps": "NUM_WARPS",
+             "programs_per_sm": "PROGRAMS_PER_SM"}
+    saved = {key: getattr(pa, name) for key, name in names.items()}
+    for key, name in names.items():
+        setattr(pa, name, getattr(config, key) or saved[key])
     try:
-        yield pa.PARTITION, pa.BLOCK_N, pa.NUM_WARPS
+        yield {key: getattr(pa, name) for key, name in names.items()}
     finally:
-        pa.PARTITION, pa.BLOCK_N, pa.NUM_WARPS = saved
+        for key, name in names.items():
+            setattr(pa, name, saved[key])
 
 
 def decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], contexts: list[int],
@@ -529,9 +536,9 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
 
     rows = []
     for config in kernel_configs:
-        with _kernel_constants(config) as (partition, tile, warps):
+        with _kernel_constants(config) as constants:
             runner._static.clear()  # graphs captured with other kernel constants
-            kernel = {"partition": partition, "tile": tile, "num_warps": warps} if runner.paged_kernel else {}
+            kernel = constants if runner.paged_kernel else {}
             for b in batches:
                 short = step_s(b, 1) if any(fits(b, n) for n in contexts) else None  # weights, launches, sampling
                 for n in contexts:
