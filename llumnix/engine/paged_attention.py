@@ -160,12 +160,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
-    """Programs per (sequence, KV head): enough for ``PROGRAMS_PER_SM`` per SM, at most one per partition. From
-    shapes only (a CUDA graph's grid stays fixed); it schedules the work, the partitions' arithmetic is the same."""
+    """Programs per (sequence, KV head): about ``PROGRAMS_PER_SM`` per SM (rounded down to a power of two), at most
+    one per partition. From shapes only (a CUDA graph's grid stays fixed); it schedules the work, the partitions'
+    arithmetic is the same."""
     if device.type != "cuda":
         return parts
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(parts, -(-PROGRAMS_PER_SM * sms // (batch * kv_heads))))
+    wanted = -(-PROGRAMS_PER_SM * sms // (batch * kv_heads))
+    return min(parts, 1 << (wanted.bit_length() - 1))  # a power of two (few compiled variants), dividing parts
 
 
 def paged_decode_attention(
@@ -188,7 +190,8 @@ def paged_decode_attention(
     tile = min(BLOCK_N, max(16, 2 * BLOCK_N // group_pad))  # [G, tile, D] products: keep them in registers
     if PARTITION % tile:
         raise ValueError(f"PARTITION ({PARTITION}) must be a multiple of the tile ({tile} tokens)")
-    parts = max(1, -(-tables.shape[1] * block_size // PARTITION))  # from the table's width: fixed under a graph
+    # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
+    parts = triton.next_power_of_2(max(1, -(-tables.shape[1] * block_size // PARTITION)))
     splits = min(parts, splits or _splits(parts, batch, kv_heads, q.device))
     part_o = torch.empty(batch, heads, parts, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, heads, parts, 2, dtype=torch.float32, device=q.device)
