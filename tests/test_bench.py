@@ -239,6 +239,26 @@ def test_packaged_cpu_tiny_profile_is_measured():
     assert prof.total_blocks == 792
 
 
+def test_decode_floor_grid_on_cpu(tmp_path, monkeypatch):
+    """`llumnix bench decode-floor` over batches x contexts in one process: one CSV row per cell, the step time over
+    the floor of its bytes; a grid needs a CSV output."""
+    from llumnix.bench import profiler
+    from llumnix.cli import main
+
+    monkeypatch.setattr(profiler, "measure_copy_bandwidth", lambda device: 1e10)  # skip the 1 GiB copy
+    out = tmp_path / "grid.csv"
+    cli("bench", "decode-floor", "--device", "cpu", "--model", "tiny", "--dtype", "float32", "--batch", "1,3",
+        "--context", "8,40", "--repeats", "1", "-o", out)
+    df = pd.read_csv(out)
+    assert list(zip(df["batch"], df["context_tokens_per_seq"], strict=True)) == [(1, 8), (1, 40), (3, 8), (3, 40)]
+    assert df["fits"].all() and (df["decode_step_s"] > 0).all() and not df["paged_kernel"].any()
+    assert (df["step_over_floor"] - df["decode_step_s"] / df["floor_s"]).abs().max() < 1e-12
+    assert (df["kv_bytes"] == df["batch"] * df["context_tokens_per_seq"] * 2 * 4 * 2 * 64 * 4).all()
+    assert df["command"].iloc[0].startswith("llumnix bench decode-floor --device cpu --model tiny")
+    bad = CliRunner().invoke(main, ["bench", "decode-floor", "--device", "cpu", "--batch", "1,2", "-o",
+                                    str(tmp_path / "x.json")])
+    assert bad.exit_code != 0 and "*.csv" in bad.output
+
 def test_cli_bench_profile_and_plot(tmp_path):
     assert {c.name for c in COMMANDS} >= {"bench", "profile", "plot-migration"}
     csv = tmp_path / "fig10.csv"

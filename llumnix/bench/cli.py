@@ -133,34 +133,60 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 @click.option("--device", default="cuda", help="torch device: cpu or cuda (cuda:N).")
 @click.option("--model", default="llama-7b", help="Model preset (random weights) or smollm2-135m (real).")
 @click.option("--dtype", type=DTYPES, default="bfloat16", help="Weights and KV cache dtype.")
-@click.option("--batch", type=int, default=32, help="Sequences in the decode step.")
-@click.option("--context", "context_tokens", type=int, default=1024, help="Context tokens of each sequence.")
+@click.option("--batch", "batches", default="32", help="Sequences in the decode step (comma-separated: a grid).")
+@click.option("--context", "contexts", default="1024",
+              help="Context tokens of each sequence (comma-separated: a grid; cells that do not fit are listed).")
 @click.option("--repeats", type=int, default=10, help="Timed steps (median reported).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Replay decode steps as CUDA graphs (default: on CUDA) or run them eagerly.")
 @click.option("--paged-kernel/--no-paged-kernel", default=None,
               help="Decode attention by the Triton paged kernel (default: where Triton runs) or gather + SDPA.")
+@click.option("--kernel-configs", default=None,
+              help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] "
+                   "(e.g. 512,8192/64/4/1; default: the engine's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output JSON with the step time, the floor and their ratio.")
-def decode_floor_cmd(device, model, dtype, batch, context_tokens, repeats, cuda_graphs, paged_kernel, output) -> None:
+              help="Output: JSON with the step time, the floor and their ratio (one cell), or a CSV of every cell "
+                   "(an output named *.csv; a grid).")
+def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_graphs, paged_kernel, kernel_configs,
+                     output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
-    from llumnix.bench.profiler import decode_floor
+    from llumnix.bench.profiler import KernelConfig, decode_floor, decode_floor_grid
     from llumnix.engine.device import check_device
 
+    batch_list, context_list = list(_ints(batches)), list(_ints(contexts))
+    grid = output.suffix == ".csv"
+    if not grid and (len(batch_list) > 1 or len(context_list) > 1 or kernel_configs):
+        raise click.BadParameter("a grid (several batches, contexts or kernel configs) writes a CSV: name the "
+                                 "output *.csv", param_hint="--output")
     try:
-        result = decode_floor(check_device(device), model, dtype, batch, context_tokens, repeats,
-                              cuda_graphs=cuda_graphs, paged_kernel=paged_kernel)
+        configs = [KernelConfig.parse(c) for c in _names(kernel_configs)] if kernel_configs else None
+        if grid:
+            rows = decode_floor_grid(check_device(device), model, dtype, batch_list, context_list, repeats,
+                                     cuda_graphs=cuda_graphs, paged_kernel=paged_kernel, kernel_configs=configs)
+        else:
+            rows = [decode_floor(check_device(device), model, dtype, batch_list[0], context_list[0], repeats,
+                                 cuda_graphs=cuda_graphs, paged_kernel=paged_kernel)]
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
     graphs |= {None: {}, True: {"paged_kernel": True}, False: {"no_paged_kernel": True}}[paged_kernel]
-    result["command"] = _command_line("bench decode-floor", {
-        "device": device, "model": model, "dtype": dtype, "batch": batch, "context": context_tokens,
-        "repeats": repeats, **graphs, "output": output})
+    command = _command_line("bench decode-floor", {
+        "device": device, "model": model, "dtype": dtype, "batch": batches, "context": contexts,
+        "repeats": repeats, **graphs, "kernel_configs": kernel_configs, "output": output})
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"decode step {result['decode_step_s'] * 1e3:.2f} ms vs floor {result['floor_s'] * 1e3:.2f} ms "
-               f"({result['step_over_floor']:.1f}x); wrote {output}", err=True)
+    if not grid:
+        result = rows[0] | {"command": command}
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"decode step {result['decode_step_s'] * 1e3:.2f} ms vs floor {result['floor_s'] * 1e3:.2f} ms "
+                   f"({result['step_over_floor']:.1f}x); wrote {output}", err=True)
+        return
+    import pandas as pd
+
+    df = pd.DataFrame(rows).assign(command=command)
+    df["decode_step_ms"], df["floor_ms"] = df["decode_step_s"] * 1e3, df["floor_s"] * 1e3
+    summary = [c for c in ("partition", "tile", "num_warps", "programs_per_sm") if c in df]
+    _write_csv(df, output, [*summary, "batch", "context_tokens_per_seq", "fits", "decode_step_ms", "floor_ms",
+                            "step_over_floor"])
 
 
 @bench.command(context_settings=CONTEXT)

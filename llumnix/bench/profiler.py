@@ -406,64 +406,153 @@ def decode_floor(device: str, model: str, dtype: str, batch: int, context_tokens
                  paged_kernel: bool | None = None) -> dict:
     """Time a decode step of ``batch`` sequences of ``context_tokens`` each and compare it with the bytes it must
     move: every weight once plus every context token's K and V once, over the measured copy bandwidth."""
+    (row,) = decode_floor_grid(device, model, dtype, [batch], [context_tokens], repeats, seed, cpu_threads,
+                               cuda_graphs, paged_kernel)
+    if not row["fits"]:
+        raise ValueError(f"batch {batch} x {context_tokens} tokens does not fit the device's free memory "
+                         f"({row['kv_bytes'] / 2**30:.1f} GiB of KV next to {row['weight_bytes'] / 2**30:.1f} GiB of "
+                         "weights)")
+    return row
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The paged decode kernel's constants for one run of the grid (None: the engine's own, ``paged_attention``)."""
+
+    partition: int | None = None
+    tile: int | None = None
+    num_warps: int | None = None
+    programs_per_sm: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> KernelConfig:
+        """'512', '512/32', '512/32/4' or '512/32/4/4': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM]]]."""
+        try:
+            parts = [int(x) for x in text.split("/")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 4 or min(parts) < 1:
+            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] of "
+                             "positive integers")
+        return cls(*parts)
+
+
+@contextlib.contextmanager
+def _kernel_constants(config: KernelConfig) -> Iterator[dict[str, int]]:
+    """Set the paged kernel's module constants for a block (restored after); yields those in force."""
+    from llumnix.engine import paged_attention as pa
+
+    names = {"partition": "PARTITION", "tile": "BLOCK_N", "num_warps": "NUM_WARPS",
+             "programs_per_sm": "PROGRAMS_PER_SM"}
+    saved = {key: getattr(pa, name) for key, name in names.items()}
+    for key, name in names.items():
+        setattr(pa, name, getattr(config, key) or saved[key])
+    try:
+        yield {key: getattr(pa, name) for key, name in names.items()}
+    finally:
+        for key, name in names.items():
+            setattr(pa, name, saved[key])
+
+
+def decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], contexts: list[int],
+                      repeats: int = 10, seed: int = 0, cpu_threads: int | None = 1, cuda_graphs: bool | None = None,
+                      paged_kernel: bool | None = None, kernel_configs: list[KernelConfig] | None = None,
+                      memory_margin_bytes: int = 3 << 30) -> list[dict]:
+    """``decode_floor`` over every (kernel config, batch, context) cell, in one process and on one runner (the pool
+    sized for the largest cell that fits; CUDA graphs captured once per batch and kernel config). On CUDA a cell
+    whose KV does not fit the free memory next to the weights (less ``memory_margin_bytes``) is listed with
+    ``fits`` False and no times."""
     with torch_threads(device, cpu_threads):
-        return _decode_floor(device, model, dtype, batch, context_tokens, repeats, seed, cuda_graphs, paged_kernel)
+        return _decode_floor_grid(device, model, dtype, batches, contexts, repeats, seed, cuda_graphs, paged_kernel,
+                                  kernel_configs or [KernelConfig()], memory_margin_bytes)
 
 
-def _decode_floor(device: str, model: str, dtype: str, batch: int, context_tokens: int, repeats: int,
-                  seed: int, cuda_graphs: bool | None, paged_kernel: bool | None) -> dict:
+def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], contexts: list[int], repeats: int,
+                       seed: int, cuda_graphs: bool | None, paged_kernel: bool | None,
+                       kernel_configs: list[KernelConfig], memory_margin_bytes: int) -> list[dict]:
+    import platform
+
     import torch
 
+    from llumnix.engine.model import get_model_config
     from llumnix.engine.runner import ModelRunner, SeqInput
 
     bs = 16
     torch_dtype = getattr(torch, dtype)
+    mc = get_model_config(model)
+    cuda = device.startswith("cuda")
     bandwidth = measure_copy_bandwidth(device)
-    num_blocks = batch * blocks_for(context_tokens, bs)
+    kv_per_token = mc.kv_bytes_per_token(torch_dtype)
+    weight_estimate = mc.num_params * torch_dtype.itemsize
+    if cuda:
+        torch.cuda.empty_cache()  # the copy's buffers
+        kv_budget = torch.cuda.mem_get_info(torch.device(device))[0] - weight_estimate - memory_margin_bytes
+    else:
+        kv_budget = None
+
+    def fits(b: int, n: int) -> bool:
+        return kv_budget is None or b * blocks_for(n, bs) * bs * kv_per_token <= kv_budget
+
+    cells = [(b, n) for b in batches for n in contexts]
+    fitting = [(b, n) for b, n in cells if fits(b, n)]
+    num_blocks = max([b * blocks_for(n, bs) for b, n in fitting], default=1)
     runner = ModelRunner(model, num_blocks, bs, device=device, dtype=torch_dtype, seed=seed, cuda_graphs=cuda_graphs,
                          paged_kernel=paged_kernel)
     runner.kv_cache.cache.normal_(generator=torch.Generator(device=runner.device).manual_seed(seed))
     mc = runner.config
     rng = np.random.default_rng(seed)
-    cuda = runner.device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(runner.device)
-
-    def step_s(ctx: int) -> float:
-        tables = _tables([ctx] * batch, bs)
-        seqs = [SeqInput([int(rng.integers(mc.vocab_size))], ctx - 1, t) for t in tables]
-        return _median_time_s(lambda: runner.decode(seqs), sync, 3, repeats)
-
-    step = step_s(context_tokens)
-    step_short = step_s(1)  # the same batch with (almost) no KV: weights, launches, sampling
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv_bytes = batch * context_tokens * mc.kv_bytes_per_token(torch_dtype)
-    floor = (weight_bytes + kv_bytes) / bandwidth
-    import platform
+    try:
+        import triton
 
-    return {
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    common = {
         "device_name": device_name(device),
         "model": model,
         "dtype": dtype,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
+        "triton_version": triton_version,
         "host": platform.node(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "batch": batch,
-        "context_tokens_per_seq": context_tokens,
         "cuda_graphs": runner.cuda_graphs,
         "paged_kernel": runner.paged_kernel,
         "weight_bytes": weight_bytes,
-        "kv_bytes": kv_bytes,
         "copy_bandwidth_bytes_per_s": bandwidth,
-        "floor_s": floor,
         "weights_only_floor_s": weight_bytes / bandwidth,
-        "decode_step_s": step,
-        "decode_step_context1_s": step_short,
-        "step_over_floor": step / floor,
-        "kv_part_s": step - step_short,
-        "kv_part_floor_s": kv_bytes / bandwidth,
         "repeats": repeats,
     }
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+
+    def step_s(b: int, ctx: int) -> float:
+        tables = _tables([ctx] * b, bs)
+        seqs = [SeqInput([int(rng.integers(mc.vocab_size))], ctx - 1, t) for t in tables]
+        return _median_time_s(lambda: runner.decode(seqs), sync, 3, repeats)
+
+    rows = []
+    for config in kernel_configs:
+        with _kernel_constants(config) as constants:
+            runner._static.clear()  # graphs captured with other kernel constants
+            kernel = constants if runner.paged_kernel else {}
+            for b in batches:
+                short = step_s(b, 1) if any(fits(b, n) for n in contexts) else None  # weights, launches, sampling
+                for n in contexts:
+                    kv_bytes = b * n * kv_per_token
+                    floor = (weight_bytes + kv_bytes) / bandwidth
+                    row = {**common, **kernel, "batch": b, "context_tokens_per_seq": n, "fits": fits(b, n),
+                           "kv_bytes": kv_bytes, "floor_s": floor, "kv_part_floor_s": kv_bytes / bandwidth,
+                           "decode_step_s": None, "decode_step_context1_s": None, "step_over_floor": None,
+                           "kv_part_s": None}
+                    if row["fits"]:
+                        step = step_s(b, n)
+                        row |= {"decode_step_s": step, "decode_step_context1_s": short, "step_over_floor": step / floor,
+                                "kv_part_s": step - short}
+                        log.info("decode batch %d x %d tokens (partition %s): %.2f ms, %.2fx the floor", b, n,
+                                 kernel.get("partition"), step * 1e3, step / floor)
+                    rows.append(row)
+    return rows

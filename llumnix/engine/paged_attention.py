@@ -1,14 +1,34 @@
-"""Decode attention read straight from the paged KV pool (a Triton kernel), instead of gathering every sequence's
+"""Decode attention read straight from the paged KV pool (Triton kernels), instead of gathering every sequence's
 keys and values into a padded copy first.
 
-One program per (sequence, query head) walks the sequence's context in tiles of ``BLOCK_N`` tokens, looks each
-token's slot up in the block table, loads its key and value from the pool and keeps an online softmax: the KV is read
-once, nothing is written but the output. Without Triton (CPU torch wheels ship none) ``available()`` is False and the
-runner keeps its gather + SDPA path; ``TRITON_INTERPRET=1`` runs the kernel on CPU tensors (tests).
+Split-KV ("flash-decoding", as vLLM's paged attention v2): each sequence's context is cut into partitions of
+``PARTITION`` tokens. The partition kernel walks a partition in tiles of ``BLOCK_N`` tokens, looks each token's slot
+up in the block table, loads its key and value from the pool once for all the query heads that share that KV head
+(GQA), and keeps an online softmax; it writes the partition's partial output with its max and sum of exponentials.
+A second kernel, one program per (sequence, query head), combines a sequence's partitions in a fixed order (chunks of
+``COMBINE_CHUNK`` partitions, one after another). A sequence of one partition (``PARTITION`` tokens or fewer) is
+written out directly, and its combine program exits at once.
+
+The partition kernel's grid is (sequence, KV head, split): ``splits`` programs per sequence and KV head, each taking
+partitions split, split + splits, ... in turn. The split count is chosen from the shapes only, to fill the GPU
+(``PROGRAMS_PER_SM``): a large batch gets one program per sequence and KV head walking all its partitions (no flood of
+empty programs when the table is wide and the contexts short), a single long sequence one program per partition.
+
+Determinism and batch invariance: the partition size is a constant, every partition is computed from scratch the
+same way whichever program takes it, and every program reads only its own sequence's length, so a sequence's output
+is computed by the same operations in the same order whatever batch it is in, however wide its block table is padded,
+however the partitions are split among programs, and run after run. The grid depends only on the tensors' shapes
+(the partition count comes from the block table's width, not from the lengths): a CUDA graph captured for the widest
+table replays for any lengths, partitions past a sequence's length are skipped. The partial results are allocated in
+the call (torch's caching allocator: from the graph's own pool under capture).
+
+Without Triton (CPU torch wheels ship none) ``available()`` is False and the runner keeps its gather + SDPA path;
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,7 +39,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-BLOCK_N = 64  # context tokens per tile
+# Constants of a process (each one changes the order of the floating-point operations: a sequence's bits must not
+# depend on its batch, or on the run). Read at each call, so that a tuning benchmark can set them before its runs.
+PARTITION = 512  # context tokens per partition
+BLOCK_N = 32  # context tokens per tile (MHA; fewer with several query heads per KV head)
+NUM_WARPS = 4  # per program of the partition kernel
+PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
+COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
 
 
 def available(device: torch.device) -> bool:
@@ -32,45 +58,126 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale,
-        stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot,
-        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _partition_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_ml_ptr, tables_ptr, lens_ptr, scale,
+        stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
     ):  # fmt: skip
+        """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
+        each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
+        SPLITS). Partial results: part_o [B, H, P, D] (unnormalised), part_ml [B, H, P, 2] (max, sum of exps)."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lens_ptr + b)
+        d = tl.arange(0, HEAD_DIM)
+        g = tl.arange(0, GROUP_PAD)
+        heads = kvh * GROUP + g
+        g_ok = g < GROUP
+        q = tl.load(q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + d[None, :], mask=g_ok[:, None], other=0.0)
+        q = q.to(tl.float32) * scale  # [G, D]
+        for it in range(ITERS):
+            part = split + it * SPLITS
+            first = part * PARTITION
+            if first < length:  # partitions past the context (the grid is sized for the widest table): nothing
+                last = tl.minimum(length, first + PARTITION)
+                m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+                denom = tl.zeros((GROUP_PAD,), tl.float32)
+                acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+                for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
+                    start = first + i
+                    if start < last:
+                        tok = start + tl.arange(0, BLOCK_N)
+                        valid = tok < last
+                        block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
+                        slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
+                        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
+                        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
+                        if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
+                            s = tl.sum(k * q, axis=1)[None, :]
+                        else:
+                            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+                        s = tl.where(valid[None, :], s, float("-inf"))
+                        m_new = tl.maximum(m, tl.max(s, axis=1))
+                        alpha = tl.exp(m - m_new)
+                        p = tl.exp(s - m_new[:, None])  # [G, N]
+                        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                        if GROUP_PAD == 1:
+                            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
+                        else:
+                            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
+                        acc = acc * alpha[:, None] + pv
+                        denom = denom * alpha + tl.sum(p, axis=1)
+                        m = m_new
+                if length <= PARTITION:  # the sequence's only partition: its output
+                    o_offs = b * stride_o_b + heads[:, None] * stride_o_h + d[None, :]
+                    tl.store(out_ptr + o_offs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+                             mask=g_ok[:, None])
+                else:
+                    row = b * stride_p_b + heads * stride_p_h + part  # [G]: this partition of each head
+                    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
+                    tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
+                    tl.store(part_ml_ptr + row * 2 + 1, denom, mask=g_ok)
+
+    @triton.jit
+    def _combine_kernel(
+        out_ptr, part_o_ptr, part_ml_ptr, lens_ptr, stride_o_b, stride_o_h, stride_p_b, stride_p_h,
+        HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    ):  # fmt: skip
+        """One (sequence, query head): its partitions' partial outputs weighted by exp(max - overall max), in chunks
+        of CHUNK partitions taken in order: the same reduction whatever the grid or the table's width."""
         b = tl.program_id(0)
         h = tl.program_id(1)
-        kvh = h // GROUP
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + d).to(tl.float32) * scale
         length = tl.load(lens_ptr + b)
-        m = tl.full((), float("-inf"), tl.float32)
-        denom = tl.full((), 0.0, tl.float32)
+        parts = tl.cdiv(length, PARTITION)
+        if parts <= 1:  # written by its only partition
+            return
+        base = b * stride_p_b + h * stride_p_h
+        d = tl.arange(0, HEAD_DIM)
+        top = tl.full((), float("-inf"), tl.float32)
+        for c in tl.static_range(CHUNKS):  # CHUNKS: enough for the widest table; chunks past the context skipped
+            if c * CHUNK < parts:
+                p = c * CHUNK + tl.arange(0, CHUNK)
+                ml = tl.load(part_ml_ptr + (base + p) * 2, mask=p < parts, other=float("-inf"))
+                top = tl.maximum(top, tl.max(ml))
         acc = tl.zeros((HEAD_DIM,), tl.float32)
-        for start in range(0, length, BLOCK_N):
-            tok = start + tl.arange(0, BLOCK_N)
-            valid = tok < length
-            block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
-            slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
-            offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
-            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            denom = denom * alpha + tl.sum(p, axis=0)
-            m = m_new
+        denom = tl.full((), 0.0, tl.float32)
+        for c in tl.static_range(CHUNKS):
+            if c * CHUNK < parts:
+                p = c * CHUNK + tl.arange(0, CHUNK)
+                ok = p < parts
+                w = tl.exp(tl.load(part_ml_ptr + (base + p) * 2, mask=ok, other=float("-inf")) - top)
+                denom += tl.sum(w * tl.load(part_ml_ptr + (base + p) * 2 + 1, mask=ok, other=0.0))
+                o = tl.load(part_o_ptr + (base + p)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+                acc += tl.sum(w[:, None] * o, axis=0)
         tl.store(out_ptr + b * stride_o_b + h * stride_o_h + d, (acc / denom).to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): about ``PROGRAMS_PER_SM`` per SM (rounded down to a power of two), at most
+    one per partition. From shapes only (a CUDA graph's grid stays fixed); it schedules the work, the partitions'
+    arithmetic is the same."""
+    if device.type != "cuda":
+        return parts
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = -(-PROGRAMS_PER_SM * sms // (batch * kv_heads))
+    return min(parts, 1 << (wanted.bit_length() - 1))  # a power of two (few compiled variants), dividing parts
 
 
 def paged_decode_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    block_size: int,
+    block_size: int, *, splits: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, H, D]; k_pool, v_pool [slots, KVH, D] (one layer's K and V slabs); tables [B, max blocks] (int32,
-    block ids of each sequence in order); lens [B] (int32, context tokens incl. the current one) -> [B, H, D]."""
+    block ids of each sequence in order); lens [B] (int32, context tokens incl. the current one) -> [B, H, D].
+    ``splits``: programs per (sequence, KV head), 1 to the table's partitions (default: from the device's SM count);
+    the output's bits do not depend on it."""
     batch, heads, head_dim = q.shape
     kv_heads = k_pool.shape[1]
     if heads % kv_heads or head_dim & (head_dim - 1):
@@ -78,9 +185,26 @@ def paged_decode_attention(
                          f"({head_dim})")
     q = q.contiguous()
     out = torch.empty_like(q)
-    _paged_decode_kernel[(batch, heads)](
-        q, k_pool, v_pool, out, tables, lens, head_dim ** -0.5,
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    tile = min(BLOCK_N, max(16, 2 * BLOCK_N // group_pad))  # [G, tile, D] products: keep them in registers
+    if PARTITION % tile:
+        raise ValueError(f"PARTITION ({PARTITION}) must be a multiple of the tile ({tile} tokens)")
+    # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
+    parts = triton.next_power_of_2(max(1, -(-tables.shape[1] * block_size // PARTITION)))
+    splits = min(parts, splits or _splits(parts, batch, kv_heads, q.device))
+    part_o = torch.empty(batch, heads, parts, head_dim, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(batch, heads, parts, 2, dtype=torch.float32, device=q.device)
+    _partition_kernel[(batch, kv_heads, splits)](
+        q, k_pool, v_pool, out, part_o, part_ml, tables, lens, head_dim ** -0.5,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), k_pool.stride(0),
-        GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+        heads * parts, parts,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
+        PARTITION=PARTITION, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
     )  # fmt: skip
+    if parts > 1:  # some sequence may span several partitions
+        _combine_kernel[(batch, heads)](
+            out, part_o, part_ml, lens, out.stride(0), out.stride(1), heads * parts, parts,
+            HEAD_DIM=head_dim, PARTITION=PARTITION, CHUNK=COMBINE_CHUNK, CHUNKS=-(-parts // COMBINE_CHUNK),
+        )  # fmt: skip
     return out

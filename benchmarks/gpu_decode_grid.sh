@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 19: decode at the memory-bandwidth floor with the split-KV paged kernel (llumnix/engine/paged_attention.py),
+# as run on the device machine (one H200, torch and Triton preinstalled; pydantic and its needs carried as wheels in
+# .whl/, installed here if present). Usage: bash benchmarks/gpu_decode_grid.sh [all|tests|kernel|grid|determinism]
+#   tests        the kernel's tests on CUDA (float64 reference, batch invariance, CUDA-graph replay) and the engine's
+#   kernel       the kernel alone vs the copy bandwidth, over shapes x batch x context x kernel constants
+#                -> benchmarks/<gpu>-decode-kernel.csv (benchmarks/gpu_decode_kernel.py)
+#   grid         LLaMA-7B bf16 decode steps (CUDA graphs + paged kernel) over batch {1,8,32,128,256} x context
+#                {512,2048,8192} where the KV fits, split-KV (512) and one partition per sequence (8192/64/4/1: the
+#                kernel before split-KV) -> benchmarks/<gpu>-decode-grid.csv: step time, floor and ratio per cell
+#   determinism  bf16 determinism and batch invariance with the split kernel -> $OUT/<gpu>-determinism-splitkv.csv
+# Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+WHAT=${1:-all}
+mkdir -p "$OUT" benchmarks
+if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+L="python3 -m llumnix.bench.cli"
+G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')  # h100 / h200: file prefix
+run() { [ "$WHAT" = all ] || [ "$WHAT" = "$1" ]; }
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  if run tests; then
+    timeout 240 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py \
+      tests/test_engine_model.py -k "split or paged or invariant or static or cuda" 2>&1 | tail -30
+  fi
+  if run kernel; then
+    C=512/32/4/4,512/32/4/2,512/32/4/8,512/64/8/4,512/16/4/4,256/32/4/4,1024/32/4/4,8192/64/4/1  # P/tile/warps/per SM
+    timeout 300 python3 benchmarks/gpu_decode_kernel.py --batches 1,8,32,128 --contexts 512,2048,8192 --configs $C \
+      -o "benchmarks/$G-decode-kernel.csv" && cp "benchmarks/$G-decode-kernel.csv" "$OUT/"
+  fi
+  if run grid; then
+    timeout 300 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 --kernel-configs 512,8192/64/4/1 -o "benchmarks/$G-decode-grid.csv" \
+      && cp "benchmarks/$G-decode-grid.csv" "$OUT/"
+  fi
+  if run determinism; then
+    timeout 240 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --batches 1,3,32 --output-tokens 48 --repeats 3 \
+      --modes graphs+kernel,graphs+kernel+invariant,eager+kernel+invariant \
+      -o "$OUT/$G-determinism-splitkv.csv"
+  fi
+  date -u
+} 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"
