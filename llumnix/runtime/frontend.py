@@ -14,10 +14,14 @@ Endpoints
   ``max_completion_tokens``) defaults to what the context has left (up to the cap); ``stream``, ``stop``,
   ``ignore_eos`` as above.
 - ``GET /v1/models``: the model, its vocabulary size and the longest prompt + output a request may have.
-- ``GET /health``: 200 while at least one instance is alive, else 503.
-- ``GET /metrics``: Prometheus text: per instance running / waiting requests, free blocks, freeness, migrations
-  committed / aborted, steps; cluster counters; dispatch latency; ``llumnix_instances{state}`` (starting, serving,
-  draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
+- ``GET /health``: 200 while at least one instance is alive, else 503; the body counts the live instances
+  (``instances``, ``instances_alive``: serving or draining), the dead ones (``instances_dead``: their actors failed)
+  and those starting.
+- ``GET /metrics``: Prometheus text: per live instance running / waiting requests, free blocks, freeness, migrations
+  committed / aborted, steps (an instance that died or was stopped has no series any more: Prometheus marks them
+  stale; ``llumnix_instance_failures_total`` counts the deaths); cluster counters; dispatch latency;
+  ``llumnix_instances{state}`` (starting, serving, draining) and ``llumnix_instance_seconds_total`` (the cost: instance
+  time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
 - ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
 - ``GET /admin/steps?instance_id=&start=&limit=``: the engine steps the live instances kept (the last
@@ -658,7 +662,9 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     @app.get("/health")
     async def health():
         live = len(manager.live_instances())
-        body = {"status": "ok" if live else "unavailable", "instances_alive": live, "instances": len(manager.instances)}
+        dead = sum(1 for i in manager.instances.values() if not i.alive)
+        body = {"status": "ok" if live else "unavailable", "instances": live, "instances_alive": live,
+                "instances_dead": dead, "instances_starting": len(manager.starting)}
         return JSONResponse(status_code=200 if live else 503, content=body)
 
     registry = metrics_registry(manager)
@@ -718,7 +724,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 # Per-instance metrics: the key of ``ClusterManager.instance_rows()`` -> (metric name, help). prometheus_client appends
 # ``_total`` to a counter's sample name.
 INSTANCE_GAUGES = {
-    "alive": ("llumnix_instance_up", "1 while the instance actor is alive"),
+    "alive": ("llumnix_instance_up", "1 for a live instance (a dead or stopped one has no series)"),
     "running": ("llumnix_instance_running_requests", "running (and frozen) requests"),
     "waiting": ("llumnix_instance_waiting_requests", "queued requests"),
     "free_blocks": ("llumnix_instance_free_blocks", "free KV blocks"),
@@ -752,7 +758,7 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
-        rows = m.instance_rows()
+        rows = [r for r in m.instance_rows() if r["alive"]]  # a dead instance's series go (Prometheus: stale)
         for family, metrics in ((GaugeMetricFamily, INSTANCE_GAUGES), (CounterMetricFamily, INSTANCE_COUNTERS)):
             for key, (name, doc) in metrics.items():
                 fam = family(name, doc, labels=["instance"])
