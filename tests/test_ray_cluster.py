@@ -116,11 +116,12 @@ def test_serve_command_merges_config_file_and_flags(tmp_path: Path, monkeypatch)
 
 
 def test_a_cluster_too_small_for_the_instances_fails_fast():
-    from llumnix.runtime.cluster import ClusterManager
+    from llumnix.runtime.cluster import ClusterManager, StartupError
 
-    with pytest.raises(RuntimeError, match="4 instances x 1 CPU = 4 CPU, but the Ray cluster has 2"):
+    with pytest.raises(StartupError, match=r"4 --instances x 1 CPU \(--num-cpus-per-instance\) = 4 CPU, but the Ray "
+                       "cluster has 2: use fewer --instances or a smaller --num-cpus-per-instance"):
         ClusterManager(build_serve_config({"instances": 4}))._check_resources({"CPU": 2.0})
-    with pytest.raises(RuntimeError, match="GPU"):
+    with pytest.raises(StartupError, match="GPU"):
         ClusterManager(build_serve_config({"instances": 2, "device": "cuda"}))._check_resources({"CPU": 8.0})
     ClusterManager(build_serve_config({"instances": 4, "num_cpus_per_instance": 0.5}))._check_resources({"CPU": 2.0})
 

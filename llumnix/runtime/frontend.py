@@ -52,12 +52,14 @@ the token id ``b % vocab_size``; output text is the generated token ids written 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -75,7 +77,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llumnix.engine.tokenizer import ChatTemplateError, TextStream, TextTokenizer
-from llumnix.runtime.cluster import ClusterManager, NoInstanceError
+from llumnix.runtime.cluster import ClusterManager, NoInstanceError, StartupError
 from llumnix.runtime.serve_config import ServeConfig
 from llumnix.runtime.streams import ClientRequest
 
@@ -837,8 +839,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for the HTTP server (uvicorn listens on it), or ``StartupError`` naming
+    --port (taken) or --host (not an address of this machine). Binding it before Ray and the instances start is the
+    port check, and holding it until uvicorn listens leaves no window for another process to take the port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise StartupError(f"--host {host}: not a name or address this machine can bind ({e.strerror}); use an "
+                           "address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"--port {port}: {host}:{port} is already in use (another server holds it); choose a "
+                               "free --port or stop the process holding it") from None
+        if e.errno == errno.EACCES:
+            raise StartupError(f"--port {port}: no permission to bind {host}:{port} (ports below 1024 need "
+                               "privileges); choose a --port of 1024 or above") from None
+        raise StartupError(f"--host {host}: cannot bind {host}:{port} ({e.strerror}); use an address of this machine, "
+                           "e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
 def serve(config: ServeConfig) -> None:
-    """Run the cluster and the HTTP server until interrupted (``llumnix serve``)."""
+    """Run the cluster and the HTTP server until interrupted (``llumnix serve``).
+
+    Before any instance actor starts it checks that the HTTP port can be bound on ``--host`` and that the Ray cluster
+    has the CPUs / GPUs the instances ask for; either failing raises ``StartupError`` (one line naming the flag). Ray
+    is shut down at the end if this call started it."""
     import ray
     import uvicorn
 
@@ -847,13 +880,24 @@ def serve(config: ServeConfig) -> None:
         log.warning("--host %s takes connections from other machines, but no API key is set: anyone who reaches this "
                     "port can use the model. Set LLUMNIX_API_KEY (or --api-key), or bind 127.0.0.1 behind a proxy "
                     "that authenticates.", config.host)
-    init_ray(config.address)
+    sock = bind_http_socket(config.host, config.port)
     try:
-        app = create_app(config)
-        log.info("serving on http://%s:%d (Ray up in %.1f s)", config.host, config.port, time.time() - started)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        owns_ray = not ray.is_initialized()
+        init_ray(config.address)
+        try:
+            app = create_app(config)
+            app.state.manager.check_resources()
+            port = sock.getsockname()[1]
+            log.info("serving on http://%s:%d (Ray up in %.1f s)", config.host, port, time.time() - started)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+            server.run(sockets=[sock])
+            if not server.started:  # the lifespan failed (e.g. the instances did not start): logged above
+                raise StartupError("the server did not start (see the log above)")
+        finally:
+            if owns_ray:
+                ray.shutdown()
     finally:
-        ray.shutdown()
+        sock.close()
 
 
 class BackgroundServer:
@@ -907,6 +951,8 @@ class BackgroundServer:
 __all__ = [
     "BackgroundServer",
     "ChatCompletionRequest",
+    "StartupError",
+    "bind_http_socket",
     "ClusterCollector",
     "CompletionRequest",
     "create_app",
