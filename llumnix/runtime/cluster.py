@@ -622,8 +622,8 @@ class ClusterManager:
         return await self.migrate_between(cr.owner, dst_id, cr.engine_id)
 
     # -- auto-scaling and introspection (the autoscaler and ``llumnix.runtime.introspection`` do the work) ----------
-    async def start_instance(self) -> dict[str, Any]:
-        return await self.autoscaler.start_instance()
+    async def start_instance(self, placement_timeout_s: float | None = None) -> dict[str, Any]:
+        return await self.autoscaler.start_instance(placement_timeout_s)
 
     async def drain(self, instance_id: int) -> dict[str, Any]:
         return await self.autoscaler.drain(instance_id)

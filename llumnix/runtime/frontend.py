@@ -32,7 +32,9 @@ Endpoints
 - ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
   and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
-  ``POST /admin/start-instance`` launches one more.
+  ``POST /admin/start-instance`` launches one more (``{"started": true, "instance_id"}`` once it serves); 503 if Ray
+  has not given it its CPUs / GPUs within ``--placement-timeout`` (the actor is killed, not left waiting) or it
+  failed to start.
 
 Who may call what (``HttpGuard``): with ``--api-key`` every ``/v1/*`` request needs ``Authorization: Bearer KEY``;
 ``/admin/*`` needs ``--admin-key`` and is off (404) without one; ``/health`` and ``/metrics`` are open. Limits: the
@@ -716,8 +718,12 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     @app.post("/admin/start-instance")
     async def admin_start_instance():
-        result = await manager.start_instance()
-        return JSONResponse(status_code=200 if result.get("started") else 503, content=result)
+        result = await manager.start_instance(placement_timeout_s=config.placement_timeout_s)
+        if result.get("started"):
+            return result
+        code = "instance_not_placed" if result.get("placed") is False else "instance_start_failed"
+        return error_response(503, f"instance {result['instance_id']} did not start: {result['reason']}",
+                              kind="service_unavailable", code=code)
 
     return app
 
