@@ -1,5 +1,7 @@
 """What goes wrong around the serving cluster, and what the server does then: `llumnix serve` refusing to start (a port
-taken, too few CPUs) before any actor starts; /admin/start-instance when Ray has no CPU for another instance.
+taken, too few CPUs) before any actor starts; /admin/start-instance when Ray has no CPU for another instance; an
+instance killed under streaming load (every stream ends, none hangs, the survivors hold nothing afterwards, the dead
+instance leaves /metrics and /health's count).
 
 One local Ray (2 CPUs) for the module; clusters of profile-backend instances (real block accounting, steps that sleep
 for profiled times). Its tests start their own servers, one at a time, so each knows what the 2 CPUs hold.
@@ -7,6 +9,8 @@ for profiled times). Its tests start their own servers, one at a time, so each k
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import time
 
@@ -15,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from llumnix.cli import main
-from llumnix.runtime.frontend import BackgroundServer, metric_samples
+from llumnix.runtime.frontend import INSTANCE_COUNTERS, INSTANCE_GAUGES, BackgroundServer, metric_samples
 from llumnix.runtime.serve_config import build_serve_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -45,6 +49,12 @@ def pending_actors() -> list[str]:
     from ray._private import state
 
     return [a["ActorID"] for a in state.actors().values() if a["State"] in PENDING]
+
+
+def instance_series(text: str, instance: int) -> list[str]:
+    """The per-instance metrics that have a sample for ``instance``."""
+    names = [name for name, _ in INSTANCE_GAUGES.values()] + [f"{name}_total" for name, _ in INSTANCE_COUNTERS.values()]
+    return [name for name in names if metric_samples(text, name, instance=str(instance))]
 
 
 # -- llumnix serve: checks before anything starts ----------------------------------------------------------------------
@@ -105,3 +115,93 @@ def test_start_instance_without_a_free_cpu_answers_503_and_leaves_no_pending_act
         resp = httpx.post(f"{srv.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5}, timeout=120)
         assert resp.status_code == 200 and len(resp.json()["choices"][0]["token_ids"]) == 5  # it still serves
 
+
+# -- chaos: an instance killed under streaming load --------------------------------------------------------------------
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed completion, read to its end: its tokens, last finish_reason, error event and whether [DONE] came."""
+    out = {"tokens": [], "finish_reason": None, "error": None, "done": False, "id": None}
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line:
+                continue
+            if line == "data: [DONE]":
+                out["done"] = True
+                break
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                continue
+            out["id"] = chunk["id"]
+            choice = chunk["choices"][0]
+            out["tokens"] += choice["token_ids"]
+            out["finish_reason"] = choice["finish_reason"] or out["finish_reason"]
+    return out
+
+
+def test_killing_an_instance_under_streaming_load_ends_every_stream_and_leaks_nothing(ray_local):
+    """20 concurrent streams on 3 instances, the pairing loop migrating requests between them all along; the
+    instance holding the most is killed once every stream has tokens, while the others serve the rest. Every stream ends: exactly its max_tokens, or an
+    error event, then [DONE]; none hangs (the whole run has a hang guard). Afterwards every live instance's own
+    accounting shows all blocks free and no request, the dead one is gone from /metrics and /health counts it dead.
+    tests/test_ray_cluster.py's kill tests check the re-dispatched requests' tokens on the torch engine."""
+    import ray
+
+    # Fresh load reports (they count the requests dispatched since): the burst spreads over the 3 instances. A high
+    # migration threshold and a short pairing interval keep requests migrating, so the kill lands among migrations.
+    config = build_serve_config({}, {**PROFILE, "instances": 3, "num_cpus_per_instance": 0.5, "load_reports": "fresh",
+                                     "migration_threshold": 100.0, "pairing_interval_s": 0.05})
+    bodies = [{"prompt": [(11 * i + j) % 1000 for j in range(16 + 3 * i)], "max_tokens": 40 + 4 * i}
+              for i in range(20)]
+    with BackgroundServer(config) as srv:
+        manager = srv.manager
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                tasks = [asyncio.create_task(_stream(client, srv.url, b)) for b in bodies]
+                deadline = time.monotonic() + 120  # until every stream has tokens (or, on a slow machine, kill anyway)
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    active = list(manager.active.values())
+                    if len(active) == len(bodies) and all(len(cr.tokens) >= 2 for cr in active):
+                        break
+                owners = [cr.owner for cr in manager.active.values() if cr.owner is not None]
+                victim = max(set(owners), key=owners.count)
+                held = {cr.request_id for cr in manager.active.values() if cr.owner == victim}
+                ray.kill(manager.instances[victim].actor, no_restart=True)
+                return victim, held, await asyncio.wait_for(asyncio.gather(*tasks), 240)  # the hang guard
+
+        victim, held, results = asyncio.run(run())
+        assert 0 < len(held) < len(bodies) and manager.counters["instance_failures"] == 1
+        errors = []
+        for body, out in zip(bodies, results, strict=True):
+            assert out["done"], out
+            if out["error"] is None:
+                assert len(out["tokens"]) == body["max_tokens"] and out["finish_reason"] == "length", out
+            else:
+                assert out["error"]["type"] == "server_error" and out["error"]["message"], out
+                assert len(out["tokens"]) < body["max_tokens"]
+                errors.append(out["error"]["message"])
+        print(f"killed instance {victim} holding {len(held)} of {len(bodies)} streams; "
+              f"{len(bodies) - len(errors)} completed, {len(errors)} ended with an error {errors[:3]}; "
+              f"re-dispatched {manager.counters['redispatched']}, migrations {manager.counters['migrations_started']}")
+
+        deadline = time.monotonic() + 60  # hang guard: aborts and migration ends reach the instances asynchronously
+        while True:
+            checks = asyncio.run(manager.check_instances())
+            clean = all(c["free_blocks"] == c["num_blocks"] and not c["running"] and not c["waiting"]
+                        and not c["frozen"] and c["migrations_out"] == 0 and c["migrations_in"] == 0
+                        for c in checks.values())
+            if clean and not manager.active:
+                break
+            assert time.monotonic() < deadline, (checks, list(manager.active))
+            time.sleep(0.05)
+        assert sorted(checks) == sorted({0, 1, 2} - {victim})
+
+        health = httpx.get(f"{srv.url}/health").json()
+        assert (health["status"], health["instances"], health["instances_dead"]) == ("ok", 2, 1), health
+        metrics = httpx.get(f"{srv.url}/metrics").text  # (its loads are per-step reports: as of each last step)
+        assert instance_series(metrics, victim) == []
+        for survivor in checks:
+            assert len(instance_series(metrics, survivor)) == len(INSTANCE_GAUGES) + len(INSTANCE_COUNTERS)
+        assert metric_samples(metrics, "llumnix_instance_up") == [1.0, 1.0]
