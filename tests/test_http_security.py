@@ -147,6 +147,7 @@ def test_keys_come_from_the_environment_and_stay_out_of_logs(monkeypatch, caplog
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(frontend, "init_ray", no_ray)
+    monkeypatch.setattr(frontend, "bind_http_socket", lambda host, port: SimpleNamespace(close=lambda: None))
     with caplog.at_level(logging.WARNING, logger="llumnix.runtime.frontend"):
         for host, key, warned in (("0.0.0.0", None, True), ("10.1.2.3", API_KEY, False), ("127.0.0.1", None, False),
                                   ("::1", None, False), ("localhost", None, False)):

@@ -116,11 +116,12 @@ def test_serve_command_merges_config_file_and_flags(tmp_path: Path, monkeypatch)
 
 
 def test_a_cluster_too_small_for_the_instances_fails_fast():
-    from llumnix.runtime.cluster import ClusterManager
+    from llumnix.runtime.cluster import ClusterManager, StartupError
 
-    with pytest.raises(RuntimeError, match="4 instances x 1 CPU = 4 CPU, but the Ray cluster has 2"):
+    with pytest.raises(StartupError, match=r"4 --instances x 1 CPU \(--num-cpus-per-instance\) = 4 CPU, but the Ray "
+                       "cluster has 2: use fewer --instances or a smaller --num-cpus-per-instance"):
         ClusterManager(build_serve_config({"instances": 4}))._check_resources({"CPU": 2.0})
-    with pytest.raises(RuntimeError, match="GPU"):
+    with pytest.raises(StartupError, match="GPU"):
         ClusterManager(build_serve_config({"instances": 2, "device": "cuda"}))._check_resources({"CPU": 8.0})
     ClusterManager(build_serve_config({"instances": 4, "num_cpus_per_instance": 0.5}))._check_resources({"CPU": 2.0})
 
@@ -283,8 +284,9 @@ def test_metrics_are_the_managers_state_read_back_by_the_parser():
     from llumnix.runtime.frontend import INSTANCE_COUNTERS, INSTANCE_GAUGES, metrics_registry
 
     row = dict.fromkeys((*INSTANCE_GAUGES, *INSTANCE_COUNTERS), 1.0) | {"instance_id": 3, "freeness": -math.inf}
+    dead = row | {"instance_id": 5, "alive": False}
     manager = SimpleNamespace(
-        instance_rows=lambda: [row], counters={"requests": 5}, active={}, dispatch_latency=SimpleNamespace(count=4,
+        instance_rows=lambda: [row, dead], counters={"requests": 5}, active={}, dispatch_latency=SimpleNamespace(count=4,
         total_s=0.2), decision_latency=SimpleNamespace(count=4, total_s=0.1),
         scaling_status=lambda: {"starting": 0, "serving": 1, "draining": 0, "instance_seconds": 2.5},
     )  # fmt: skip
@@ -292,6 +294,8 @@ def test_metrics_are_the_managers_state_read_back_by_the_parser():
     assert metric_samples(text, "llumnix_instance_freeness", instance="3") == [-math.inf]
     assert metric_samples(text, "llumnix_instance_steps_total", instance="3") == [1.0]
     assert metric_samples(text, "llumnix_instance_up", instance="4") == []
+    assert metric_samples(text, "llumnix_instance_up") == [1.0]  # a dead instance has no series
+    assert 'instance="5"' not in text
     assert metric_samples(text, "llumnix_requests_total") == [5.0]
     assert metric_samples(text, "llumnix_instances", state="serving") == [1.0]
     assert metric_samples(text, "llumnix_instance_seconds_total") == [2.5]
@@ -304,7 +308,8 @@ def test_chat_needs_a_real_model(server):
 
 
 def test_health_models_and_metrics(server):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "instances_alive": 2, "instances": 2}
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "instances": 2, "instances_alive": 2,
+                                                        "instances_dead": 0, "instances_starting": 0}
     model = httpx.get(f"{server.url}/v1/models").json()["data"][0]
     assert model["vocab_size"] == 1024 and model["max_context_tokens"] == 127 * 16
     text = httpx.get(f"{server.url}/metrics").text
@@ -356,7 +361,13 @@ def test_killing_an_instance_loses_no_request(ray_local):
                 assert out["llumnix"]["redispatches"] == 1 and out["llumnix"]["instances"][-1] != victim
         assert manager.counters["redispatched"] >= len(held)
         health = httpx.get(f"{srv.url}/health").json()
-        assert health["instances_alive"] == 1
+        assert (health["instances"], health["instances_alive"], health["instances_dead"]) == (1, 1, 1), health
+        metrics = httpx.get(f"{srv.url}/metrics").text  # the dead instance's series are gone, the survivor's stay
+        for name in ("llumnix_instance_up", "llumnix_instance_running_requests", "llumnix_instance_free_blocks",
+                     "llumnix_instance_steps_total"):
+            assert metric_samples(metrics, name, instance=str(victim)) == [], name
+            assert metric_samples(metrics, name, instance=str(1 - victim)), name
+        assert metric_samples(metrics, "llumnix_instance_failures_total") == [1.0]
         # the survivor still serves
         assert len(complete(srv.url, prompt="after", max_tokens=5).json()["choices"][0]["token_ids"]) == 5
 

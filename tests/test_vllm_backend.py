@@ -245,7 +245,7 @@ def test_cluster_serves_like_one_engine(cluster, engines):
         used.update(out["llumnix"]["instances"])
     assert used == {0, 1}  # the global scheduler dispatched to both vLLM instances
     health = httpx.get(f"{cluster.url}/health").json()
-    assert health == {"status": "ok", "instances_alive": 2, "instances": 2}
+    assert health == {"status": "ok", "instances": 2, "instances_alive": 2, "instances_dead": 0, "instances_starting": 0}
 
 
 def test_migration_between_vllm_actors_is_seamless_and_loads_are_reported(cluster, engines):

@@ -34,6 +34,15 @@ class ActorLauncher(ABC):
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (CPU, GPU, ...)."""
 
+    def available(self) -> dict[str, float]:
+        """The cluster's resources not held now (what a new actor could get)."""
+        return self.resources()
+
+    def placed(self, handle: Any) -> bool:
+        """Whether the actor got its resources (a worker runs it, or it is already dead), rather than waiting for
+        them; True when this cannot be told."""
+        return True
+
     def node_address(self) -> str:
         """This node's address (where a KV rendezvous store listens)."""
         return "127.0.0.1"
@@ -60,6 +69,22 @@ class RayLauncher(ActorLauncher):
         import ray
 
         return ray.cluster_resources()
+
+    def available(self) -> dict[str, float]:
+        import ray
+
+        return ray.available_resources()
+
+    def placed(self, handle: Any) -> bool:
+        """From Ray's actor table (GCS): an actor waiting for resources is PENDING_CREATION without a worker process
+        (pid 0); once leased a worker, it has one while its constructor runs."""
+        from ray._private import state
+
+        try:
+            info = state.actors(handle._actor_id.hex())
+        except Exception:  # Ray's private state API moved: leave it to the startup timeout
+            return True
+        return bool(info.get("Pid")) or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
 
     def node_address(self) -> str:
         """Loopback while the Ray cluster is this one host (nothing it listens on for KV need be reachable from

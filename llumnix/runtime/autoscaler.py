@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,8 +44,10 @@ class AutoScaler:
             except Exception:
                 log.exception("auto-scaling round failed")
 
-    async def start_instance(self) -> dict[str, Any]:
-        """Launch one more instance actor; it takes requests once its engine is up and it has reported a load."""
+    async def start_instance(self, placement_timeout_s: float | None = None) -> dict[str, Any]:
+        """Launch one more instance actor; it takes requests once its engine is up and it has reported a load. With
+        ``placement_timeout_s``, an actor Ray has not given its CPUs / GPUs within that many seconds is killed (not
+        left waiting for them) and the answer says so (``placed``: False)."""
         from llumnix.runtime.cluster import InstanceHandle
 
         m = self.manager
@@ -53,6 +56,15 @@ class AutoScaler:
         m.starting[iid] = actor
         log.info("starting instance %d", iid)
         try:
+            if placement_timeout_s is not None and not await self._placed(actor, placement_timeout_s):
+                m.starting.pop(iid, None)
+                m.kill_actor(actor)
+                m.mark_stopped(iid)
+                m.counters["instance_start_failures"] += 1
+                m.event(iid, "start_failed")
+                reason = self._unplaced_reason(placement_timeout_s)
+                log.warning("instance %d did not start: %s", iid, reason)
+                return {"started": False, "placed": False, "instance_id": iid, "reason": reason}
             info = await asyncio.wait_for(actor.start.remote(), m.config.startup_timeout_s)
             if m.config.startup_delay_s > 0:
                 await asyncio.sleep(m.config.startup_delay_s)
@@ -78,6 +90,29 @@ class AutoScaler:
         m.spawn(m._poll_loop(inst))
         log.info("instance %d ready (%.1f s after launch)", iid, m.clock() - m.spans[iid].launch_s)
         return {"started": True, "instance_id": iid}
+
+    async def _placed(self, actor: Any, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until Ray has given ``actor`` its resources."""
+        launcher = self.manager.launcher
+        deadline = time.monotonic() + timeout_s
+        while not launcher.placed(actor):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    def _unplaced_reason(self, timeout_s: float) -> str:
+        cfg = self.manager.config
+        need = {"CPU": cfg.num_cpus_per_instance, "GPU": cfg.gpus_per_instance}
+        try:
+            free = self.manager.launcher.available()
+        except Exception:
+            free = {}
+        asked = ", ".join(f"{v:g} {k} (--num-{k.lower()}s-per-instance)" for k, v in need.items() if v > 0)
+        have = ", ".join(f"{free.get(k, 0.0):g} {k}" for k, v in need.items() if v > 0)
+        return (f"Ray gave the new instance no resources within {timeout_s:g} s (--placement-timeout): it asks for "
+                f"{asked or 'none'} and the cluster has {have or 'them'} free; free some (drain an instance) or add "
+                "nodes")
 
     async def drain(self, instance_id: int, requeue: bool = True) -> dict[str, Any]:
         """Drain an instance (the scaler's scale-down, or an operator): it takes no new request, its running ones

@@ -51,6 +51,7 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, path: Path | N
 def serve(config_path: Path | None, **settings: object) -> None:
     """Serve an OpenAI-style completions API from a Ray cluster of engine instances with live migration and,
     with --autoscale, the simulator's auto-scaling (cost in /metrics and GET /admin/scaling)."""
+    from llumnix.runtime.frontend import StartupError
     from llumnix.runtime.frontend import serve as run
 
     try:  # None: the model's default (block_size: the backend's)
@@ -69,7 +70,10 @@ def serve(config_path: Path | None, **settings: object) -> None:
                if config.autoscale else "")
     click.echo(f"llumnix serve: {config.initial_count} x {config.instance.backend} instances{scaling}, "
                f"policy {config.policy}, http://{config.host}:{config.port}", err=True)
-    run(config)
+    try:
+        run(config)
+    except StartupError as e:  # a port taken, too few CPUs / GPUs: checked before any instance starts
+        raise click.ClickException(str(e)) from None
 
 
 COMMANDS.append(serve)

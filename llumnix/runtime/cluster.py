@@ -52,6 +52,11 @@ class NoInstanceError(RuntimeError):
     """No live instance can take a request."""
 
 
+class StartupError(RuntimeError):
+    """The server cannot start as configured (too few CPUs / GPUs, a port taken): one line naming the flag to change.
+    ``llumnix serve`` reports it as an error, without a traceback."""
+
+
 @dataclass
 class InstanceHandle:
     instance_id: int
@@ -159,7 +164,7 @@ class ClusterManager:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._check_resources(self.launcher.resources())
+        self.check_resources()
         self.started_s = self.clock()  # the cost window opens with the first launch
         ids = [next(self._instance_ids) for _ in range(self.config.initial_count)]
         actors = [self.launch_actor(i) for i in ids]
@@ -240,21 +245,25 @@ class ClusterManager:
         if span is not None and span.stop_s is None:
             span.stop_s = self.clock()
 
+    def check_resources(self) -> None:
+        """Raise ``StartupError`` if the Ray cluster has too few CPUs / GPUs for the instances (before any starts)."""
+        self._check_resources(self.launcher.resources())
+
     def _check_resources(self, total: dict[str, float]) -> None:
         """Fail fast (rather than wait forever for actors the cluster cannot place) when the cluster is too small;
         with autoscale, for the most instances the scaler may run."""
         scaling = self.config.autoscale
         n = self.config.max_instances if scaling else self.config.instances
-        what, fewer = ("--max-instances", "a lower --max-instances") if scaling else ("instances", "fewer --instances")
+        what, fewer = ("--max-instances", "a lower --max-instances") if scaling else ("--instances", "fewer --instances")
         for resource, each, flag in (
             ("CPU", self.config.num_cpus_per_instance, "--num-cpus-per-instance"),
             ("GPU", self.config.gpus_per_instance, "--num-gpus-per-instance"),
         ):
             need, have = n * each, total.get(resource, 0.0)
             if need > have + 1e-9:
-                raise RuntimeError(
-                    f"{n} {what} x {each:g} {resource} = {need:g} {resource}, but the Ray cluster has {have:g}; "
-                    f"use {fewer} or a smaller {flag}"
+                raise StartupError(
+                    f"{n} {what} x {each:g} {resource} ({flag}) = {need:g} {resource}, but the Ray cluster has "
+                    f"{have:g}: use {fewer} or a smaller {flag}, or join a larger cluster (--address)"
                 )
 
     async def stop(self) -> None:
@@ -613,8 +622,8 @@ class ClusterManager:
         return await self.migrate_between(cr.owner, dst_id, cr.engine_id)
 
     # -- auto-scaling and introspection (the autoscaler and ``llumnix.runtime.introspection`` do the work) ----------
-    async def start_instance(self) -> dict[str, Any]:
-        return await self.autoscaler.start_instance()
+    async def start_instance(self, placement_timeout_s: float | None = None) -> dict[str, Any]:
+        return await self.autoscaler.start_instance(placement_timeout_s)
 
     async def drain(self, instance_id: int) -> dict[str, Any]:
         return await self.autoscaler.drain(instance_id)

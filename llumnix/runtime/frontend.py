@@ -14,10 +14,14 @@ Endpoints
   ``max_completion_tokens``) defaults to what the context has left (up to the cap); ``stream``, ``stop``,
   ``ignore_eos`` as above.
 - ``GET /v1/models``: the model, its vocabulary size and the longest prompt + output a request may have.
-- ``GET /health``: 200 while at least one instance is alive, else 503.
-- ``GET /metrics``: Prometheus text: per instance running / waiting requests, free blocks, freeness, migrations
-  committed / aborted, steps; cluster counters; dispatch latency; ``llumnix_instances{state}`` (starting, serving,
-  draining) and ``llumnix_instance_seconds_total`` (the cost: instance time since launch, start-up included).
+- ``GET /health``: 200 while at least one instance is alive, else 503; the body counts the live instances
+  (``instances``, ``instances_alive``: serving or draining), the dead ones (``instances_dead``: their actors failed)
+  and those starting.
+- ``GET /metrics``: Prometheus text: per live instance running / waiting requests, free blocks, freeness, migrations
+  committed / aborted, steps (an instance that died or was stopped has no series any more: Prometheus marks them
+  stale; ``llumnix_instance_failures_total`` counts the deaths); cluster counters; dispatch latency;
+  ``llumnix_instances{state}`` (starting, serving, draining) and ``llumnix_instance_seconds_total`` (the cost: instance
+  time since launch, start-up included).
 - ``POST /admin/migrate``: ``{"request_id": "cmpl-3", "dst": 1}`` migrates a running request now (``dst`` optional).
 - ``GET /admin/instances``: one row per instance (load and counters), as the replay tool samples them.
 - ``GET /admin/steps?instance_id=&start=&limit=``: the engine steps the live instances kept (the last
@@ -28,7 +32,9 @@ Endpoints
 - ``GET /admin/scaling``: instance counts (starting / serving / draining), ``instance_seconds`` since the first launch
   and the start / ready / drain / stop events; two reads give the average number of instances between them (the cost).
 - ``POST /admin/drain``: ``{"instance_id": 1}`` drains an instance and stops it once empty (as auto-scaling does);
-  ``POST /admin/start-instance`` launches one more.
+  ``POST /admin/start-instance`` launches one more (``{"started": true, "instance_id"}`` once it serves); 503 if Ray
+  has not given it its CPUs / GPUs within ``--placement-timeout`` (the actor is killed, not left waiting) or it
+  failed to start.
 
 Who may call what (``HttpGuard``): with ``--api-key`` every ``/v1/*`` request needs ``Authorization: Bearer KEY``;
 ``/admin/*`` needs ``--admin-key`` and is off (404) without one; ``/health`` and ``/metrics`` are open. Limits: the
@@ -48,12 +54,14 @@ the token id ``b % vocab_size``; output text is the generated token ids written 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -71,7 +79,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llumnix.engine.tokenizer import ChatTemplateError, TextStream, TextTokenizer
-from llumnix.runtime.cluster import ClusterManager, NoInstanceError
+from llumnix.runtime.cluster import ClusterManager, NoInstanceError, StartupError
 from llumnix.runtime.serve_config import ServeConfig
 from llumnix.runtime.streams import ClientRequest
 
@@ -658,7 +666,9 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
     @app.get("/health")
     async def health():
         live = len(manager.live_instances())
-        body = {"status": "ok" if live else "unavailable", "instances_alive": live, "instances": len(manager.instances)}
+        dead = sum(1 for i in manager.instances.values() if not i.alive)
+        body = {"status": "ok" if live else "unavailable", "instances": live, "instances_alive": live,
+                "instances_dead": dead, "instances_starting": len(manager.starting)}
         return JSONResponse(status_code=200 if live else 503, content=body)
 
     registry = metrics_registry(manager)
@@ -708,8 +718,12 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     @app.post("/admin/start-instance")
     async def admin_start_instance():
-        result = await manager.start_instance()
-        return JSONResponse(status_code=200 if result.get("started") else 503, content=result)
+        result = await manager.start_instance(placement_timeout_s=config.placement_timeout_s)
+        if result.get("started"):
+            return result
+        code = "instance_not_placed" if result.get("placed") is False else "instance_start_failed"
+        return error_response(503, f"instance {result['instance_id']} did not start: {result['reason']}",
+                              kind="service_unavailable", code=code)
 
     return app
 
@@ -718,7 +732,7 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 # Per-instance metrics: the key of ``ClusterManager.instance_rows()`` -> (metric name, help). prometheus_client appends
 # ``_total`` to a counter's sample name.
 INSTANCE_GAUGES = {
-    "alive": ("llumnix_instance_up", "1 while the instance actor is alive"),
+    "alive": ("llumnix_instance_up", "1 for a live instance (a dead or stopped one has no series)"),
     "running": ("llumnix_instance_running_requests", "running (and frozen) requests"),
     "waiting": ("llumnix_instance_waiting_requests", "queued requests"),
     "free_blocks": ("llumnix_instance_free_blocks", "free KV blocks"),
@@ -752,7 +766,7 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
-        rows = m.instance_rows()
+        rows = [r for r in m.instance_rows() if r["alive"]]  # a dead instance's series go (Prometheus: stale)
         for family, metrics in ((GaugeMetricFamily, INSTANCE_GAUGES), (CounterMetricFamily, INSTANCE_COUNTERS)):
             for key, (name, doc) in metrics.items():
                 fam = family(name, doc, labels=["instance"])
@@ -831,8 +845,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for the HTTP server (uvicorn listens on it), or ``StartupError`` naming
+    --port (taken) or --host (not an address of this machine). Binding it before Ray and the instances start is the
+    port check, and holding it until uvicorn listens leaves no window for another process to take the port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise StartupError(f"--host {host}: not a name or address this machine can bind ({e.strerror}); use an "
+                           "address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"--port {port}: {host}:{port} is already in use (another server holds it); choose a "
+                               "free --port or stop the process holding it") from None
+        if e.errno == errno.EACCES:
+            raise StartupError(f"--port {port}: no permission to bind {host}:{port} (ports below 1024 need "
+                               "privileges); choose a --port of 1024 or above") from None
+        raise StartupError(f"--host {host}: cannot bind {host}:{port} ({e.strerror}); use an address of this machine, "
+                           "e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
 def serve(config: ServeConfig) -> None:
-    """Run the cluster and the HTTP server until interrupted (``llumnix serve``)."""
+    """Run the cluster and the HTTP server until interrupted (``llumnix serve``).
+
+    Before any instance actor starts it checks that the HTTP port can be bound on ``--host`` and that the Ray cluster
+    has the CPUs / GPUs the instances ask for; either failing raises ``StartupError`` (one line naming the flag). Ray
+    is shut down at the end if this call started it."""
     import ray
     import uvicorn
 
@@ -841,13 +886,24 @@ def serve(config: ServeConfig) -> None:
         log.warning("--host %s takes connections from other machines, but no API key is set: anyone who reaches this "
                     "port can use the model. Set LLUMNIX_API_KEY (or --api-key), or bind 127.0.0.1 behind a proxy "
                     "that authenticates.", config.host)
-    init_ray(config.address)
+    sock = bind_http_socket(config.host, config.port)
     try:
-        app = create_app(config)
-        log.info("serving on http://%s:%d (Ray up in %.1f s)", config.host, config.port, time.time() - started)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        owns_ray = not ray.is_initialized()
+        init_ray(config.address)
+        try:
+            app = create_app(config)
+            app.state.manager.check_resources()
+            port = sock.getsockname()[1]
+            log.info("serving on http://%s:%d (Ray up in %.1f s)", config.host, port, time.time() - started)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+            server.run(sockets=[sock])
+            if not server.started:  # the lifespan failed (e.g. the instances did not start): logged above
+                raise StartupError("the server did not start (see the log above)")
+        finally:
+            if owns_ray:
+                ray.shutdown()
     finally:
-        ray.shutdown()
+        sock.close()
 
 
 class BackgroundServer:
@@ -901,6 +957,8 @@ class BackgroundServer:
 __all__ = [
     "BackgroundServer",
     "ChatCompletionRequest",
+    "StartupError",
+    "bind_http_socket",
     "ClusterCollector",
     "CompletionRequest",
     "create_app",

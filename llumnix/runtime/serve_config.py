@@ -203,6 +203,11 @@ class ServeConfig(BaseModel):
     )
     poll_timeout_s: float = Field(0.5, gt=0, description="An idle instance reports its load at least this often.")
     startup_timeout_s: float = Field(600.0, gt=0, description="Seconds the instance actors may take to start.")
+    placement_timeout_s: float = Field(
+        10.0, gt=0,
+        description="POST /admin/start-instance: seconds the new instance actor may wait for Ray to give it its CPUs "
+        "/ GPUs; beyond it the actor is killed and the answer is 503 (its engine's start then has --startup-timeout).",
+    )
     # Auto-scaling (the simulator's Scaler): keep the average freeness of the instances within [scale_up, scale_down].
     autoscale: bool = Field(
         False,
