@@ -423,17 +423,19 @@ class KernelConfig:
     tile: int | None = None
     num_warps: int | None = None
     programs_per_sm: int | None = None
+    full_programs_per_sm: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> KernelConfig:
-        """'512', '512/32', '512/32/4' or '512/32/4/4': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM]]]."""
+        """'512', '512/32', ... '512/32/4/4/1': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM[/FULL]]]] (FULL:
+        ``FULL_PROGRAMS_PER_SM``, 0 for never one pass)."""
         try:
             parts = [int(x) for x in text.split("/")]
         except ValueError:
             parts = []
-        if not 1 <= len(parts) <= 4 or min(parts) < 1:
-            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] of "
-                             "positive integers")
+        if not 1 <= len(parts) <= 5 or min(parts[:4]) < 1 or min(parts) < 0:
+            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM[/FULL]]]] of "
+                             "positive integers (FULL may be 0)")
         return cls(*parts)
 
 
@@ -443,10 +445,11 @@ def _kernel_constants(config: KernelConfig) -> Iterator[dict[str, int]]:
     from llumnix.engine import paged_attention as pa
 
     names = {"partition": "PARTITION", "tile": "BLOCK_N", "num_warps": "NUM_WARPS",
-             "programs_per_sm": "PROGRAMS_PER_SM"}
+             "programs_per_sm": "PROGRAMS_PER_SM", "full_programs_per_sm": "FULL_PROGRAMS_PER_SM"}
     saved = {key: getattr(pa, name) for key, name in names.items()}
     for key, name in names.items():
-        setattr(pa, name, getattr(config, key) or saved[key])
+        value = getattr(config, key)
+        setattr(pa, name, saved[key] if value is None else value)
     try:
         yield {key: getattr(pa, name) for key, name in names.items()}
     finally:
@@ -551,7 +554,8 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
                     if row["fits"]:
                         step = step_s(b, n)
                         row |= {"decode_step_s": step, "decode_step_context1_s": short, "step_over_floor": step / floor,
-                                "kv_part_s": step - short}
+                                "kv_part_s": step - short,
+                                "cuda_graphs": runner.cuda_graphs}  # False once a capture failed (eager from then)
                         log.info("decode batch %d x %d tokens (partition %s): %.2f ms, %.2fx the floor", b, n,
                                  kernel.get("partition"), step * 1e3, step / floor)
                     rows.append(row)

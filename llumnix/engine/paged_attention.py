@@ -14,7 +14,13 @@ partitions split, split + splits, ... in turn. The split count is chosen from th
 (``PROGRAMS_PER_SM``): a large batch gets one program per sequence and KV head walking all its partitions (no flood of
 empty programs when the table is wide and the contexts short), a single long sequence one program per partition.
 
-Determinism and batch invariance: the partition size is a constant, every partition is computed from scratch the
+One pass: when the batch alone fills the GPU (``FULL_PROGRAMS_PER_SM``), the partition is the whole table and the tile
+``FULL_BLOCK_N`` tokens: one program per sequence and KV head, no partials, no combine (the kernel before split-KV).
+The mode depends on the launch's shapes only (batch, KV heads, SMs), so ``--invariant-batch R``, which runs every
+decode step as launches of exactly R rows, keeps one mode and a sequence's bits; without it, a sequence's bits may
+differ between a batch that fills the GPU and one that does not.
+
+Determinism and batch invariance within a mode: the partition size is a constant, every partition is computed from scratch the
 same way whichever program takes it, and every program reads only its own sequence's length, so a sequence's output
 is computed by the same operations in the same order whatever batch it is in, however wide its block table is padded,
 however the partitions are split among programs, and run after run. The grid depends only on the tensors' shapes
@@ -41,11 +47,18 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 # Constants of a process (each one changes the order of the floating-point operations: a sequence's bits must not
 # depend on its batch, or on the run). Read at each call, so that a tuning benchmark can set them before its runs.
-PARTITION = 512  # context tokens per partition
-BLOCK_N = 32  # context tokens per tile (MHA; fewer with several query heads per KV head)
+PARTITION = 256  # context tokens per partition
+BLOCK_N = 64  # context tokens per tile (MHA; fewer with several query heads per KV head)
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
+# A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
+# from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
+# FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
+# bf16, the kernel alone against the copy bandwidth; benchmarks/h200-decode-kernel*.csv): tiles of 64 beat 32 at every
+# batch, 256-token partitions beat 512 at short contexts and small batches, and one pass from 4 programs per SM on.
+FULL_PROGRAMS_PER_SM = 4
+FULL_BLOCK_N = 64
 
 
 def available(device: torch.device) -> bool:
@@ -170,6 +183,14 @@ def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
     return min(parts, 1 << (wanted.bit_length() - 1))  # a power of two (few compiled variants), dividing parts
 
 
+def _fills_gpu(batch: int, kv_heads: int, device: torch.device) -> bool:
+    """Whether one program per (sequence, KV head) already gives every SM ``FULL_PROGRAMS_PER_SM`` programs."""
+    if device.type != "cuda" or not FULL_PROGRAMS_PER_SM:
+        return False
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return batch * kv_heads >= FULL_PROGRAMS_PER_SM * sms
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
     block_size: int, *, splits: int | None = None,
@@ -187,11 +208,15 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    tile = min(BLOCK_N, max(16, 2 * BLOCK_N // group_pad))  # [G, tile, D] products: keep them in registers
-    if PARTITION % tile:
-        raise ValueError(f"PARTITION ({PARTITION}) must be a multiple of the tile ({tile} tokens)")
+    partition, block_n = PARTITION, BLOCK_N
+    if splits is None and _fills_gpu(batch, kv_heads, q.device):  # one pass over the whole table
+        partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
+        block_n = FULL_BLOCK_N
+    tile = min(block_n, max(16, 2 * block_n // group_pad))  # [G, tile, D] products: keep them in registers
+    if partition % tile:
+        raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
     # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
-    parts = triton.next_power_of_2(max(1, -(-tables.shape[1] * block_size // PARTITION)))
+    parts = triton.next_power_of_2(max(1, -(-tables.shape[1] * block_size // partition)))
     splits = min(parts, splits or _splits(parts, batch, kv_heads, q.device))
     part_o = torch.empty(batch, heads, parts, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, heads, parts, 2, dtype=torch.float32, device=q.device)
@@ -200,11 +225,11 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), k_pool.stride(0),
         heads * parts, parts,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
-        PARTITION=PARTITION, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
+        PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
             out, part_o, part_ml, lens, out.stride(0), out.stride(1), heads * parts, parts,
-            HEAD_DIM=head_dim, PARTITION=PARTITION, CHUNK=COMBINE_CHUNK, CHUNKS=-(-parts // COMBINE_CHUNK),
+            HEAD_DIM=head_dim, PARTITION=partition, CHUNK=COMBINE_CHUNK, CHUNKS=-(-parts // COMBINE_CHUNK),
         )  # fmt: skip
     return out
