@@ -191,6 +191,9 @@ def cluster(model_dir, tmp_path_factory):
     config = build_serve_config({}, {
         "backend": "vllm", "model": "tiny", "instances": 2, "port": 0, "num_cpus_per_instance": 0.5,
         "num_blocks": CLUSTER_BLOCKS, "vllm_migration": "kv",
+        # loads as they are at every change, plus what was dispatched since (not the artifact's per-step view, where a
+        # burst between two reports all goes to one instance and an idle instance keeps showing its last step's load)
+        "load_reports": "fresh",
     })  # fmt: skip
     try:
         with BackgroundServer(config, startup_timeout_s=240) as srv:
