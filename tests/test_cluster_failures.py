@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 from click.testing import CliRunner
+from test_http_security import openai_error
 
 from llumnix.cli import main
 from llumnix.runtime.frontend import INSTANCE_COUNTERS, INSTANCE_GAUGES, BackgroundServer, metric_samples
@@ -28,12 +29,6 @@ PROFILE = {"port": 0, "backend": "profile", "speed": 2, "num_blocks": 128}
 PENDING = ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
 
 
-def openai_error(resp: httpx.Response, status: int, needle: str = "") -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    error = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert needle in error["message"], error
-    return error
 
 
 def one_error_line(result) -> str:
