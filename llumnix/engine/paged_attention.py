@@ -168,8 +168,12 @@ if triton is not None:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
@@ -178,8 +182,7 @@ def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
     arithmetic is the same."""
     if device.type != "cuda":
         return parts
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    wanted = -(-PROGRAMS_PER_SM * sms // (batch * kv_heads))
+    wanted = -(-PROGRAMS_PER_SM * _sm_count(device) // (batch * kv_heads))
     return min(parts, 1 << (wanted.bit_length() - 1))  # a power of two (few compiled variants), dividing parts
 
 
@@ -187,8 +190,7 @@ def _fills_gpu(batch: int, kv_heads: int, device: torch.device) -> bool:
     """Whether one program per (sequence, KV head) already gives every SM ``FULL_PROGRAMS_PER_SM`` programs."""
     if device.type != "cuda" or not FULL_PROGRAMS_PER_SM:
         return False
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return batch * kv_heads >= FULL_PROGRAMS_PER_SM * sms
+    return batch * kv_heads >= FULL_PROGRAMS_PER_SM * _sm_count(device)
 
 
 def paged_decode_attention(
