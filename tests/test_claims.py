@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from test_analysis import spec
 
 from llumnix.analysis.claims import (
     ClaimSpec,
@@ -26,15 +27,6 @@ from llumnix.analysis.claims import (
 from llumnix.analysis.cli import claims as claims_command
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def spec(**kw) -> ClaimSpec:
-    base = dict(
-        id="c", figure="Fig", claim="claim", experiment="e", kind="speedup", metric="metric", baseline="b",
-        system="s", paper=4.0, paper_text="4x", reproduced={"min": 2.0, "max": 12.0}, partly={"min": 1.2},
-    )  # fmt: skip
-    base.update(kw)
-    return ClaimSpec(**base)
 
 
 def runs(rows, columns=("trace", "rate", "system", "seed", "metric")) -> pd.DataFrame:
