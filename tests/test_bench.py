@@ -15,7 +15,7 @@ from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.executor import TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
-from llumnix.engine.kv_transfer import ExecutorTransfer, PendingCopy, PoolTransfer
+from llumnix.engine.kv_transfer import ExecutorTransfer, PendingCopy, PoolTransfer, block_runs
 from llumnix.profiles import Profile
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 from llumnix.sim import SimConfig, simulate
@@ -147,6 +147,68 @@ def test_kv_transfer_copies_blocks_exactly():
         transfer.start(Copy(0, 1, 0, (1, 2), (3,), False))
 
 
+def test_block_runs_coalesce_ids_that_advance_together():
+    assert block_runs([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 4, 7]) == [(4, 0, 3), (9, 3, 2), (2, 7, 1)]
+    assert block_runs([], []) == []
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_a_non_final_stage_is_copied_a_chunk_per_poll_and_the_final_one_at_once(device):
+    kw = dict(num_kv_heads=2, head_dim=8, device=device)
+    src, dst = KVCachePool(2, 12, 4, **kw), KVCachePool(2, 12, 4, **kw)
+    src.cache.normal_()
+    transfer = PoolTransfer(src, {1: dst}, chunk_blocks=2)
+    blocks = (3, 4, 5, 9, 1)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def landed(n):  # the first n blocks of the stage are on the destination, the others still zero
+        sync()
+        got = dst.read_blocks(list(range(5)))
+        assert got[:, :, :n].equal(src.read_blocks(list(blocks[:n])))
+        assert not got[:, :, n:].any()
+
+    pending = transfer.start(Copy(0, 1, 0, blocks, (0, 1, 2, 3, 4), False))
+    landed(2)
+    polls = []
+    for _ in range(3):  # each poll after the chunk in flight landed issues the next one
+        sync()
+        polls.append(pending.done())
+    assert polls == [False, False, True]
+    landed(5)
+    dst.cache.zero_()
+    final = transfer.start(Copy(0, 1, 1, blocks, (0, 1, 2, 3, 4), True))  # stop-and-copy: whole
+    landed(5)
+    assert final.done()
+    dst.cache.zero_()
+    transfer.start(Copy(0, 1, 0, blocks, (0, 1, 2, 3, 4), False))
+    transfer.synchronize()  # drains what is left at once
+    landed(5)
+
+
+def test_a_paced_bulk_stage_spans_source_steps_and_keeps_the_tokens():
+    src, dst, ref_inst = (EngineInstance(i, TorchExecutor("tiny", 64)) for i in range(3))
+    prompt = list(range(100, 196))  # 6 blocks of 16
+    ref = Request(1, 0.0, len(prompt), 30, prompt_token_ids=list(prompt))
+    ref_inst.add_request(ref)
+    ref_inst.run_until_idle()
+    req = Request(2, 0.0, len(prompt), 30, prompt_token_ids=list(prompt))
+    src.add_request(req)
+    src.step()
+    transfer = PoolTransfer(src.executor.runner.kv_cache, {1: dst.executor.runner.kv_cache}, chunk_blocks=1)
+    before = len(src.steps)
+    mig = migrate_in_process(1, req, src, dst, transfer=transfer)
+    assert mig.committed and len(mig.stages[0].src_blocks) == 6
+    assert len(src.steps) - before >= 6  # a block per source step
+    dst.run_until_idle()
+    assert req.output_token_ids == ref.output_token_ids
+
+
 def test_migrate_in_process_keeps_stepping_until_an_async_copy_lands():
     """A transfer whose copy lands late: the source keeps decoding meanwhile, and the output is still exact."""
     src, dst = (EngineInstance(i, TorchExecutor("tiny", 64)) for i in range(2))
@@ -237,6 +299,32 @@ def test_packaged_cpu_tiny_profile_is_measured():
     prof = Profile.load("cpu-tiny")
     assert prof.reconstructed is False and prof.provenance.startswith("measured: llumnix profile")
     assert prof.total_blocks == 792
+
+
+def test_prefill_flops_count_every_linear_layer_attention_and_the_head():
+    from llumnix.bench.profiler import prefill_flops
+    from llumnix.engine.model import get_model_config
+
+    mc = get_model_config("llama-7b")
+    h = mc.hidden_size
+    linear = mc.num_params - 2 * mc.vocab_size * h - h - mc.num_layers * 2 * h  # less embeddings, head, norms
+    head = 2 * h * mc.vocab_size
+    assert prefill_flops(mc, 1000) == 2 * linear * 1000 + 2 * mc.num_layers * 1000**2 * h + head
+    assert 13.0e12 < prefill_flops(mc, 1000) < 14.5e12  # ~2 x 6.5B params x 1000 tokens, plus attention
+
+
+def test_prefill_floor_on_cpu(tmp_path, monkeypatch):
+    from llumnix.bench import profiler
+
+    monkeypatch.setattr(profiler, "measure_matmul_rate", lambda device, dtype: 1e10)  # skip the 8k x 8k product
+    out = tmp_path / "prefill.csv"
+    cli("bench", "prefill-floor", "--device", "cpu", "--model", "tiny", "--dtype", "float32", "--lengths", "16,64",
+        "--repeats", "1", "-o", out)
+    df = pd.read_csv(out)
+    assert list(df["tokens"]) == [16, 64] and (df["prefill_s"] > 0).all()
+    assert df["floor_s"].tolist() == pytest.approx((df["flops"] / 1e10).tolist())
+    assert df["prefill_over_floor"].tolist() == pytest.approx((df["prefill_s"] / df["floor_s"]).tolist())
+    assert df["command"].iloc[0].startswith("llumnix bench prefill-floor")
 
 
 def test_decode_floor_grid_on_cpu(tmp_path, monkeypatch):

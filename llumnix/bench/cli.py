@@ -47,6 +47,12 @@ def _write_csv(df, output: Path, summary_columns: list[str]) -> None:
     click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
+def _chunk_blocks_default() -> int:
+    from llumnix.engine.kv_transfer import CHUNK_BLOCKS
+
+    return CHUNK_BLOCKS
+
+
 def _progress():
     from tqdm import tqdm
 
@@ -97,6 +103,9 @@ def bench() -> None:
               help="Comma-separated KV transports: device (within the GPU) and/or host (staged through pinned host "
                    "memory, CUDA only), both instances in this process; or one of gloo / nccl: the destination in a "
                    "child process (nccl: on the next GPU, two needed), KV over a torch.distributed channel.")
+@click.option("--chunk-blocks", type=click.IntRange(min=0), default=lambda: _chunk_blocks_default(),
+              help="device / host transports on CUDA: blocks a non-final stage copies per source decode step "
+                   "(0: each stage in one go; default: the engine's kv_transfer.CHUNK_BLOCKS).")
 @click.option("--channel-timeout", type=float, default=120.0,
               help="gloo / nccl: seconds a KV transfer or the child process's answer may take before the run fails.")
 @click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")
@@ -107,8 +116,8 @@ def bench() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output CSV, one row per (sequence length, transport).")
 def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch, background_tokens, output_tokens,
-              steps_before, steps_per_stage, migrations, steps_between, transports, channel_timeout, seed, threads,
-              invariant_batch, output) -> None:
+              steps_before, steps_per_stage, migrations, steps_between, transports, chunk_blocks, channel_timeout, seed,
+              threads, invariant_batch, output) -> None:
     """Fig 10: migration downtime vs recompute and blocking copy over sequence length, on two real instances."""
     from llumnix.bench.migration import MigrationBenchConfig, run_migration_bench
     from llumnix.engine.device import check_device
@@ -119,7 +128,7 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
             repeats=repeats, warmup=warmup, batch=batch, background_tokens=background_tokens,
             output_tokens=output_tokens, steps_before=steps_before, steps_per_stage=steps_per_stage,
             migrations=migrations, steps_between=steps_between,
-            transports=_names(transports),
+            transports=_names(transports), chunk_blocks=chunk_blocks or None,
             channel_timeout_s=channel_timeout, seed=seed,
             cpu_threads=threads or None, invariant_batch=invariant_batch)
         df = run_migration_bench(cfg, progress=_progress())
@@ -187,6 +196,63 @@ def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_grap
     summary = [c for c in ("partition", "tile", "num_warps", "programs_per_sm") if c in df]
     _write_csv(df, output, [*summary, "batch", "context_tokens_per_seq", "fits", "decode_step_ms", "floor_ms",
                             "step_over_floor"])
+
+
+@bench.command("prefill-floor", context_settings=CONTEXT)
+@click.option("--device", default="cuda", help="torch device: cpu or cuda (cuda:N).")
+@click.option("--model", default="llama-7b", help="Model preset (random weights) or smollm2-135m (real).")
+@click.option("--dtype", type=DTYPES, default="bfloat16", help="Weights and KV cache dtype.")
+@click.option("--lengths", default="256,512,1024,2048,4096,8192", help="Prompt lengths, one sequence each.")
+@click.option("--repeats", type=int, default=5, help="Timed prefills per length (median reported).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output CSV.")
+def prefill_floor_cmd(device, model, dtype, lengths, repeats, output) -> None:
+    """Prefill time vs the compute floor: the prefill's FLOPs over the measured dense matmul rate."""
+    import pandas as pd
+
+    from llumnix.bench.profiler import prefill_floor
+    from llumnix.engine.device import check_device
+
+    try:
+        rows = prefill_floor(check_device(device), model, dtype, list(_ints(lengths)), repeats)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    command = _command_line("bench prefill-floor", {"device": device, "model": model, "dtype": dtype,
+                                                    "lengths": lengths, "repeats": repeats, "output": output})
+    df = pd.DataFrame(rows).assign(command=command)
+    df["prefill_ms"], df["floor_ms"] = df["prefill_s"] * 1e3, df["floor_s"] * 1e3
+    _write_csv(df, output, ["tokens", "prefill_ms", "floor_ms", "prefill_over_floor"])
+
+
+@bench.command("step-breakdown", context_settings=CONTEXT)
+@click.option("--device", default="cuda", help="CUDA device (the profiler reads GPU kernel times).")
+@click.option("--model", default="llama-7b", help="Model preset (random weights) or smollm2-135m (real).")
+@click.option("--dtype", type=DTYPES, default="bfloat16", help="Weights and KV cache dtype.")
+@click.option("--cells", default="1x512,32x2048,256x512", help="Comma-separated BATCHxCONTEXT decode steps.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output CSV: one row per kernel and cell (kernel time per step, its kind).")
+def step_breakdown_cmd(device, model, dtype, cells, output) -> None:
+    """Where a decode step's time goes: GPU kernel time by kernel and kind, next to the CUDA-graph step."""
+    import pandas as pd
+
+    from llumnix.bench.profiler import decode_step_breakdown
+    from llumnix.engine.device import check_device
+
+    try:
+        pairs = [tuple(int(x) for x in c.lower().split("x")) for c in _names(cells)]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected BATCHxCONTEXT[,...], got {cells!r}", param_hint="--cells") from None
+    device = check_device(device)
+    if not device.startswith("cuda"):
+        raise click.BadParameter("the breakdown reads GPU kernel times: it needs --device cuda", param_hint="--device")
+    df = pd.DataFrame([r for b, n in pairs for r in decode_step_breakdown(device, model, dtype, b, n)])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output, index=False)
+    summary = df.groupby(["batch", "context_tokens_per_seq", "kind"]).kernel_s.sum().unstack().mul(1e3).round(3)
+    steps = df.groupby(["batch", "context_tokens_per_seq"])[["eager_step_s", "graph_step_s", "kernel_total_s"]].first()
+    click.echo(summary.join(steps.mul(1e3).round(3)).to_string(), err=True)
+    click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
 @bench.command(context_settings=CONTEXT)

@@ -37,7 +37,7 @@ from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.device import deterministic_kernels, device_name, nccl_version, torch_threads
 from llumnix.engine.executor import Executor, TorchExecutor
-from llumnix.engine.kv_transfer import POOL_MODES, KVTransfer, PendingCopy, PoolTransfer, check_copy
+from llumnix.engine.kv_transfer import CHUNK_BLOCKS, POOL_MODES, KVTransfer, PendingCopy, PoolTransfer, check_copy
 from llumnix.engine.runner import SeqInput
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
@@ -73,6 +73,7 @@ class MigrationBenchConfig:
     steps_between: int = 2  # decode steps on the new owner before it migrates the request on
     last_stage_max_blocks: int = 2
     transports: tuple[str, ...] = ("device",)
+    chunk_blocks: int | None = CHUNK_BLOCKS  # device / host: blocks a non-final stage copies per source step (None: all)
     channel_timeout_s: float = 120.0  # gloo / nccl: a transfer (or the child's answer) taking longer fails the run
     seed: int = 0
     cpu_threads: int | None = 1  # torch intra-op threads on CPU; 1 keeps timings stable on a shared, busy machine
@@ -81,6 +82,8 @@ class MigrationBenchConfig:
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) <= self.output_tokens:
             raise ValueError(f"every length must exceed --output-tokens ({self.output_tokens}), got {self.lengths}")
+        if self.chunk_blocks is not None and self.chunk_blocks < 1:
+            raise ValueError(f"--chunk-blocks must be >= 1 (0: a stage in one go), got {self.chunk_blocks}")
         for name in ("repeats", "batch", "background_tokens", "output_tokens", "steps_per_stage"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -132,7 +135,11 @@ class MigrationBenchConfig:
 
     @property
     def min_output_tokens(self) -> int:
-        return 1 + self.steps_before + self.migrations * (self.steps_per_stage + self.steps_between) + 2
+        # a paced bulk stage (device / host transports on CUDA) spans a source step per chunk
+        paced = self.device.startswith("cuda") and not self.cross_process and self.chunk_blocks is not None
+        stage_steps = max(self.steps_per_stage,
+                          1 + -(-blocks_for(max(self.lengths), self.block_size) // self.chunk_blocks) if paced else 0)
+        return 1 + self.steps_before + self.migrations * (stage_steps + self.steps_between) + 2
 
     @property
     def background_output_tokens(self) -> int:
@@ -361,8 +368,10 @@ def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
             identity = ("token_identical / kv_identical: an untimed rerun with and without migration (kv: every block "
                         "bit-equal on both sides at each commit); token_identical_timed: every timed repeat")
     elif cfg.device.startswith("cuda"):
+        paced = (f"a non-final stage {cfg.chunk_blocks} blocks per source step" if cfg.chunk_blocks is not None
+                 else "each stage in one go")
         overlap = ("stage copies run on a side CUDA stream overlapping the source's decode steps (the source keeps "
-                   "stepping until a stage's copy lands)")
+                   f"stepping until a stage's copy lands), {paced}")
         identity = ("token_identical / kv_identical: an untimed rerun with and without migration under torch "
                     "deterministic algorithms (kv: every block bit-equal on both sides at each commit); "
                     "token_identical_timed: every timed repeat with default kernels")
@@ -393,8 +402,8 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
             transfers = {cfg.transports[0]: (ChannelTransfer(src_ex, dst_ex, True), ChannelTransfer(src_ex, dst_ex, False))}
         else:
             src_pool, dst_pool = src_ex.runner.kv_cache, dst_ex.runner.kv_cache
-            transfers = {t: (PoolTransfer(src_pool, {1: dst_pool}, t), PoolTransfer(dst_pool, {0: src_pool}, t))
-                         for t in cfg.transports}
+            transfers = {t: (PoolTransfer(src_pool, {1: dst_pool}, t, cfg.chunk_blocks),
+                             PoolTransfer(dst_pool, {0: src_pool}, t, cfg.chunk_blocks)) for t in cfg.transports}
         bench = _Bench(cfg, EngineInstance(0, src_ex), EngineInstance(1, dst_ex), transfers, src_ex.vocab_size)
         devices = device_name(cfg.device)
         if cfg.cross_process:
@@ -491,6 +500,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 "cuda_version": torch.version.cuda or "",
                 "nccl_version": nccl_version(),
                 "transport": t,
+                "chunk_blocks": cfg.chunk_blocks if cfg.chunk_blocks is not None else 0,
                 "batch": cfg.batch,
                 "seq_len": length,
                 "kv_tokens": runs[0].kv_tokens,

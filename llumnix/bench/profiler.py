@@ -560,3 +560,120 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
                                  kernel.get("partition"), step * 1e3, step / floor)
                     rows.append(row)
     return rows
+
+
+# -- prefill vs the compute floor ------------------------------------------------------------------------------------
+def measure_matmul_rate(device: str, dtype: str, n: int = 8192, repeats: int = 10) -> float:
+    """Dense matmul throughput (FLOP/s) of an n x n x n product in ``dtype``: the rate a prefill's GEMMs can reach."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=gen)
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=gen)
+
+    def sync() -> None:
+        if a.is_cuda:
+            torch.cuda.synchronize(a.device)
+
+    return 2 * n**3 / _median_time_s(lambda: a @ b, sync, 3, repeats)
+
+
+def prefill_flops(mc, tokens: int) -> float:
+    """FLOPs of one sequence's prefill of ``tokens`` tokens: every linear layer over every token, causal attention
+    (QK^T and PV over the lower triangle: 2 x 2 x n^2 / 2 x hidden per layer) and the LM head for the last token."""
+    h, kv = mc.hidden_size, mc.num_kv_heads * mc.head_dim
+    linear_per_token = mc.num_layers * (2 * h * h + 2 * h * kv + 3 * h * mc.intermediate_size)
+    return 2 * linear_per_token * tokens + 2 * mc.num_layers * tokens**2 * h + 2 * h * mc.vocab_size
+
+
+def prefill_floor(device: str, model: str, dtype: str, lengths: list[int], repeats: int = 5, seed: int = 0,
+                  cpu_threads: int | None = 1) -> list[dict]:
+    """Time the prefill of one sequence of each length and compare it with its FLOPs over the measured matmul
+    rate (``measure_matmul_rate``)."""
+    import platform
+
+    import torch
+
+    from llumnix.engine.runner import ModelRunner, SeqInput
+
+    with torch_threads(device, cpu_threads):
+        bs = 16
+        rate = measure_matmul_rate(device, dtype)
+        runner = ModelRunner(model, blocks_for(max(lengths), bs), bs, device=device, dtype=getattr(torch, dtype),
+                             seed=seed)
+        mc = runner.config
+        rng = np.random.default_rng(seed)
+
+        def sync() -> None:
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+
+        rows = []
+        for n in lengths:
+            seq = SeqInput(rng.integers(mc.vocab_size, size=n).tolist(), 0, list(range(blocks_for(n, bs))))
+            t = _median_time_s(lambda seq=seq: runner.prefill([seq]), sync, 2, repeats)
+            flops = prefill_flops(mc, n)
+            rows.append({"device_name": device_name(device), "model": model, "dtype": dtype,
+                         "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "",
+                         "host": platform.node(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+                         "matmul_flops_per_s": rate, "tokens": n, "flops": flops, "prefill_s": t,
+                         "floor_s": flops / rate, "prefill_over_floor": t * rate / flops, "repeats": repeats})
+            log.info("prefill %d tokens: %.2f ms, %.2fx the compute floor", n, t * 1e3, t * rate / flops)
+        return rows
+
+
+# -- where a decode step's time goes ---------------------------------------------------------------------------------
+KERNEL_KINDS = (("attention", ("paged", "split", "combine", "attn", "flash", "sdpa")),
+                ("matmul", ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas", "splitk")),
+                ("norm/rope/act", ("norm", "rsqrt", "silu", "mul", "add", "pow", "mean", "cat", "neg", "cos", "sin")),
+                ("copy/index", ("copy", "index", "scatter", "gather", "fill")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
+def decode_step_breakdown(device: str, model: str, dtype: str, batch: int, context_tokens: int, steps: int = 5,
+                          seed: int = 0) -> list[dict]:
+    """GPU kernel time of an eager decode step by kind (torch.profiler), next to the CUDA-graph step's wall time: how
+    much of a step is matrix products, attention, the small element-wise kernels, and launch gaps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llumnix.engine.runner import ModelRunner, SeqInput
+
+    bs = 16
+    runner = ModelRunner(model, batch * blocks_for(context_tokens, bs), bs, device=device,
+                         dtype=getattr(torch, dtype), seed=seed, cuda_graphs=False)
+    mc = runner.config
+    rng = np.random.default_rng(seed)
+    seqs = [SeqInput([int(rng.integers(mc.vocab_size))], context_tokens - 1, t)
+            for t in _tables([context_tokens] * batch, bs)]
+
+    def sync() -> None:
+        torch.cuda.synchronize(runner.device)
+
+    eager_s = _median_time_s(lambda: runner.decode(seqs), sync, 3, steps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.decode(seqs)
+        sync()
+    kernels = []  # (name, seconds per step, launches per step)
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if us and evt.key:
+            kernels.append((evt.key, us / 1e6 / steps, evt.count / steps))
+    del runner, prof
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()  # the eager runner's KV pool, before the graph runner allocates its own
+    graphs = ModelRunner(model, batch * blocks_for(context_tokens, bs), bs, device=device,
+                         dtype=getattr(torch, dtype), seed=seed)
+    graph_s = _median_time_s(lambda: graphs.decode(seqs), sync, 3, 10)
+    base = {"device_name": device_name(device), "model": model, "dtype": dtype, "batch": batch,
+            "context_tokens_per_seq": context_tokens, "eager_step_s": eager_s, "graph_step_s": graph_s,
+            "kernel_total_s": sum(k[1] for k in kernels)}
+    return [base | {"kind": kernel_kind(name), "kernel": name[:120], "kernel_s": sec, "launches": n}
+            for name, sec, n in sorted(kernels, key=lambda k: -k[1])]

@@ -97,22 +97,46 @@ class ExecutorTransfer(KVTransfer):
 
 
 POOL_MODES = ("device", "host")
+# Blocks a non-final stage copies per poll of its pending copy (a driver polls once per source decode step). 32 blocks
+# of LLaMA-7B bf16 are 256 MiB: copied beside a decode step they take a few percent of the step's memory bandwidth;
+# the whole stage at once (an 8k-token request's 4 GiB) slowed the source's step by up to 190% on an H200
+# (benchmarks/h200-migration-chunks.csv measures the choice).
+CHUNK_BLOCKS = 32
+
+
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the maximal runs where both block id lists advance by one together."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
 
 
 class PoolTransfer(KVTransfer):
     """Copies KV blocks from one paged pool to another of the same geometry, in this process.
 
     On CUDA the copy is issued on a side stream (after the work already queued on the current stream, so the source's
-    last writes land first) and returns at once; the pending copy polls its CUDA event, so decode steps on the default
-    stream overlap it. ``host`` stages the payload through a reused pinned host buffer (the PCIe legs of a cross-GPU
-    migration). On CPU the copy is synchronous.
+    last writes land first) and returns at once. A non-final stage is paced: ``chunk_blocks`` blocks at a time, the
+    next chunk issued when the pending copy is polled after the previous one landed, so a driver that polls once per
+    decode step (``migrate_in_process``) copies one chunk beside each step instead of the whole stage at once, which
+    would take the step's memory bandwidth (the engine is bound by it). The final stop-and-copy stage, and
+    ``synchronize``, copy at full speed. Consecutive block ids are copied as slices (no gathered temporary); a
+    fragmented table goes through ``index_select`` / ``index_copy_``. ``host`` stages each chunk through a reused
+    pinned host buffer (the PCIe legs of a cross-GPU migration). On CPU each chunk is copied synchronously when
+    issued (the same pacing, no overlap).
     """
 
-    def __init__(self, src, destinations: Mapping[int, Any], mode: str = "device", chunk_blocks: int = 32) -> None:
+    def __init__(self, src, destinations: Mapping[int, Any], mode: str = "device",
+                 chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
         import torch
 
         if mode not in POOL_MODES:
             raise ValueError(f"transport must be one of {POOL_MODES}, got {mode!r}")
+        if chunk_blocks is not None and chunk_blocks < 1:
+            raise ValueError(f"chunk_blocks must be >= 1 (or None: a stage in one go), got {chunk_blocks}")
         for dst in destinations.values():
             if src.cache.shape[:2] != dst.cache.shape[:2] or src.cache.shape[3:] != dst.cache.shape[3:]:
                 raise ValueError(f"pools differ in geometry: {tuple(src.cache.shape)} vs {tuple(dst.cache.shape)}")
@@ -123,10 +147,9 @@ class PoolTransfer(KVTransfer):
         if mode == "host" and not self.cuda:
             raise ValueError("the host transport needs a CUDA device")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # The host path moves this many blocks per device->host->device leg, so the decode steps' own small copies
-        # queue behind one chunk, not behind the whole request's KV.
         self.chunk_blocks = chunk_blocks
         self._staging = None  # flat pinned host buffer, grown on demand
+        self._active: list[_ChunkedCopy] = []
 
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
@@ -135,28 +158,39 @@ class PoolTransfer(KVTransfer):
             return PendingCopy(0)
         dst = self.destinations[copy.dst]
         num_bytes = self.src.bytes_per_block * len(src_blocks)
-        if not self.cuda:
-            dst.write_blocks(dst_blocks, self.src.read_blocks(src_blocks))
-            return PendingCopy(num_bytes)
+        if self.cuda:
+            self.stream.wait_stream(self.torch.cuda.current_stream(self.device))
+        chunk = len(src_blocks) if copy.final or self.chunk_blocks is None else self.chunk_blocks
+        pending = _ChunkedCopy(self, dst, src_blocks, dst_blocks, num_bytes, chunk)
+        self._active = [p for p in self._active if not p.issued_all] + [pending]
+        return pending
+
+    def _copy_chunk(self, dst, src_blocks: list[int], dst_blocks: list[int]):
+        """Issue the copy of these blocks on the side stream; returns the CUDA event that marks it landed (on CPU:
+        copied at once, an event already passed)."""
         torch = self.torch
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.cuda:
+            _copy_runs(dst.cache, self.src.cache, block_runs(src_blocks, dst_blocks))
+            return _LANDED
         with torch.cuda.stream(self.stream):
-            src_idx = torch.tensor(src_blocks, dtype=torch.long, device=self.device)
-            dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=self.device)
             if self.mode == "device":
-                dst.cache.index_copy_(2, dst_idx, self.src.cache.index_select(2, src_idx))
+                runs = block_runs(src_blocks, dst_blocks)
+                if len(runs) * 4 <= len(src_blocks):  # mostly contiguous: slices, no gathered temporary
+                    _copy_runs(dst.cache, self.src.cache, runs)
+                else:
+                    src_idx = torch.tensor(src_blocks, dtype=torch.long, device=self.device)
+                    dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=self.device)
+                    dst.cache.index_copy_(2, dst_idx, self.src.cache.index_select(2, src_idx))
             else:
-                per_block = self.src.cache[:, :, 0].numel()
-                staging = self._staging_flat(len(src_blocks) * per_block)
-                for a in range(0, len(src_blocks), self.chunk_blocks):
-                    b = min(len(src_blocks), a + self.chunk_blocks)
-                    payload = self.src.cache.index_select(2, src_idx[a:b])
-                    host = staging[a * per_block : b * per_block].view(payload.shape)
-                    host.copy_(payload, non_blocking=True)
-                    dst.cache.index_copy_(2, dst_idx[a:b], host.to(self.device, non_blocking=True))
+                src_idx = torch.tensor(src_blocks, dtype=torch.long, device=self.device)
+                dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=self.device)
+                payload = self.src.cache.index_select(2, src_idx)
+                host = self._staging_flat(payload.numel())[: payload.numel()].view(payload.shape)
+                host.copy_(payload, non_blocking=True)
+                dst.cache.index_copy_(2, dst_idx, host.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
             done.record(self.stream)
-        return PendingCopy(num_bytes, done.query, done.synchronize)
+        return done
 
     def _staging_flat(self, numel: int):
         if self._staging is None or self._staging.numel() < numel:
@@ -165,5 +199,67 @@ class PoolTransfer(KVTransfer):
         return self._staging
 
     def synchronize(self) -> None:
+        for pending in self._active:
+            pending.drain()
+        self._active = []
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
+
+
+def _copy_runs(dst_cache, src_cache, runs: list[tuple[int, int, int]]) -> None:
+    """Copy block runs (src start, dst start, length) between two pools' caches ([layer, k|v, block, ...])."""
+    for s, d, n in runs:
+        dst_cache[:, :, d : d + n].copy_(src_cache[:, :, s : s + n], non_blocking=True)
+
+
+class _Landed:
+    """The event of a copy done synchronously (CPU)."""
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+    @staticmethod
+    def synchronize() -> None:
+        return None
+
+
+_LANDED = _Landed()
+
+
+class _ChunkedCopy(PendingCopy):
+    """A stage's copy issued ``chunk`` blocks at a time: the first at once, each next one when polled after the
+    previous landed. One chunk in flight at a time (the host path's pinned buffer is reused chunk after chunk)."""
+
+    def __init__(self, transfer: PoolTransfer, dst, src_blocks: list[int], dst_blocks: list[int], num_bytes: int,
+                 chunk: int) -> None:
+        super().__init__(num_bytes, self._poll_chunks, self.drain)
+        self.transfer, self.dst, self.chunk = transfer, dst, chunk
+        self.src_blocks, self.dst_blocks = src_blocks, dst_blocks
+        self.next = 0
+        self.event = None
+        self._issue()
+
+    @property
+    def issued_all(self) -> bool:
+        return self.next >= len(self.src_blocks)
+
+    def _issue(self) -> None:
+        a, b = self.next, min(len(self.src_blocks), self.next + self.chunk)
+        self.event = self.transfer._copy_chunk(self.dst, self.src_blocks[a:b], self.dst_blocks[a:b])
+        self.next = b
+
+    def _poll_chunks(self) -> bool:
+        if not self.event.query():
+            return False
+        if self.issued_all:
+            return True
+        self._issue()
+        return False
+
+    def drain(self) -> None:
+        """Issue every chunk left, back to back, and wait for the last."""
+        while not self.issued_all:
+            self.event.synchronize()
+            self._issue()
+        self.event.synchronize()
