@@ -651,8 +651,10 @@ def decode_step_breakdown(device: str, model: str, dtype: str, batch: int, conte
     seqs = [SeqInput([int(rng.integers(mc.vocab_size))], context_tokens - 1, t)
             for t in _tables([context_tokens] * batch, bs)]
 
+    dev = runner.device
+
     def sync() -> None:
-        torch.cuda.synchronize(runner.device)
+        torch.cuda.synchronize(dev)
 
     eager_s = _median_time_s(lambda: runner.decode(seqs), sync, 3, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
