@@ -13,6 +13,7 @@ weight and every context token's KV once, so (weights + KV bytes) / measured cop
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime as dt
 import logging
 import os
@@ -656,7 +657,7 @@ def decode_step_breakdown(device: str, model: str, dtype: str, batch: int, conte
     def sync() -> None:
         torch.cuda.synchronize(dev)
 
-    eager_s = _median_time_s(lambda: runner.decode(seqs), sync, 3, steps)
+    eager_s = _median_time_s(functools.partial(runner.decode, seqs), sync, 3, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             runner.decode(seqs)
