@@ -13,8 +13,8 @@ weight and every context token's KV once, so (weights + KV bytes) / measured cop
 from __future__ import annotations
 
 import contextlib
-import functools
 import datetime as dt
+import functools
 import logging
 import os
 import statistics
