@@ -97,11 +97,11 @@ class ExecutorTransfer(KVTransfer):
 
 
 POOL_MODES = ("device", "host")
-# Blocks a non-final stage copies per poll of its pending copy (a driver polls once per source decode step). 32 blocks
-# of LLaMA-7B bf16 are 256 MiB: copied beside a decode step they take a few percent of the step's memory bandwidth;
-# the whole stage at once (an 8k-token request's 4 GiB) slowed the source's step by up to 190% on an H200
-# (benchmarks/h200-migration-chunks.csv measures the choice).
-CHUNK_BLOCKS = 32
+# Blocks a non-final stage copies per poll of its pending copy (a driver polls once per source decode step). Measured
+# on one H200 (LLaMA-7B bf16, batch 1, 256-8k tokens; benchmarks/h200-migration-chunks.csv): the source's decode step
+# during the bulk stage is +2..+4% with 16 blocks (128 MiB) per step, +3..+6% with 32, +7..+10% with 64, and
+# +5..+75% with the whole stage at once (the engine is bound by memory bandwidth, and so is the copy).
+CHUNK_BLOCKS = 16
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
