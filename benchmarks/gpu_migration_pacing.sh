@@ -38,7 +38,7 @@ M="--device cuda --model llama-7b --dtype bfloat16"
   fi
   if run chunks; then
     rm -f "$OUT"/chunks-*.csv
-    for C in 0 16 32 64; do
+    for C in 0 16 32; do
       timeout 120 $L bench migration $M --lengths 256,1024,4096,8192 --output-tokens 100 --migrations 2 --repeats 3 \
         --transports device --chunk-blocks $C -o "$OUT/chunks-$C.csv"
     done

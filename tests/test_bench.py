@@ -368,9 +368,9 @@ def test_cli_bench_profile_and_plot(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_cuda_side_stream_transfers_token_identical():
-    df = run_migration_bench(MigrationBenchConfig(device="cuda", lengths=(64, 256), repeats=1,
-                                                  transports=("device", "host")))
-    assert df["token_identical"].all()
+    df = run_migration_bench(MigrationBenchConfig(device="cuda", lengths=(64, 256), repeats=1, output_tokens=12,
+                                                  transports=("device", "host"), chunk_blocks=4))
+    assert df["token_identical"].all() and df["kv_identical"].all() and (df["migrations"] == 1).all()
 
 
 @pytest.mark.gpu

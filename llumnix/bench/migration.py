@@ -208,7 +208,8 @@ class _MigrationRun:
     downtimes_s: list[float]  # one per committed migration
     stages: list[int]
     migrated_blocks: list[int]
-    migrating_step_s: float  # wall time of the non-final stages per source step, over all migrations
+    migrating_step_s: float  # mean duration of the source's decode steps during non-final stages
+    stage_per_step_s: float  # wall time of the non-final stages (steps + copy issue + sync) per source step
     committed: bool  # every migration committed
     kv_identical: bool | None = None  # destination blocks == source blocks at every commit (checked when asked)
 
@@ -296,6 +297,7 @@ class _Bench:
 
         downtimes, stages, blocks = [], [], []
         staged_s, staged_steps = 0.0, 0
+        staged_decode: list[float] = []  # durations of the source's decode steps during non-final stages
         here, there = src, dst
         committed = True
         kv_identical = True if verify_kv else None
@@ -303,7 +305,7 @@ class _Bench:
             if k:
                 for _ in range(cfg.steps_between):
                     here.step()
-            stage_log: list[tuple[bool, float, int]] = []  # (final, seconds, source steps during the stage)
+            stage_log: list[tuple[bool, float, int, list[float]]] = []  # (final, seconds, source steps, decode s)
             seen = [len(here.steps)]
             moved: tuple[list[int], list[int]] = ([], [])
             transfer = forward if here is src else backward
@@ -311,7 +313,9 @@ class _Bench:
             def on_stage(stage: Copy, elapsed_s: float, here=here, there=there, seen=seen, stage_log=stage_log,
                          moved=moved) -> None:
                 nonlocal kv_identical
-                stage_log.append((stage.final, elapsed_s, len(here.steps) - seen[0]))
+                during = here.steps[seen[0]:]
+                stage_log.append((stage.final, elapsed_s, len(during),
+                                  [st.duration_s for st in during if st.kind == StepKind.DECODE.value]))
                 seen[0] = len(here.steps)
                 moved[0].extend(stage.src_blocks)
                 moved[1].extend(stage.dst_blocks)
@@ -331,10 +335,11 @@ class _Bench:
             downtimes.append(mig.downtime_s)
             stages.append(len(mig.stages))
             blocks.append(mig.blocks)
-            for final, sec, n in stage_log:
+            for final, sec, n, decode_s in stage_log:
                 if not final and n > 0:
                     staged_s += sec
                     staged_steps += n
+                    staged_decode += decode_s
             here, there = there, here
         while not target.finished:
             here.step()
@@ -347,7 +352,8 @@ class _Bench:
             downtimes_s=downtimes,
             stages=stages,
             migrated_blocks=blocks,
-            migrating_step_s=staged_s / staged_steps if staged_steps else float("nan"),
+            migrating_step_s=statistics.fmean(staged_decode) if staged_decode else float("nan"),
+            stage_per_step_s=staged_s / staged_steps if staged_steps else float("nan"),
             committed=committed,
             kv_identical=kv_identical,
         )
@@ -379,8 +385,9 @@ def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
         overlap = "stage copies run sequentially between decode steps (CPU: no overlap)"
         identity = ("token_identical / kv_identical: an untimed rerun with and without migration (kv: every block "
                     "bit-equal on both sides at each commit); token_identical_timed: every timed repeat")
-    return (f"{overlap}; {TRANSPORT_NOTES[transport]}; decode_step_migrating_s = wall time of the non-final stages "
-            f"(copy + source steps + sync) per source step; downtime = freeze to commit of the stop-and-copy stage; "
+    return (f"{overlap}; {TRANSPORT_NOTES[transport]}; decode_step_migrating_s = mean duration of the source's decode "
+            f"steps during the non-final stages (decode_slowdown: over decode_step_s, the same request's steps "
+            f"unmigrated); stage_per_step_s = wall time of those stages (steps + copy issue + sync) per source step; downtime = freeze to commit of the stop-and-copy stage; "
             f"{cfg.migrations} migration(s) per repeat, there and back; {cfg.batch - 1} background requests of "
             f"{cfg.background_tokens} prompt tokens on each instance; {identity}")
 
@@ -490,6 +497,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
             downtimes = [d for r in runs for d in r.downtimes_s]
             step_s = statistics.median(r.decode_step_s for r in refs)
             migrating_s = float(np.nanmedian([r.migrating_step_s for r in runs]))
+            stage_per_step_s = float(np.nanmedian([r.stage_per_step_s for r in runs]))
             rows.append({
                 "device": cfg.device,
                 "dst_device": cfg.dst_device,
@@ -518,6 +526,8 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 "decode_step_s": step_s,
                 "decode_step_migrating_s": migrating_s,
                 "decode_slowdown": migrating_s / step_s - 1.0,
+                "stage_per_step_s": stage_per_step_s,
+                "stage_slowdown": stage_per_step_s / step_s - 1.0,
                 "token_identical": identical[t],
                 "kv_identical": checks[t].committed and bool(checks[t].kv_identical),  # False: not checked
                 "token_identical_timed": identical_timed[t],
