@@ -1,5 +1,6 @@
 # The paper's experiments, end to end: traces -> simulations -> data.csv per experiment -> figures -> claims.
-#   snakemake --cores all                         # quick scale (default), under 20 minutes on 2 cores
+#   snakemake --cores all                         # quick scale (default): Figs 11-15 in 901 CPU-s (2026-11-29),
+#                                                 # ~8 min on 2 idle cores, the paper scale's verdicts on all claims
 #   snakemake --cores all --config scale=paper    # the paper's scale: 10,000 requests/run, 3 seeds, every rate
 #   snakemake --cores 1 --report results/report.html
 #   snakemake --cores all --config backend=vllm   # the real-cluster experiment on vLLM engines (make install-vllm)

@@ -66,12 +66,36 @@ def test_repository_experiments_and_claims_validate():
             assert exp.scale("paper").num_requests == 10_000 and exp.scale("paper").seeds == 3
 
 
-def test_paper_scale_runs_every_rate_and_quick_the_extremes():
+def test_paper_scale_runs_every_rate_and_quick_the_deciding_points():
     exp = load_experiment(EXPERIMENTS / "fig11.yaml")
     paper = {(r.trace, r.rate) for r in expand_runs(exp, "paper")}
     assert paper == {(t, rate) for t, spec in exp.traces.items() for rate in spec.rates}
-    quick = {(r.trace, r.rate) for r in expand_runs(exp, "quick")}
-    assert quick == {(t, r) for t, spec in exp.traces.items() for r in (min(spec.rates), max(spec.rates))}
+    quick = expand_runs(exp, "quick")
+    # each trace's heaviest rate, S-L at its lightest; Round-Robin on the real datasets only
+    expected = {(t, 4.1 if t == "S-L" else max(spec.rates)) for t, spec in exp.traces.items()}
+    assert {(r.trace, r.rate) for r in quick} == expected
+    assert {r.trace for r in quick if r.system == "round-robin"} == {"sharegpt", "burstgpt"}
+    assert exp.scale("quick").num_requests == exp.scale("paper").num_requests
+
+
+def test_scale_picks_rates_per_trace_and_traces_per_system(tmp_path):
+    data = json.loads(json.dumps(MINIMAL))
+    data["traces"]["L-L"] = {"workload": "L-L", "rates": [4, 5, 6]}
+    data["scales"]["quick"] = {
+        "num_requests": 10,
+        "rates": "highest",
+        "trace_rates": {"L-L": [4, 6]},
+        "system_traces": {"infaas++": ["L-L"]},
+    }
+    exp = load_experiment(write_yaml(tmp_path, data))
+    assert exp.rates("S-S", "quick") == [3] and exp.rates("L-L", "quick") == [4, 6]
+    runs = {(r.trace, r.rate, r.system) for r in expand_runs(exp, "quick")}
+    assert runs == {("S-S", 3, "llumnix"), ("L-L", 4, "llumnix"), ("L-L", 6, "llumnix"),
+                    ("L-L", 4, "infaas++"), ("L-L", 6, "infaas++")}  # fmt: skip
+    assert exp.scale("quick").grid_note() == [
+        "only the heaviest rate of each trace", "L-L at 4, 6 req/s only", "infaas++ on L-L only"
+    ]  # fmt: skip
+    assert len(expand_runs(exp, "paper")) == 2 * 3 * 2 * 3  # unaffected: traces x rates x systems x seeds
 
 
 @pytest.mark.parametrize(
@@ -85,6 +109,12 @@ def test_paper_scale_runs_every_rate_and_quick_the_extremes():
         (lambda d: d["scales"]["quick"].update(traces=["nope"]), "scales.quick.traces"),
         (lambda d: d.update(name="other"), "name"),
         (lambda d: d["scales"]["quick"].update(num_requests=0), "scales.quick.num_requests"),
+        (lambda d: d["scales"]["quick"].update(rates="lowest"), "scales.quick.rates"),
+        (lambda d: d["scales"]["quick"].update(trace_rates={"S-S": [2.5]}), "scales.quick.trace_rates.S-S"),
+        (lambda d: d["scales"]["quick"].update(trace_rates={"nope": [1]}), "scales.quick.trace_rates"),
+        (lambda d: d["scales"]["quick"].update(trace_rates={"S-S": []}), "scales.quick.trace_rates.S-S"),
+        (lambda d: d["scales"]["quick"].update(system_traces={"fifo": ["S-S"]}), "scales.quick.system_traces"),
+        (lambda d: d["scales"]["quick"].update(system_traces={"llumnix": ["nope"]}), "system_traces.llumnix"),
     ],
 )
 def test_invalid_experiment_names_the_bad_field(tmp_path, change, field):

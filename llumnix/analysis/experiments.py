@@ -19,7 +19,7 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -135,15 +135,37 @@ class ScaleSpec(_Strict):
 
     num_requests: PositiveInt
     seeds: PositiveInt = Field(1, description="Number of seeds: runs use seeds 0 .. seeds-1.")
-    rates: Literal["all", "extremes"] = Field(
-        "all", description="'extremes': only each trace's lightest and heaviest rate."
+    rates: Literal["all", "extremes", "highest"] = Field(
+        "all",
+        description="Rates of each trace: 'all'; 'extremes': the lightest and heaviest; 'highest': the heaviest.",
+    )
+    trace_rates: dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Per trace, the rates to run instead of what 'rates' picks (each one of the trace's rates).",
     )
     traces: list[str] | None = Field(None, description="Subset of the traces (default: all).")
+    system_traces: dict[str, Annotated[list[str], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Per system, the only traces it runs on (default: every system on every trace).",
+    )
     sweep_values: list[float] | None = Field(None, description="Subset of the sweep's values (default: all).")
 
     def describe(self, name: str) -> str:
         seeds = f"{self.seeds} seed" + ("s" if self.seeds > 1 else "")
         return f"{name} scale: {self.num_requests:,} requests/run, {seeds}"
+
+    def grid_note(self) -> list[str]:
+        """What part of the grid this scale runs, in words (for the figures' footnotes)."""
+        notes = []
+        if self.rates == "extremes":
+            notes.append("only the lightest and heaviest rate of each trace")
+        elif self.rates == "highest":
+            notes.append("only the heaviest rate of each trace")
+        notes += [f"{t} at {', '.join(map(fmt_number, rates))} req/s only" for t, rates in self.trace_rates.items()]
+        if self.traces is not None:
+            notes.append(f"traces {', '.join(self.traces)} only")
+        notes += [f"{s} on {', '.join(traces)} only" for s, traces in self.system_traces.items()]
+        return notes
 
 
 class RealSpec(_Strict):
@@ -236,6 +258,28 @@ class Experiment(_Strict):
                 raise ValueError(
                     f"scales.{scale_name}.traces: unknown trace(s) {unknown}; known: {sorted(self.traces)}"
                 )
+            for trace, rates in scale.trace_rates.items():
+                if trace not in self.traces:
+                    raise ValueError(
+                        f"scales.{scale_name}.trace_rates: unknown trace {trace!r}; known: {sorted(self.traces)}"
+                    )
+                extra = sorted(set(rates) - set(self.traces[trace].rates))
+                if extra:
+                    raise ValueError(
+                        f"scales.{scale_name}.trace_rates.{trace}: {extra} not among the trace's rates "
+                        f"{self.traces[trace].rates}"
+                    )
+            for system, traces in scale.system_traces.items():
+                if system not in self.systems:
+                    raise ValueError(
+                        f"scales.{scale_name}.system_traces: unknown system {system!r}; known: {sorted(self.systems)}"
+                    )
+                unknown = sorted(set(traces) - set(self.traces))
+                if unknown:
+                    raise ValueError(
+                        f"scales.{scale_name}.system_traces.{system}: unknown trace(s) {unknown}; "
+                        f"known: {sorted(self.traces)}"
+                    )
             if scale.sweep_values is not None:
                 if self.sweep is None:
                     raise ValueError(f"scales.{scale_name}.sweep_values given but the experiment has no sweep")
@@ -278,10 +322,20 @@ class Experiment(_Strict):
         raise ExperimentError(f"experiment {self.name}: unknown system {system_id!r}")
 
     def rates(self, trace: str, scale: str) -> list[float]:
+        spec = self.scale(scale)
+        if trace in spec.trace_rates:
+            return sorted(spec.trace_rates[trace])
         rates = sorted(self.traces[trace].rates)
-        if self.scale(scale).rates == "extremes" and len(rates) > 2:
+        if spec.rates == "extremes" and len(rates) > 2:
             rates = [rates[0], rates[-1]]
+        elif spec.rates == "highest":
+            rates = rates[-1:]
         return rates
+
+    def runs_on(self, system_id: str, trace: str, scale: str) -> bool:
+        """Whether the scale runs this system (a sweep id counts as its family) on this trace."""
+        only = self.scale(scale).system_traces.get(self.resolve_system(system_id)[0])
+        return only is None or trace in only
 
     def group(self, trace: str) -> str:
         return self.traces[trace].group or trace
@@ -346,6 +400,7 @@ def expand_runs(exp: Experiment, scale: str) -> list[Run]:
         for trace in traces
         for rate in exp.rates(trace, scale)
         for system in exp.system_ids(scale)
+        if exp.runs_on(system, trace, scale)
         for seed in range(spec.seeds)
     ]
 

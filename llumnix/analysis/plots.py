@@ -99,10 +99,8 @@ def scale_note(exp: Experiment, data: pd.DataFrame) -> str:
         n = int(part["num_requests"].iloc[0])
         text = f"{name} scale: {n:,} requests/run, {seeds} seed" + ("s" if seeds != 1 else "")
         spec = exp.scales.get(name)
-        if spec is not None and spec.rates == "extremes":
-            text += "; only the lightest and heaviest rate of each trace"
-        if spec is not None and spec.traces is not None:
-            text += f"; traces {', '.join(spec.traces)} only"
+        if spec is not None:
+            text += "".join(f"; {note}" for note in spec.grid_note())
         notes.append(text)
     autoscaled = any(s.autoscale is not None for s in exp.systems.values())
     cluster = f"auto-scaled from {exp.instances} instances" if autoscaled else f"{exp.instances} instances"
