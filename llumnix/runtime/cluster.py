@@ -31,7 +31,7 @@ from typing import Any
 from llumnix.core.llumlet import InstanceLoad
 from llumnix.core.records import MigrationRecord
 from llumnix.core.request import HIGH, NORMAL, Request
-from llumnix.policies.system import GlobalScheduler, SystemConfig
+from llumnix.policies.system import GlobalScheduler
 from llumnix.runtime.actors import ActorLauncher, RayLauncher
 from llumnix.runtime.backends import actor_class
 from llumnix.runtime.instance_actor import (
@@ -108,17 +108,7 @@ class ClusterManager:
         self.config = config
         self.launcher = launcher or RayLauncher()
         self.clock = clock
-        self.gs = GlobalScheduler(
-            SystemConfig(
-                policy=config.policy,
-                migration=config.migration,
-                migration_threshold=config.migration_threshold,
-                pairing_interval_s=config.pairing_interval_s,
-                priorities=config.instance.priorities,
-                autoscale=config.scaling_config(),
-            ),
-            record_decisions=record_decisions,
-        )
+        self.gs = GlobalScheduler(config.system_config(), record_decisions=record_decisions)
         self.instances: dict[int, InstanceHandle] = {}  # ready instances (serving or draining) and failed ones
         self.starting: dict[int, Any] = {}  # instance id -> actor, launched but not yet taking requests
         self.retired: dict[int, InstanceHandle] = {}  # drained and stopped
