@@ -69,22 +69,27 @@ def test_pairing_as_the_artifact():
 
 
 def test_pairing_cooldown_against_ping_pong():
-    """``migration_cooldown_s`` (llumnix-hysteresis): an instance paired as a destination is no source until that
-    many seconds have passed (a draining one still is); the next loaded source pairs instead. Without it (the
-    paper's pairing) the instance that just received sends straight back."""
+    """``migration_cooldown_s`` (llumnix-hysteresis): an instance into which a migration began is no source until that
+    many seconds have passed (a draining one still is); the next loaded source pairs instead. A pair that started
+    nothing (its source had no request to move) does not count. Without it (the paper's pairing) the instance that
+    just received sends straight back."""
     paper = make_pairing_policy("freeness", threshold=3)
     cool = make_pairing_policy("freeness", threshold=3, config=PairingConfig(migration_cooldown_s=10.0))
     first = [load(0, -5), load(1, 100)]
     assert paper.pairs(first, 0.0) == cool.pairs(first, 0.0) == [(0, 1)]
     back = [load(0, 50), load(1, -2)]  # instance 1 took the request and fell below the threshold
+    assert cool.pairs(back, 1.0) == [(1, 0)]  # pairing (0, 1) alone started nothing
+    for p in (paper, cool):
+        p.migration_started(0, 1, 0.0)
     assert paper.pairs(back, 1.0) == [(1, 0)]
     assert cool.pairs(back, 1.0) == []
     assert cool.pairs([load(0, 50), load(1, -2), load(2, -1)], 1.0) == [(2, 0)]  # the next source pairs instead
-    assert cool.pairs([load(0, 50), load(1, 0, draining=True)], 9.9) == [(1, 0)]  # draining: always a source
-    assert cool.pairs(back, 9.9) == []  # instance 1 was paired as a destination at 0
+    assert cool.pairs([load(0, 50), load(1, 0, draining=True)], 5.0) == [(1, 0)]  # draining: always a source
+    cool.migration_started(1, 0, 5.0)
+    assert cool.pairs(back, 9.9) == []  # a migration into instance 1 began at 0
     assert cool.pairs(back, 10.0) == [(1, 0)]  # ... 10 s ago: a source again
-    assert cool.pairs([load(0, -2), load(1, 50)], 15.0) == []  # instance 0: a destination at 10
-    assert cool.pairs([load(0, -2), load(1, 50)], 20.0) == [(0, 1)]
+    assert cool.pairs([load(0, -2), load(1, 50)], 14.9) == []  # one into instance 0 began at 5
+    assert cool.pairs([load(0, -2), load(1, 50)], 15.0) == [(0, 1)]
     with pytest.raises(ValueError, match="migration_cooldown_s"):
         PairingConfig(migration_cooldown_s=-1)
 

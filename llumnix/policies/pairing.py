@@ -13,14 +13,14 @@ from llumnix.policies.registry import Registry
 class PairingConfig:
     """Rules of the pairing beside its threshold (``SystemConfig.migration_threshold``).
 
-    ``migration_cooldown_s`` (this project's, not the paper's: system ``llumnix-hysteresis``): an instance the
-    pairing chose as a destination is no source for this many seconds of the runtime's clock (a draining one still
-    is), so a request that just arrived is not sent on, or back, while the destination digests it. 0: off (the
-    paper and the artifact)."""
+    ``migration_cooldown_s`` (this project's, not the paper's: system ``llumnix-hysteresis``): an instance into which
+    a migration began is no source for this many seconds of the runtime's clock (a draining one still is), so a
+    request that just arrived is not sent on, or back, while the destination digests it. 0: off (the paper and the
+    artifact)."""
 
     migration_cooldown_s: float = field(
         default=0.0,
-        metadata={"help": "Seconds after being paired as a migration destination during which an instance is no "
+        metadata={"help": "Seconds after a migration into an instance began during which the instance is no "
                           "migration source (0: off, the paper's)."},
     )
 
@@ -39,6 +39,9 @@ class PairingPolicy:
     def pairs(self, loads: Sequence[InstanceLoad], now: float) -> list[tuple[int, int]]:
         """The (source, destination) pairs to migrate between at ``now`` (seconds of the runtime's clock)."""
         raise NotImplementedError  # abstract: every registered subclass implements it
+
+    def migration_started(self, src: int, dst: int, now: float) -> None:
+        """A migration of a pair (the runtime's source found a request to move) began at ``now``."""
 
 
 PAIRING_POLICIES: Registry[PairingPolicy] = Registry("migration pairing")
@@ -59,12 +62,12 @@ class FreenessPairing(PairingPolicy):
     -inf), destinations in falling freeness, paired in order; a pair one of whose instances is already migrating
     (as source or destination) is skipped, not re-paired.
 
-    With ``migration_cooldown_s`` > 0 (not the artifact's): an instance paired as a destination less than that long
-    ago is left out of the sources (unless draining) before the pairing in order."""
+    With ``migration_cooldown_s`` > 0 (not the artifact's): an instance into which a migration began less than that
+    long ago is left out of the sources (unless draining) before the pairing in order."""
 
     def __init__(self, threshold: float, config: PairingConfig | None = None) -> None:
         super().__init__(threshold, config)
-        self.destination_at: dict[int, float] = {}  # instance id -> when it was last paired as a destination
+        self.destination_at: dict[int, float] = {}  # instance id -> when a migration into it last began
 
     def _cooling(self, ld: InstanceLoad, now: float) -> bool:
         last = self.destination_at.get(ld.instance_id)
@@ -75,14 +78,15 @@ class FreenessPairing(PairingPolicy):
         sources = [ld for ld in ordered if (ld.num_preempted_waiting > 0 or ld.freeness < self.threshold)
                    and not self._cooling(ld, now)]
         dests = [ld for ld in reversed(ordered) if ld.num_preempted_waiting == 0 and ld.freeness > self.threshold]
-        pairs = [
+        return [
             (s.instance_id, d.instance_id)
             for s, d in zip(sources, dests, strict=False)
             if s.can_migrate_out and d.can_migrate_in and s.num_running > 0
         ]
+
+    def migration_started(self, src: int, dst: int, now: float) -> None:
         if self.config.migration_cooldown_s > 0:
-            self.destination_at.update((dst, now) for _, dst in pairs)
-        return pairs
+            self.destination_at[dst] = now
 
 
 def make_pairing_policy(name: str, threshold: float, config: PairingConfig | None = None) -> PairingPolicy:

@@ -45,8 +45,8 @@ SYSTEMS: dict[str, System] = {
         "freeness", "freeness", "Llumnix migrating, of the requests LCFS may move, the one with the fewest KV blocks "
         "(the cheapest to copy).", {"candidate": "fewest-blocks"}),
     "llumnix-hysteresis": System(
-        "freeness", "freeness", "Llumnix where an instance paired as a migration destination is no source for the "
-        "next 10 s (against requests migrating on and back).", {"migration_cooldown_s": 10.0}),
+        "freeness", "freeness", "Llumnix where an instance a migration went into is no migration source for the next "
+        "10 s (against requests migrating on and back).", {"migration_cooldown_s": 10.0}),
 }
 
 
@@ -124,7 +124,7 @@ class Decision:
 @dataclass
 class GlobalScheduler:
     """Dispatch, migration pairing and scaling decisions from the instances' latest load reports. Runtimes ask
-    ``choose_instance``, ``pairs`` and ``scale``; with ``record_decisions`` every answer is kept in ``decisions``
+    ``choose_instance``, ``pairs`` and ``scale``, and tell ``migration_started`` of each pair that began migrating; with ``record_decisions`` every answer is kept in ``decisions``
     (the conformance test compares the simulator's with the real runtime's)."""
 
     config: SystemConfig
@@ -157,6 +157,10 @@ class GlobalScheduler:
         if self.record_decisions:
             self.decisions.extend(Decision(now, "pair", src, dst) for src, dst in pairs)
         return pairs
+
+    def migration_started(self, src: int, dst: int, paired_s: float) -> None:
+        """The runtime began a migration of the pair it was given at ``paired_s`` (its source found a request)."""
+        self.pairing.migration_started(src, dst, paired_s)
 
     def scale(self, loads: Sequence[InstanceLoad], num_starting: int, now: float) -> ScalingDecision:
         decision = self.scaler.decide(loads, num_starting, now)
