@@ -127,7 +127,7 @@ def trace_stats(seed, draws, seeds, sharegpt_path, output) -> None:
 @options(SimConfig, ["seed"])
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory for requests.parquet, instances.parquet, migrations.parquet, summary.json.")
-@options(SystemConfig, ["migration", "migration_threshold", "pairing_interval_s"])
+@options(SystemConfig, ["migration", "migration_threshold", "pairing_interval_s", "migration_cooldown_s"])
 @options(MigrationConfig, ["last_stage_max_blocks"], flags={"last_stage_max_blocks": "--last-stage-blocks"})
 @options(SystemConfig, ["priorities", "local_priority", "candidate"])
 @options(SimConfig, ["high_priority_kv_tokens", "queued_demand", "max_migrations_per_instance", "preemption"])

@@ -19,15 +19,17 @@ from llumnix.core.llumlet import LlumletConfig
 from llumnix.core.local_scheduler import SchedulerConfig
 from llumnix.core.migration import MigrationConfig
 from llumnix.fields import REQUIRED, default_of, pydantic_field, setting, settings
+from llumnix.policies.pairing import PairingConfig
 from llumnix.policies.scaling import ScalingConfig
-from llumnix.policies.system import SystemConfig
+from llumnix.policies.system import PAPER_SYSTEMS, PER_SYSTEM_OPTIONS, SystemConfig
 from llumnix.profiles import DEFAULT_PROFILE
 from llumnix.runtime.cpuload import QuietConfig
 from llumnix.runtime.serve_config import InstanceSpec, ServeConfig
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
 
-OWNERS = (SchedulerConfig, LlumletConfig, MigrationConfig, SystemConfig, ScalingConfig, SimConfig, QuietConfig)
+OWNERS = (SchedulerConfig, LlumletConfig, MigrationConfig, PairingConfig, SystemConfig, ScalingConfig, SimConfig,
+          QuietConfig)
 COPIES = (ServeConfig, InstanceSpec, RealClusterConfig, SystemSpec, AutoscaleSpec, RealSpec, Experiment)
 COMMANDS = ("simulate", "serve", "real-cluster")
 
@@ -91,7 +93,7 @@ def test_hand_written_defaults_share_their_constants():
 def test_configs_that_repeat_a_setting_repeat_its_default():
     every = [(cls, s) for cls in OWNERS + COPIES for s in settings(cls)]
     for (cls_a, a), (cls_b, b) in itertools.combinations(every, 2):
-        if a.name != b.name or cls_a is cls_b or a.name in FIELD_EXCEPTIONS:
+        if a.name != b.name or cls_a is cls_b or a.name in FIELD_EXCEPTIONS or a.name in PER_SYSTEM_OPTIONS:
             continue
         if REQUIRED in (a.default, b.default):
             continue
@@ -103,6 +105,13 @@ def test_configs_that_repeat_a_setting_repeat_its_default():
         (setting(RealClusterConfig, "backend"), setting(InstanceSpec, "backend")),
     ]:
         assert copy.default == owner.default
+    # A setting a system may choose: None ("the --policy's") everywhere but in the config that owns the rule, and the
+    # paper's systems take that owner's default.
+    for name in PER_SYSTEM_OPTIONS:
+        owner = SystemConfig.__dataclass_fields__[name].metadata["owner"]
+        copies = [cls for cls in OWNERS + COPIES if cls is not owner and name in fields_of(cls)]
+        assert SystemConfig in copies and all(fields_of(cls)[name] is None for cls in copies), name
+        assert all(getattr(SystemConfig(policy=p), name) == default_of(owner, name) for p in PAPER_SYSTEMS)
 
 
 def test_every_setting_has_help():

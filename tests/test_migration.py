@@ -208,6 +208,33 @@ def test_candidate_is_last_arrived_normal_with_output():
     assert not ll.can_migrate(Request(9, 0.0, 10, 50))  # not held here
 
 
+
+def test_fewest_blocks_candidate_keeps_lcfs_eligibility():
+    """``candidate: fewest-blocks`` (llumnix-sized): of the requests LCFS may move (running, with output, not
+    migrating, not high priority), the one holding the fewest KV blocks; the last-arrived of equals."""
+    ll = instance(0, priorities=True, candidate="fewest-blocks")
+    lcfs = instance(1, priorities=True)
+    reqs = {}
+    for target in (ll, lcfs):
+        big, small, mid, twin, high = (Request(0, 0.0, 100, 50), Request(1, 1.0, 20, 50), Request(2, 2.0, 60, 50),
+                                       Request(3, 3.0, 20, 50), Request(4, 4.0, 5, 50, priority=HIGH))
+        for r in (big, small, mid, twin, high):
+            target.scheduler.add_request(r)
+        assert target.pick_migration_candidate() is None  # nothing has output yet
+        target.scheduler.on_step_done(target.scheduler.schedule(0), 1)
+        late = Request(5, 5.0, 1, 50)  # the smallest, but no output yet
+        target.scheduler.add_request(late)
+        reqs[target.instance_id] = (big, small, mid, twin, high, late)
+    big, small, mid, twin, high, late = reqs[0]
+    assert [ll.blocks.num_blocks_of(r.request_id) for r in (big, small, mid, twin, high)] == [7, 2, 4, 2, 1]
+    assert ll.pick_migration_candidate() is twin  # 2 blocks, and arrived after small
+    assert lcfs.pick_migration_candidate() is reqs[1][3]  # LCFS: the last-arrived normal one with output
+    ll.migrating.add(twin.request_id)
+    assert ll.pick_migration_candidate() is small
+    ll.migrating.update({small.request_id, mid.request_id, big.request_id})
+    assert ll.pick_migration_candidate() is None  # high priority never moves, late has no output
+
+
 def test_freeness_virtual_usage_and_priority_reserve():
     """The artifact's two freeness measures (osdi24ae vllm/instance_info.py): migration over running + 1 if anything
     waits, dispatch over running + waiting; waiting requests count their tokens / block size; the high-priority

@@ -9,7 +9,7 @@ from conftest import synthetic_requests
 from llumnix.core.migration import MigrationPhase
 from llumnix.metrics import request_table, summarize
 from llumnix.policies.scaling import ScalingConfig
-from llumnix.policies.system import SystemConfig
+from llumnix.policies.system import SYSTEMS, SystemConfig
 from llumnix.sim import SimConfig, Simulator
 
 
@@ -32,13 +32,33 @@ def check_invariants(sim, res, n):
         assert r.arrival_s <= r.dispatch_s <= r.first_token_s <= r.finish_s
 
 
-@pytest.mark.parametrize("policy", ["round-robin", "infaas++", "llumnix"])
+@pytest.mark.parametrize("policy", list(SYSTEMS))
 def test_every_request_finishes_once_no_leaks(a10, policy):
     reqs = synthetic_requests(600, rate=6.0, seed=1)
     sim, res = run(reqs, a10, num_instances=4, policy=policy)
     check_invariants(sim, res, 600)
-    if policy != "llumnix":
-        assert not res.migrations
+    committed = [m for m in res.migrations if m.phase is MigrationPhase.COMMITTED]
+    assert bool(committed) == sim.config.system.migrates
+
+
+
+def test_llumnix_decides_as_the_paper_rules_and_named_systems_do_not(a10):
+    """``--policy llumnix`` is the authors' rules, whatever named systems exist: every decision, migration and request
+    timeline equals a run with the paper's options spelled out (LCFS candidate, no pairing cooldown), while each named
+    system's own option changes the run."""
+    def decided(**system):
+        sim, res = run(synthetic_requests(500, rate=8.0, seed=4), a10, num_instances=4, record_decisions=True, **system)
+        return sim.gs.decisions, [m.record() for m in res.migrations], request_table(res.requests)
+
+    llumnix = decided(policy="llumnix")
+    spelled = decided(policy="llumnix", candidate="lcfs", migration_cooldown_s=0.0)
+    assert llumnix[0] == spelled[0] and llumnix[1] == spelled[1] and llumnix[2].equals(spelled[2])
+    assert len(llumnix[1]) > 10
+    for name, option in (("llumnix-sized", {"candidate": "fewest-blocks"}),
+                         ("llumnix-hysteresis", {"migration_cooldown_s": 10.0})):
+        named = decided(policy=name)
+        assert named[1] != llumnix[1]
+        assert named[1] == decided(policy="llumnix", **option)[1]  # the system is llumnix with that option
 
 
 def test_llumnix_migrates_under_load_and_timelines_stay_continuous(a10):

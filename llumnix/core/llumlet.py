@@ -24,7 +24,7 @@ QUEUED_DEMAND_MODES = ("all", "head")
 LOAD_REPORTS = ("per-step", "fresh")
 
 
-CANDIDATE_RULES = ("lcfs", "artifact")
+CANDIDATE_RULES = ("lcfs", "artifact", "fewest-blocks")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class LlumletConfig:
     back, osdi24ae ``vllm/instance_info.py:96-97``). ``candidate``: "lcfs" migrates the last-arrived running
     normal-priority request that already has output (the paper); "artifact" reproduces the artifact's loop, which
     checks that such a request exists but migrates the last running request, whatever its priority or output
-    (osdi24ae ``vllm/core/scheduler.py:158-174``). ``max_migrations``: migrations an instance takes part in at once,
+    (osdi24ae ``vllm/core/scheduler.py:158-174``); "fewest-blocks" (this project's, not the paper's: system
+    ``llumnix-sized``) keeps lcfs's eligibility but migrates the one holding the fewest KV blocks, the cheapest to
+    copy (ties: the last-arrived). ``max_migrations``: migrations an instance takes part in at once,
     as source or destination (artifact: one, osdi24ae ``llm_engine_manager.py:460-479``).
     """
 
@@ -58,8 +60,9 @@ class LlumletConfig:
     )
     candidate: str = field(
         default="lcfs",
-        metadata={"help": "Which running request a source migrates: the last-arrived normal one with output (lcfs) "
-                          "or the artifact's last running one.", "choices": CANDIDATE_RULES},
+        metadata={"help": "Which running request a source migrates: the last-arrived normal one with output (lcfs), "
+                          "the artifact's last running one, or of lcfs's the one with the fewest KV blocks.",
+                  "choices": CANDIDATE_RULES},
     )
     max_migrations: int = field(
         default=1, metadata={"help": "Migrations one instance takes part in at a time, as source or destination."}
@@ -308,8 +311,12 @@ class Llumlet:
 
     def pick_migration_candidate(self) -> Request | None:
         """LCFS: the last-arrived running request that may migrate (``candidate: artifact``: the last running request,
-        if any running request may migrate)."""
+        if any running request may migrate; ``fewest-blocks``: of those that may migrate, the one holding the fewest
+        KV blocks, the last-arrived of equals)."""
         running = self.scheduler.running
+        if self.config.candidate == "fewest-blocks":
+            movable = (req for req in reversed(running) if self._may_move(req))
+            return min(movable, key=lambda req: self.blocks.num_blocks_of(req.request_id), default=None)
         for req in reversed(running):
             if self._may_move(req):
                 if self.config.candidate == "artifact" and running[-1].request_id not in self.migrating:

@@ -31,7 +31,7 @@ from typing import Any
 from llumnix.core.llumlet import InstanceLoad
 from llumnix.core.records import MigrationRecord
 from llumnix.core.request import HIGH, NORMAL, Request
-from llumnix.policies.system import GlobalScheduler, SystemConfig
+from llumnix.policies.system import GlobalScheduler
 from llumnix.runtime.actors import ActorLauncher, RayLauncher
 from llumnix.runtime.backends import actor_class
 from llumnix.runtime.instance_actor import (
@@ -108,17 +108,7 @@ class ClusterManager:
         self.config = config
         self.launcher = launcher or RayLauncher()
         self.clock = clock
-        self.gs = GlobalScheduler(
-            SystemConfig(
-                policy=config.policy,
-                migration=config.migration,
-                migration_threshold=config.migration_threshold,
-                pairing_interval_s=config.pairing_interval_s,
-                priorities=config.instance.priorities,
-                autoscale=config.scaling_config(),
-            ),
-            record_decisions=record_decisions,
-        )
+        self.gs = GlobalScheduler(config.system_config(), record_decisions=record_decisions)
         self.instances: dict[int, InstanceHandle] = {}  # ready instances (serving or draining) and failed ones
         self.starting: dict[int, Any] = {}  # instance id -> actor, launched but not yet taking requests
         self.retired: dict[int, InstanceHandle] = {}  # drained and stopped
@@ -583,12 +573,15 @@ class ClusterManager:
     # -- migration -----------------------------------------------------------------------------------------------
     async def _pairing_loop(self) -> None:
         while self._running:
-            for src, dst in self.gs.pairs(self.loads(), self.clock()):
-                self.spawn(self.migrate_between(src, dst))
+            now = self.clock()
+            for src, dst in self.gs.pairs(self.loads(), now):
+                self.spawn(self.migrate_between(src, dst, paired_s=now))
             await asyncio.sleep(self.config.pairing_interval_s)
 
-    async def migrate_between(self, src_id: int, dst_id: int, engine_request_id: int | None = None) -> dict[str, Any]:
-        """Tell ``src_id`` to migrate a request (the given one, or its llumlet's choice) to ``dst_id``."""
+    async def migrate_between(self, src_id: int, dst_id: int, engine_request_id: int | None = None,
+                              paired_s: float | None = None) -> dict[str, Any]:
+        """Tell ``src_id`` to migrate a request (the given one, or its llumlet's choice) to ``dst_id`` (``paired_s``:
+        when the pairing chose the two; None: asked for now, by an operator)."""
         src, dst = self.instances[src_id], self.instances[dst_id]
         if not (src.alive and dst.alive) or src_id == dst_id:
             return {"started": False, "reason": "source and destination must be two live instances"}
@@ -600,6 +593,7 @@ class ClusterManager:
             return {"started": False, "reason": "source died"}
         if result["started"]:
             self.counters["migrations_started"] += 1
+            self.gs.migration_started(src_id, dst_id, paired_s if paired_s is not None else self.clock())
             # Until their next reports, do not pair these two again.
             if src.load is not None:
                 src.load = src.load.with_migration_out()

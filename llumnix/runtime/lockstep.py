@@ -126,7 +126,7 @@ def serve_config_for(profile, system, num_instances: int, migration=None, profil
     values = dict(
         instances=num_instances, policy=system.policy, migration=system.migration,
         migration_threshold=system.migration_threshold, pairing_interval_s=system.pairing_interval_s,
-        poll_timeout_s=3600.0, instance=instance,
+        migration_cooldown_s=system.migration_cooldown_s, poll_timeout_s=3600.0, instance=instance,
     )
     if scaling is not None:
         values.update(

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from llumnix.core.llumlet import LlumletConfig
+from llumnix.core.llumlet import CANDIDATE_RULES
 from llumnix.core.local_scheduler import SchedulerConfig
 from llumnix.core.migration import MigrationConfig
 from llumnix.fields import pydantic_field, unitless
@@ -63,7 +63,7 @@ class InstanceSpec(BaseModel):
     max_batched_tokens: int = pydantic_field(SchedulerConfig, "max_batched_tokens", ge=1)
     priorities: bool = pydantic_field(SystemConfig, "priorities")
     local_priority: Literal["artifact", "strict", "off"] = pydantic_field(SchedulerConfig, "local_priority")
-    candidate: Literal["lcfs", "artifact"] = pydantic_field(LlumletConfig, "candidate")
+    candidate: Literal[CANDIDATE_RULES] | None = pydantic_field(SystemConfig, "candidate")
     preemption: Literal["no_free_block", "block_needed"] = pydantic_field(SchedulerConfig, "preemption")
     load_reports: Literal["per-step", "fresh"] = Field(
         "per-step",
@@ -147,6 +147,7 @@ class ServeConfig(BaseModel):
     migration: bool = pydantic_field(SystemConfig, "migration")
     migration_threshold: float = pydantic_field(SystemConfig, "migration_threshold")
     pairing_interval_s: float = pydantic_field(SystemConfig, "pairing_interval_s", gt=0)
+    migration_cooldown_s: float | None = pydantic_field(SystemConfig, "migration_cooldown_s", ge=0)
     kv_transport: Literal["object-store", "gloo", "nccl"] = Field(
         "object-store",
         description="How migrating KV travels between instances: Ray's object store, or a torch.distributed channel "
@@ -241,6 +242,9 @@ class ServeConfig(BaseModel):
     def _check(self) -> ServeConfig:
         if self.policy not in SYSTEMS:
             raise ValueError(f"policy must be one of {', '.join(SYSTEMS)}, got {self.policy!r}")
+        if self.instance.candidate is None:  # the policy's: every instance actor builds its llumlet from the spec
+            object.__setattr__(self, "instance", self.instance.model_copy(
+                update={"candidate": self.system_config().candidate}))
         if self.kv_transport == "nccl" and self.instance.device != "cuda":
             raise ValueError("kv_transport nccl sends KV between GPUs: it needs device cuda (gloo works on CPU)")
         if self.instance.backend == "vllm" and self.kv_transport != "object-store":
@@ -291,9 +295,23 @@ class ServeConfig(BaseModel):
             return self.num_gpus_per_instance
         return 1.0 if self.instance.device == "cuda" else 0.0
 
+    def system_config(self) -> SystemConfig:
+        """The global scheduler's ``SystemConfig`` for these settings."""
+        return SystemConfig(
+            policy=self.policy,
+            migration=self.migration,
+            migration_threshold=self.migration_threshold,
+            pairing_interval_s=self.pairing_interval_s,
+            migration_cooldown_s=self.migration_cooldown_s,
+            priorities=self.instance.priorities,
+            local_priority=self.instance.local_priority,
+            candidate=self.instance.candidate,
+            autoscale=self.scaling_config(),
+        )
+
     @property
     def migrates(self) -> bool:
-        return self.migration and self.policy == "llumnix"
+        return self.system_config().migrates
 
 
 def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:

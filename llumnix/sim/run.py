@@ -47,7 +47,7 @@ def run_simulation(trace: pd.DataFrame, profile, config: SimConfig, out_dir: Pat
         migrations=migration_summary(mig_df, profile.block_size * profile.kv_bytes_per_token),
         extra={
             "policy": config.system.policy,
-            "migration_enabled": config.system.migration and config.system.policy == "llumnix",
+            "migration_enabled": config.system.migrates,
             "priorities": config.system.priorities,
             "autoscale": config.system.autoscale is not None,
             "instances": config.num_instances,

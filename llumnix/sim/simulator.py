@@ -297,6 +297,7 @@ class Simulator:
             # itself starts at the source's next step boundary.
             mig = Migration(next(self._mig_ids), req, src.llumlet, dst_id, self.config.migration)
             dst.llumlet.reserve_in(mig.migration_id, src_id)
+            self.gs.migration_started(src_id, dst_id, now)
             self.migrations.append(mig)
             self._at_boundary(src, now, lambda t, m=mig: self._execute(m, m.start(t), t))
         if self._unfinished > 0:
