@@ -288,3 +288,35 @@ def test_claim_on_a_missing_column_is_not_measured_with_the_reason():
     table = claims_table([spec(metric="nope")], {"e": TWO_SEEDS})
     assert table.iloc[0]["verdict"] == "not measured"
     assert "nope" in table.iloc[0]["note"]
+
+
+def test_a_lines_figure_of_one_rate_keeps_its_points_off_the_frame_and_its_log_axes_labelled(tmp_path, monkeypatch):
+    """The quick Fig 11 runs one rate per trace: a lone point gets headroom, a log axis whole decades (tick labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llumnix.analysis import plots
+    from llumnix.analysis.figures.lines import plot_lines
+
+    exp = load_experiment(EXPERIMENTS / "fig11.yaml")
+    rows = [{"group": "S-S", "trace": "S-S", "rate": 36.0, "cv": 1.0, "system": s, "system_label": label, "seed": 0,
+             "scale": "quick", "num_requests": 10000, **{m: v for m in exp.figure.metrics}}
+            for s, label, v in (("infaas++", "INFaaS++", 3.1), ("llumnix", "Llumnix", 1.9))]
+    captured = {}
+    real_finish = plots.finish
+
+    def keep(fig, exp_, note, out):
+        captured["axes"], captured["note"] = fig.axes, note
+        return real_finish(fig, exp_, note, out)
+
+    import llumnix.analysis.figures.lines as lines
+
+    monkeypatch.setattr(lines, "finish", keep)
+    plot_lines(exp, pd.DataFrame(rows), tmp_path / "f.png")
+    log_ax, linear_ax = captured["axes"][0], captured["axes"][2]  # prefill mean [log], decode mean
+    assert log_ax.get_ylim() == pytest.approx((1.0, 10.0))
+    assert linear_ax.get_ylim()[0] == 0 and linear_ax.get_ylim()[1] > 3.1 * 1.1
+    assert "calibrated on the paper's INFaaS++ curves" in captured["note"]
+    plt.close("all")

@@ -104,7 +104,20 @@ def scale_note(exp: Experiment, data: pd.DataFrame) -> str:
         notes.append(text)
     autoscaled = any(s.autoscale is not None for s in exp.systems.values())
     cluster = f"auto-scaled from {exp.instances} instances" if autoscaled else f"{exp.instances} instances"
-    return "; ".join(notes) + f". Simulated with profile {exp.profile} (reconstructed), {cluster}."
+    return "; ".join(notes) + f". Simulated with profile {exp.profile} ({profile_origin(exp.profile)}), {cluster}."
+
+
+def profile_origin(name: str) -> str:
+    """How a step-time profile was made, in a few words, for a figure's footnote."""
+    from llumnix.profiles import Profile
+
+    try:
+        prof = Profile.load(name)
+    except (FileNotFoundError, ValueError):
+        return "profile not found"
+    if prof.provenance.startswith("calibrated"):
+        return "reconstructed, calibrated on the paper's INFaaS++ curves"
+    return "reconstructed" if prof.reconstructed else f"measured on {prof.device}"
 
 
 def system_order(exp: Experiment, data: pd.DataFrame) -> list[str]:

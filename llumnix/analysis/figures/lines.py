@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import NullFormatter
@@ -49,9 +50,15 @@ def plot_lines(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Path]:
                 data=part, x=x, y=column, hue="system_label", hue_order=order, style="system_label",
                 style_order=order, markers=True, dashes=False, errorbar=min_max, ax=ax, legend=(i == 0 and j == 0),
             )  # fmt: skip
+            values = part[column].dropna()
+            values = values[values > 0] if metric in exp.figure.log_metrics else values
             if metric in exp.figure.log_metrics:
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
+                if len(values):  # whole decades around the data: labelled ticks even when it spans less than one
+                    ax.set_ylim(10 ** np.floor(np.log10(values.min() / 1.2)), 10 ** np.ceil(np.log10(values.max() * 1.2)))
+            elif len(values) and values.max() > 0:
+                ax.set_ylim(0, values.max() * 1.12)  # headroom: a lone point (one rate) is not drawn on the frame
             else:
                 ax.set_ylim(bottom=0)
             ax.set_ylabel("")
