@@ -11,17 +11,8 @@
 #   determinism  bf16 determinism and batch invariance with the split kernel -> $OUT/<gpu>-determinism-splitkv.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
-OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-all}
-mkdir -p "$OUT" benchmarks
-if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
-L="python3 -m llumnix.bench.cli"
-G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')  # h100 / h200: file prefix
-run() { [ "$WHAT" = all ] || [ "$WHAT" = "$1" ]; }
+. benchmarks/gpu_env.sh
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"

@@ -10,17 +10,9 @@
 #              -> results/fig10/<gpu>-llama-7b.csv, <gpu>-llama-7b-batch8.csv
 # Everything also goes under $OUT, with the log.
 set -u
-OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-all}
-mkdir -p "$OUT" benchmarks results/fig10
-if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
-L="python3 -m llumnix.bench.cli"
-G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')  # h100 / h200: file prefix
-run() { [ "$WHAT" = all ] || [ "$WHAT" = "$1" ]; }
+. benchmarks/gpu_env.sh
+mkdir -p results/fig10
 M="--device cuda --model llama-7b --dtype bfloat16"
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
