@@ -45,8 +45,8 @@ SYSTEMS: dict[str, System] = {
         "freeness", "freeness", "Llumnix migrating, of the requests LCFS may move, the one with the fewest KV blocks "
         "(the cheapest to copy).", {"candidate": "fewest-blocks"}),
     "llumnix-hysteresis": System(
-        "freeness", "freeness", "Llumnix where an instance a migration went into is no migration source for the next "
-        "10 s (against requests migrating on and back).", {"migration_cooldown_s": 10.0}),
+        "freeness", "freeness", "Llumnix where an instance a migration went into is no migration source for a while "
+        "(migration_cooldown_s: against requests migrating on and back).", {"migration_cooldown_s": 10.0}),
 }
 
 
@@ -124,8 +124,9 @@ class Decision:
 @dataclass
 class GlobalScheduler:
     """Dispatch, migration pairing and scaling decisions from the instances' latest load reports. Runtimes ask
-    ``choose_instance``, ``pairs`` and ``scale``, and tell ``migration_started`` of each pair that began migrating; with ``record_decisions`` every answer is kept in ``decisions``
-    (the conformance test compares the simulator's with the real runtime's)."""
+    ``choose_instance``, ``pairs`` and ``scale``, and tell ``migration_started`` of each pair that began migrating;
+    with ``record_decisions`` every answer is kept in ``decisions`` (the conformance test compares the simulator's
+    with the real runtime's)."""
 
     config: SystemConfig
     record_decisions: bool = False
