@@ -111,7 +111,12 @@ def test_bench_config_rejects_bad_input():
     with pytest.raises(ValueError, match="exceed --output-tokens"):
         MigrationBenchConfig(lengths=(8,))
     with pytest.raises(ValueError, match="too small"):
-        MigrationBenchConfig(lengths=(1024,), num_blocks=10)
+        MigrationBenchConfig(lengths=(1024,), num_blocks=10, output_tokens=20)
+    with pytest.raises(ValueError, match="must be at least 12"):  # 64 blocks, 16 a step: a stage spans 5 steps
+        MigrationBenchConfig(lengths=(1024,))
+    assert MigrationBenchConfig(lengths=(1024,), chunk_blocks=None).min_output_tokens == 8
+    with pytest.raises(ValueError, match="--chunk-blocks must be >= 1"):
+        MigrationBenchConfig(chunk_blocks=0)
     with pytest.raises(ValueError, match="needs --device cuda"):
         MigrationBenchConfig(transports=("host",))
     with pytest.raises(ValueError, match="must be at least"):
@@ -125,8 +130,8 @@ def test_bench_config_rejects_bad_input():
 def test_migration_bench_across_two_processes_over_gloo(tmp_path):
     """The destination's model and KV pool in a child process, every stage's KV over a gloo channel."""
     csv = tmp_path / "gloo.csv"
-    cli("bench", "migration", "--transport", "gloo", "--lengths", "48,96", "--repeats", "1", "--warmup", "0",
-        "--migrations", "2", "--output-tokens", "16", "-o", csv)
+    cli("bench", "migration", "--transport", "gloo", "--lengths", "80,128", "--repeats", "1", "--warmup", "0",
+        "--migrations", "2", "--output-tokens", "24", "--chunk-blocks", "2", "-o", csv)  # stages paced 2 blocks a step
     df = pd.read_csv(csv)
     assert list(df["transport"]) == ["gloo", "gloo"] and (df["migrations"] == 2).all()
     assert df["token_identical"].all() and df["kv_identical"].all() and df["token_identical_timed"].all()

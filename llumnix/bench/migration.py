@@ -37,7 +37,17 @@ from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.device import deterministic_kernels, device_name, nccl_version, torch_threads
 from llumnix.engine.executor import Executor, TorchExecutor
-from llumnix.engine.kv_transfer import CHUNK_BLOCKS, POOL_MODES, KVTransfer, PendingCopy, PoolTransfer, check_copy
+from llumnix.engine.kv_transfer import (
+    CHUNK_BLOCKS,
+    POOL_MODES,
+    KVTransfer,
+    PacedCopy,
+    PendingCopy,
+    Polled,
+    PoolTransfer,
+    check_copy,
+    chunk_of,
+)
 from llumnix.engine.runner import SeqInput
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 
@@ -73,7 +83,7 @@ class MigrationBenchConfig:
     steps_between: int = 2  # decode steps on the new owner before it migrates the request on
     last_stage_max_blocks: int = 2
     transports: tuple[str, ...] = ("device",)
-    chunk_blocks: int | None = CHUNK_BLOCKS  # device / host: blocks a non-final stage copies per source step (None: all)
+    chunk_blocks: int | None = CHUNK_BLOCKS  # blocks a non-final stage copies per source step (None: all)
     channel_timeout_s: float = 120.0  # gloo / nccl: a transfer (or the child's answer) taking longer fails the run
     seed: int = 0
     cpu_threads: int | None = 1  # torch intra-op threads on CPU; 1 keeps timings stable on a shared, busy machine
@@ -93,9 +103,6 @@ class MigrationBenchConfig:
             raise ValueError("warmup and steps_before must be >= 0")
         if self.migrations < 1 or self.steps_between < 0:
             raise ValueError("migrations must be >= 1 and steps_between >= 0")
-        if self.min_output_tokens > self.output_tokens:
-            raise ValueError(f"output_tokens ({self.output_tokens}) must be at least {self.min_output_tokens} so the "
-                             f"request still decodes after {self.migrations} migration(s)")
         bad = [t for t in self.transports if t not in TRANSPORTS + PROCESS_TRANSPORTS]
         if bad or not self.transports:
             raise ValueError(f"transports must be among {TRANSPORTS + PROCESS_TRANSPORTS}, got {self.transports}")
@@ -106,6 +113,9 @@ class MigrationBenchConfig:
             raise ValueError("the host transport stages a GPU's KV through pinned host memory: it needs --device cuda")
         if "nccl" in self.transports:
             _ = self.dst_device  # raises unless there are two GPUs
+        if self.min_output_tokens > self.output_tokens:
+            raise ValueError(f"output_tokens ({self.output_tokens}) must be at least {self.min_output_tokens} so the "
+                             f"request still decodes after {self.migrations} migration(s)")
         if self.num_blocks is not None and self.num_blocks < self.required_blocks:
             raise ValueError(f"--num-blocks {self.num_blocks} is too small: lengths up to {max(self.lengths)} with "
                              f"batch {self.batch} need {self.required_blocks} blocks per instance")
@@ -135,10 +145,9 @@ class MigrationBenchConfig:
 
     @property
     def min_output_tokens(self) -> int:
-        # a paced bulk stage (device / host transports on CUDA) spans a source step per chunk
-        paced = self.device.startswith("cuda") and not self.cross_process and self.chunk_blocks is not None
-        stage_steps = max(self.steps_per_stage,
-                          1 + -(-blocks_for(max(self.lengths), self.block_size) // self.chunk_blocks) if paced else 0)
+        # a paced bulk stage spans a source step per chunk
+        chunks = -(-blocks_for(max(self.lengths), self.block_size) // self.chunk_blocks) if self.chunk_blocks else 0
+        stage_steps = max(self.steps_per_stage, 1 + chunks if chunks > 1 else 0)
         return 1 + self.steps_before + self.migrations * (stage_steps + self.steps_between) + 2
 
     @property
@@ -161,10 +170,12 @@ class MigrationBenchConfig:
 # -- KV transfers between two executors -----------------------------------------------------------------------------
 class ChannelTransfer(KVTransfer):
     """Copies KV blocks between this process's executor and a ``WorkerExecutor`` over their channel: ``to_worker``
-    pushes (the local executor is the source), else pulls (the worker is the source)."""
+    pushes (the local executor is the source), else pulls (the worker is the source). A non-final stage is paced as
+    ``PoolTransfer`` paces it: ``chunk_blocks`` blocks per poll (one poll per source step)."""
 
-    def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool) -> None:
-        self.local, self.worker, self.to_worker = local, worker, to_worker
+    def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool,
+                 chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
+        self.local, self.worker, self.to_worker, self.chunk_blocks = local, worker, to_worker, chunk_blocks
         self.name = worker.spec.backend
 
     def start(self, copy: Copy) -> PendingCopy:
@@ -173,11 +184,14 @@ class ChannelTransfer(KVTransfer):
         if not src_blocks:
             return PendingCopy(0)
         num_bytes = self.local.runner.kv_cache.bytes_per_block * len(src_blocks)
+        return PacedCopy(num_bytes, src_blocks, dst_blocks, chunk_of(copy, self.chunk_blocks), self._issue)
+
+    def _issue(self, src_blocks: list[int], dst_blocks: list[int]) -> Polled:
         if self.to_worker:
             poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
         else:
             poll = self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
-        return PendingCopy(num_bytes, poll, self.synchronize)
+        return Polled(poll, self.synchronize)
 
     def synchronize(self) -> None:
         self.local.synchronize()
@@ -406,7 +420,8 @@ def _run_migration_bench(cfg: MigrationBenchConfig, progress: Callable[[Iterable
         if src_ex.weights_fingerprint() != dst_ex.weights_fingerprint():
             raise RuntimeError("the two instances' weights differ although built from the same seed")
         if isinstance(dst_ex, WorkerExecutor):
-            transfers = {cfg.transports[0]: (ChannelTransfer(src_ex, dst_ex, True), ChannelTransfer(src_ex, dst_ex, False))}
+            transfers = {cfg.transports[0]: (ChannelTransfer(src_ex, dst_ex, True, cfg.chunk_blocks),
+                                             ChannelTransfer(src_ex, dst_ex, False, cfg.chunk_blocks))}
         else:
             src_pool, dst_pool = src_ex.runner.kv_cache, dst_ex.runner.kv_cache
             transfers = {t: (PoolTransfer(src_pool, {1: dst_pool}, t, cfg.chunk_blocks),

@@ -149,7 +149,7 @@ class PoolTransfer(KVTransfer):
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.chunk_blocks = chunk_blocks
         self._staging = None  # flat pinned host buffer, grown on demand
-        self._active: list[_ChunkedCopy] = []
+        self._active: list[PacedCopy] = []
 
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
@@ -160,8 +160,8 @@ class PoolTransfer(KVTransfer):
         num_bytes = self.src.bytes_per_block * len(src_blocks)
         if self.cuda:
             self.stream.wait_stream(self.torch.cuda.current_stream(self.device))
-        chunk = len(src_blocks) if copy.final or self.chunk_blocks is None else self.chunk_blocks
-        pending = _ChunkedCopy(self, dst, src_blocks, dst_blocks, num_bytes, chunk)
+        pending = PacedCopy(num_bytes, src_blocks, dst_blocks, chunk_of(copy, self.chunk_blocks),
+                            lambda s, d: self._copy_chunk(dst, s, d))
         self._active = [p for p in self._active if not p.issued_all] + [pending]
         return pending
 
@@ -227,15 +227,20 @@ class _Landed:
 _LANDED = _Landed()
 
 
-class _ChunkedCopy(PendingCopy):
-    """A stage's copy issued ``chunk`` blocks at a time: the first at once, each next one when polled after the
-    previous landed. One chunk in flight at a time (the host path's pinned buffer is reused chunk after chunk)."""
+def chunk_of(copy: Copy, chunk_blocks: int | None) -> int:
+    """Blocks per chunk of this stage: the stop-and-copy (or no pacing) in one go, else ``chunk_blocks``."""
+    return len(copy.src_blocks) if copy.final or chunk_blocks is None else chunk_blocks
 
-    def __init__(self, transfer: PoolTransfer, dst, src_blocks: list[int], dst_blocks: list[int], num_bytes: int,
-                 chunk: int) -> None:
+
+class PacedCopy(PendingCopy):
+    """A stage's copy issued ``chunk`` blocks at a time: the first at once, each next one when polled after the
+    previous landed; one chunk in flight at a time. ``issue(src_blocks, dst_blocks)`` starts one chunk's copy and
+    returns what tells it landed (``query()``, ``synchronize()``: a CUDA event, or ``Polled``)."""
+
+    def __init__(self, num_bytes: int, src_blocks: list[int], dst_blocks: list[int], chunk: int,
+                 issue: Callable[[list[int], list[int]], Any]) -> None:
         super().__init__(num_bytes, self._poll_chunks, self.drain)
-        self.transfer, self.dst, self.chunk = transfer, dst, chunk
-        self.src_blocks, self.dst_blocks = src_blocks, dst_blocks
+        self.src_blocks, self.dst_blocks, self.chunk, self.issue = src_blocks, dst_blocks, chunk, issue
         self.next = 0
         self.event = None
         self._issue()
@@ -246,7 +251,7 @@ class _ChunkedCopy(PendingCopy):
 
     def _issue(self) -> None:
         a, b = self.next, min(len(self.src_blocks), self.next + self.chunk)
-        self.event = self.transfer._copy_chunk(self.dst, self.src_blocks[a:b], self.dst_blocks[a:b])
+        self.event = self.issue(self.src_blocks[a:b], self.dst_blocks[a:b])
         self.next = b
 
     def _poll_chunks(self) -> bool:
@@ -263,3 +268,10 @@ class _ChunkedCopy(PendingCopy):
             self.event.synchronize()
             self._issue()
         self.event.synchronize()
+
+
+class Polled:
+    """A chunk's landing told by a poll (True once landed) and a wait (``synchronize``)."""
+
+    def __init__(self, poll: Callable[[], bool], wait: Callable[[], None]) -> None:
+        self.query, self.synchronize = poll, wait
