@@ -9,6 +9,10 @@
 #                {512,2048,8192} where the KV fits, split-KV (512) and one partition per sequence (8192/64/4/1: the
 #                kernel before split-KV) -> benchmarks/<gpu>-decode-grid.csv: step time, floor and ratio per cell
 #   determinism  bf16 determinism and batch invariance with the split kernel -> $OUT/<gpu>-determinism-splitkv.csv
+#   fused        the fused element-wise kernels (llumnix/engine/fused_ops.py): their tests on CUDA, the grid with them
+#                (the default) and without -> benchmarks/<gpu>-decode-grid-fused.csv, -unfused.csv; the step breakdown
+#                with them -> benchmarks/<gpu>-step-breakdown-fused.csv; bf16 determinism and a migration's token
+#                identity with them -> benchmarks/<gpu>-determinism-fused.csv, <gpu>-migration-fused.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
 WHAT=${1:-all}
@@ -39,6 +43,23 @@ WHAT=${1:-all}
       --batches 1,3,32 --output-tokens 48 --repeats 3 \
       --modes graphs+kernel,graphs+kernel+invariant,eager+kernel+invariant \
       -o "$OUT/$G-determinism-splitkv.csv"
+  fi
+  if [ "$WHAT" = fused ]; then
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_fused_ops.py tests/test_engine_model.py \
+      -k "fused or cuda or static or paged or invariant or model_decodes" 2>&1 | tail -15
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-fused.csv" && cp "benchmarks/$G-decode-grid-fused.csv" "$OUT/"
+    timeout 150 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,32,256 \
+      --context 512,2048 --no-fused-ops -o "benchmarks/$G-decode-grid-unfused.csv" \
+      && cp "benchmarks/$G-decode-grid-unfused.csv" "$OUT/"
+    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048 \
+      -o "benchmarks/$G-step-breakdown-fused.csv" && cp "benchmarks/$G-step-breakdown-fused.csv" "$OUT/"
+    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
+      -o "benchmarks/$G-determinism-fused.csv" && cp "benchmarks/$G-determinism-fused.csv" "$OUT/"
+    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-fused.csv" \
+      && cp "benchmarks/$G-migration-fused.csv" "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"

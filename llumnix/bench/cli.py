@@ -150,14 +150,16 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
               help="Replay decode steps as CUDA graphs (default: on CUDA) or run them eagerly.")
 @click.option("--paged-kernel/--no-paged-kernel", default=None,
               help="Decode attention by the Triton paged kernel (default: where Triton runs) or gather + SDPA.")
+@click.option("--fused-ops/--no-fused-ops", default=None,
+              help="Residual add + norm, rotary and SiLU-times-up as one Triton kernel each (default: on CUDA).")
 @click.option("--kernel-configs", default=None,
               help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] "
                    "(e.g. 512,8192/64/4/1; default: the engine's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output: JSON with the step time, the floor and their ratio (one cell), or a CSV of every cell "
                    "(an output named *.csv; a grid).")
-def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_graphs, paged_kernel, kernel_configs,
-                     output) -> None:
+def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_graphs, paged_kernel, fused_ops,
+                     kernel_configs, output) -> None:
     """Decode step time vs the memory-bandwidth floor: (weights + KV bytes) / measured device copy bandwidth."""
     from llumnix.bench.profiler import KernelConfig, decode_floor, decode_floor_grid
     from llumnix.engine.device import check_device
@@ -171,14 +173,16 @@ def decode_floor_cmd(device, model, dtype, batches, contexts, repeats, cuda_grap
         configs = [KernelConfig.parse(c) for c in _names(kernel_configs)] if kernel_configs else None
         if grid:
             rows = decode_floor_grid(check_device(device), model, dtype, batch_list, context_list, repeats,
-                                     cuda_graphs=cuda_graphs, paged_kernel=paged_kernel, kernel_configs=configs)
+                                     cuda_graphs=cuda_graphs, paged_kernel=paged_kernel, kernel_configs=configs,
+                                     fused_ops=fused_ops)
         else:
             rows = [decode_floor(check_device(device), model, dtype, batch_list[0], context_list[0], repeats,
-                                 cuda_graphs=cuda_graphs, paged_kernel=paged_kernel)]
+                                 cuda_graphs=cuda_graphs, paged_kernel=paged_kernel, fused_ops=fused_ops)]
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     graphs = {None: {}, True: {"cuda_graphs": True}, False: {"no_cuda_graphs": True}}[cuda_graphs]
     graphs |= {None: {}, True: {"paged_kernel": True}, False: {"no_paged_kernel": True}}[paged_kernel]
+    graphs |= {None: {}, True: {"fused_ops": True}, False: {"no_fused_ops": True}}[fused_ops]
     command = _command_line("bench decode-floor", {
         "device": device, "model": model, "dtype": dtype, "batch": batches, "context": contexts,
         "repeats": repeats, **graphs, "kernel_configs": kernel_configs, "output": output})

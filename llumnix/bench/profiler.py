@@ -404,11 +404,11 @@ def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10
 
 def decode_floor(device: str, model: str, dtype: str, batch: int, context_tokens: int, repeats: int = 10,
                  seed: int = 0, cpu_threads: int | None = 1, cuda_graphs: bool | None = None,
-                 paged_kernel: bool | None = None) -> dict:
+                 paged_kernel: bool | None = None, fused_ops: bool | None = None) -> dict:
     """Time a decode step of ``batch`` sequences of ``context_tokens`` each and compare it with the bytes it must
     move: every weight once plus every context token's K and V once, over the measured copy bandwidth."""
     (row,) = decode_floor_grid(device, model, dtype, [batch], [context_tokens], repeats, seed, cpu_threads,
-                               cuda_graphs, paged_kernel)
+                               cuda_graphs, paged_kernel, fused_ops=fused_ops)
     if not row["fits"]:
         raise ValueError(f"batch {batch} x {context_tokens} tokens does not fit the device's free memory "
                          f"({row['kv_bytes'] / 2**30:.1f} GiB of KV next to {row['weight_bytes'] / 2**30:.1f} GiB of "
@@ -461,19 +461,20 @@ def _kernel_constants(config: KernelConfig) -> Iterator[dict[str, int]]:
 def decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], contexts: list[int],
                       repeats: int = 10, seed: int = 0, cpu_threads: int | None = 1, cuda_graphs: bool | None = None,
                       paged_kernel: bool | None = None, kernel_configs: list[KernelConfig] | None = None,
-                      memory_margin_bytes: int = 3 << 30) -> list[dict]:
+                      memory_margin_bytes: int = 3 << 30, fused_ops: bool | None = None) -> list[dict]:
     """``decode_floor`` over every (kernel config, batch, context) cell, in one process and on one runner (the pool
     sized for the largest cell that fits; CUDA graphs captured once per batch and kernel config). On CUDA a cell
     whose KV does not fit the free memory next to the weights (less ``memory_margin_bytes``) is listed with
     ``fits`` False and no times."""
     with torch_threads(device, cpu_threads):
         return _decode_floor_grid(device, model, dtype, batches, contexts, repeats, seed, cuda_graphs, paged_kernel,
-                                  kernel_configs or [KernelConfig()], memory_margin_bytes)
+                                  kernel_configs or [KernelConfig()], memory_margin_bytes, fused_ops)
 
 
 def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], contexts: list[int], repeats: int,
                        seed: int, cuda_graphs: bool | None, paged_kernel: bool | None,
-                       kernel_configs: list[KernelConfig], memory_margin_bytes: int) -> list[dict]:
+                       kernel_configs: list[KernelConfig], memory_margin_bytes: int,
+                       fused_ops: bool | None) -> list[dict]:
     import platform
 
     import torch
@@ -501,7 +502,7 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
     fitting = [(b, n) for b, n in cells if fits(b, n)]
     num_blocks = max([b * blocks_for(n, bs) for b, n in fitting], default=1)
     runner = ModelRunner(model, num_blocks, bs, device=device, dtype=torch_dtype, seed=seed, cuda_graphs=cuda_graphs,
-                         paged_kernel=paged_kernel)
+                         paged_kernel=paged_kernel, fused_ops=fused_ops)
     runner.kv_cache.cache.normal_(generator=torch.Generator(device=runner.device).manual_seed(seed))
     mc = runner.config
     rng = np.random.default_rng(seed)
@@ -523,6 +524,7 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "cuda_graphs": runner.cuda_graphs,
         "paged_kernel": runner.paged_kernel,
+        "fused_ops": runner.fused_ops,
         "weight_bytes": weight_bytes,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "weights_only_floor_s": weight_bytes / bandwidth,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llumnix.engine import fused_ops
+
 # (layer index, q [T, heads, head_dim], k [T, kv_heads, head_dim], v [T, kv_heads, head_dim]) -> [T, heads, head_dim]
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -144,10 +146,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn,
+                rotate: Callable[..., torch.Tensor] = apply_rope) -> torch.Tensor:  # fmt: skip
         t, nq, nkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
-        q, k = apply_rope(qkv[:, : nq + nkv], cos, sin).split([nq, nkv], dim=1)
+        q, k = rotate(qkv[:, : nq + nkv], cos, sin).split([nq, nkv], dim=1)
         return self.o_proj(attn(self.layer_idx, q, k, qkv[:, nq + nkv :]).reshape(t, -1))
 
 
@@ -157,7 +160,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -176,7 +181,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Flat token layout: every call processes T tokens (any mix of sequences) as one [T, hidden] batch."""
+    """Flat token layout: every call processes T tokens (any mix of sequences) as one [T, hidden] batch.
+
+    ``fused_ops`` (set by the runner where Triton runs): each residual add with the next RMS norm, the rotary
+    embedding and SiLU-times-up run as one kernel each (``fused_ops``), the same arithmetic in fewer launches."""
+
+    fused_ops = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -190,9 +200,23 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden] (call compute_logits on the rows you need)."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if self.fused_ops:
+            return self._forward_fused(x, cos, sin, attn)
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn) -> torch.Tensor:
+        """``forward`` with each residual add folded into the next norm: h = norm(x); per layer x += attn(h),
+        h = norm(x), x += mlp(h), h = next norm(x); the last next norm is the final one."""
+        eps = self.config.rms_norm_eps
+        h, x = fused_ops.add_rms_norm(x, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            h, x = fused_ops.add_rms_norm(layer.self_attn(h, cos, sin, attn, fused_ops.rope),
+                                          layer.post_attention_layernorm.weight, eps, residual=x)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, x = fused_ops.add_rms_norm(layer.mlp(h, fused=True), nxt.weight, eps, residual=x)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -151,7 +151,9 @@ class ModelRunner:
     ``invariant_batch`` R (default: off): batch-invariant decoding. Every decode step runs as chunks of exactly R
     rows (padded) and attention per sequence, so a sequence's logits are the same bits whatever other sequences
     share its step; a migrated request then decodes on its new instance exactly as it would have on its old one.
-    It costs the padding (R rows of matrix work for any batch)."""
+    It costs the padding (R rows of matrix work for any batch). ``fused_ops`` (default: on CUDA where Triton runs):
+    residual adds with the next norm, rotary and SiLU-times-up as one kernel each (``fused_ops``; the model's bits may
+    differ from the unfused path's in the last place, each path deterministic on its own)."""
 
     def __init__(
         self,
@@ -164,6 +166,7 @@ class ModelRunner:
         cuda_graphs: bool | None = None,
         paged_kernel: bool | None = None,
         invariant_batch: int | None = None,
+        fused_ops: bool | None = None,
     ):
         self.device, self.dtype = torch.device(device), dtype
         self.model = build_model(config, self.device, dtype, seed)  # a preset's name, a real model's, or a shape
@@ -185,6 +188,12 @@ class ModelRunner:
         self.paged_kernel = paged_attention.available(self.device) and shape_ok if paged_kernel is None else paged_kernel
         if self.paged_kernel and not paged_attention.available(self.device):
             raise ValueError("the paged decode kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        fused_ok = paged_attention.available(self.device) and shape_ok
+        self.fused_ops = fused_ok and self.device.type == "cuda" if fused_ops is None else fused_ops
+        if self.fused_ops and not fused_ok:
+            raise ValueError("the fused kernels need Triton, a power-of-two head dim and a CUDA device (or "
+                             "TRITON_INTERPRET=1)")
+        self.model.fused_ops = self.fused_ops
         if invariant_batch is not None and invariant_batch < 1:
             raise ValueError(f"invariant_batch must be a positive number of rows, got {invariant_batch}")
         self.invariant_batch = invariant_batch

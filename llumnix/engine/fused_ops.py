@@ -1,0 +1,115 @@
+"""Fused element-wise kernels of a decoder layer (Triton): fewer, larger kernels per step.
+
+A decode step of LLaMA-7B launches ~28 kernels a layer, most of them tiny (norms, rotary, residual adds, SiLU); on one
+H200 their kernel time and the gaps between them under CUDA-graph replay cost ~2.4 ms of a 6.2 ms batch-1 step
+(``llumnix bench step-breakdown``, ``benchmarks/h200-step-breakdown.csv``). These kernels do the same arithmetic in
+one launch each:
+
+- ``add_rms_norm``: the residual add (rounded to the model's dtype, as torch's add) and the RMS norm of the sum
+  (in fp32, rounded, then times the weight and rounded: ``RMSNorm`` in ``model.py``); one program per token.
+- ``rope``: rotary embedding of the query and key heads, rounded step by step as ``apply_rope`` is (``x * cos``,
+  ``rotate(x) * sin``, their sum): the same bits as the torch path.
+- ``silu_mul``: ``silu(gate) * up`` of the fused gate/up projection.
+
+Only the norm's reduction order differs from torch's (``F.rms_norm``), so a step's bits can differ from the unfused
+path's in the last place; each path is deterministic and batch-invariant on its own (one program per token, the
+reduction order fixed by the hidden size). Used on CUDA where Triton runs (``ModelRunner(fused_ops=...)``); the CPU
+path keeps the torch ops; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + row * n + offs, mask=ok, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * n + offs, mask=ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded as torch's add
+            tl.store(res_out_ptr + row * n + offs, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+        y = (xf * inv).to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + row * n + offs, (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=ok)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_x_t, stride_x_h, stride_cs_t, heads,
+                     HALF: tl.constexpr):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        src = x_ptr + t * stride_x_t + h * stride_x_h
+        x1 = tl.load(src + d)
+        x2 = tl.load(src + HALF + d)
+        c1 = tl.load(cos_ptr + t * stride_cs_t + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + t * stride_cs_t + HALF + d).to(tl.float32)
+        s1 = tl.load(sin_ptr + t * stride_cs_t + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + t * stride_cs_t + HALF + d).to(tl.float32)
+        dt = x1.dtype
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        # x * cos + cat(-x2, x1) * sin, each product rounded, then the sum (apply_rope's three ops)
+        lo = ((x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)).to(dt)
+        hi = ((x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)).to(dt)
+        dst = out_ptr + (t * heads + h) * (2 * HALF)
+        tl.store(dst + d, lo)
+        tl.store(dst + HALF + d, hi)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < inter
+        g = tl.load(x_ptr + row * 2 * inter + offs, mask=ok, other=0.0)
+        u = tl.load(x_ptr + row * 2 * inter + inter + offs, mask=ok, other=0.0)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu, rounded as torch's
+        tl.store(out_ptr + row * inter + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x [T, n] (plus ``residual``, if given, rounded) -> (RMS norm of the sum times ``weight``, the sum)."""
+    x = x.contiguous()
+    t, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    res_in = residual.contiguous() if residual is not None else x
+    _add_rms_norm_kernel[(t,)](x, res_in, weight, out, res_out, n, eps, HAS_RES=residual is not None,
+                               BLOCK=triton.next_power_of_2(n), num_warps=8)
+    return out, res_out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] (any strides with a contiguous last dim), cos / sin [T, 1, D] -> rotated [T, heads, D]."""
+    t, heads, d = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)
+    _rope_kernel[(t, heads)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), heads, HALF=d // 2)
+    return out
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
+    gate_up = gate_up.contiguous()
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    _silu_mul_kernel[(t, triton.cdiv(inter, SILU_BLOCK))](gate_up, out, inter, BLOCK=SILU_BLOCK)
+    return out

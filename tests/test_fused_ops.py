@@ -1,0 +1,81 @@
+"""The fused element-wise kernels (llumnix/engine/fused_ops.py) against the torch ops they replace, and the model with
+and without them. Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1; its float32 -> bfloat16
+conversion truncates where CUDA rounds to nearest, so bf16 bits are checked on CUDA only); skipped without Triton."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llumnix.engine import fused_ops, paged_attention
+from llumnix.engine.model import RMSNorm, apply_rope, rope_cos_sin
+from llumnix.engine.runner import ModelRunner, SeqInput
+
+
+def _device() -> str | None:
+    if paged_attention.available(torch.device("cuda")) and torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if paged_attention.available(torch.device("cpu")) else None  # TRITON_INTERPRET=1
+
+
+DEVICE = _device()
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1")
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_is_the_rounded_sum_and_rmsnorm_of_it(dtype):
+    x, r = _randn(7, 384, dtype=dtype), _randn(7, 384, dtype=dtype, seed=1)
+    norm = RMSNorm(384, 1e-5).to(device=DEVICE, dtype=dtype)
+    norm.weight.data = _randn(384, dtype=dtype, seed=2)
+    out, res = fused_ops.add_rms_norm(x, norm.weight, 1e-5, residual=r)
+    assert torch.equal(res, x + r)  # the residual stream: exactly torch's rounded add
+    ref = norm(x + r)
+    # only the reduction order differs (F.rms_norm's): at most one unit in the last place, and mostly none
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
+    assert ((out.float() - ref.float()).abs() <= 2 * ulp).all()
+    assert (out == ref).float().mean() > 0.8
+    first, same = fused_ops.add_rms_norm(x, norm.weight, 1e-5)  # no residual yet: the sum is x itself
+    assert same is x and ((first.float() - norm(x).float()).abs() <= 2 * torch.finfo(dtype).eps *
+                          norm(x).float().abs().clamp_min(1e-3)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_gives_apply_ropes_bits(dtype):
+    qkv = _randn(5, 10, 64, dtype=dtype)  # 6 query + 2 key heads rotated, 2 value heads not
+    cos, sin = rope_cos_sin(torch.tensor([0, 3, 17, 511, 4000], device=DEVICE), 64, 10000.0, dtype)
+    assert torch.equal(fused_ops.rope(qkv[:, :8], cos, sin), apply_rope(qkv[:, :8], cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_silu_times_up(dtype):
+    gate_up = _randn(3, 2 * 1500, dtype=dtype)  # 1500: not a multiple of the kernel's block
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out = fused_ops.silu_mul(gate_up)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_the_model_decodes_the_same_tokens_with_the_fused_kernels():
+    """tiny, float32: the fused path's logits within float rounding of the unfused path's, the same greedy tokens."""
+    runs = {}
+    for fused in (False, True):
+        runner = ModelRunner("tiny", 64, 16, device=DEVICE, seed=3, cuda_graphs=False, fused_ops=fused)
+        assert runner.model.fused_ops is fused
+        prompt = list(range(40, 140))
+        table = list(range(8))
+        logits = runner.prefill_logits([SeqInput(prompt, 0, table)])
+        tokens = [int(logits.argmax())]
+        for i in range(12):
+            tokens.append(runner.decode([SeqInput([tokens[-1]], len(prompt) + i, table)])[0])
+        runs[fused] = logits, tokens
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
+    assert runs[True][1] == runs[False][1]
+
+
+def test_the_fused_kernels_are_off_on_cpu_by_default():
+    assert ModelRunner("tiny", 8, 16, device="cpu").fused_ops is False
