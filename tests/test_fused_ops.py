@@ -33,21 +33,29 @@ def test_add_rms_norm_is_the_rounded_sum_and_rmsnorm_of_it(dtype):
     norm.weight.data = _randn(384, dtype=dtype, seed=2)
     out, res = fused_ops.add_rms_norm(x, norm.weight, 1e-5, residual=r)
     assert torch.equal(res, x + r)  # the residual stream: exactly torch's rounded add
-    ref = norm(x + r)
-    # only the reduction order differs (F.rms_norm's): at most one unit in the last place, and mostly none
-    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
-    assert ((out.float() - ref.float()).abs() <= 2 * ulp).all()
-    assert (out == ref).float().mean() > 0.8
+    # the reduction order and the reciprocal square root differ from F.rms_norm's: a few units in the last place in
+    # fp32 (then rounded away in bf16: mostly the same bits, at most one unit off)
+    ulps = 2 if dtype == torch.bfloat16 else 8
     first, same = fused_ops.add_rms_norm(x, norm.weight, 1e-5)  # no residual yet: the sum is x itself
-    assert same is x and ((first.float() - norm(x).float()).abs() <= 2 * torch.finfo(dtype).eps *
-                          norm(x).float().abs().clamp_min(1e-3)).all()
+    assert same is x
+    for got, ref in ((out, norm(x + r)), (first, norm(x))):
+        tolerance = ulps * torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
+        assert ((got.float() - ref.float()).abs() <= tolerance).all()
+        if dtype == torch.bfloat16:
+            assert (got == ref).float().mean() > 0.8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_gives_apply_ropes_bits(dtype):
+    """bf16 (CUDA): the same bits (each product is exact in fp32, each rounding to nearest even as torch's); fp32: the
+    compiler may fuse a multiply into the add, within two units in the last place."""
     qkv = _randn(5, 10, 64, dtype=dtype)  # 6 query + 2 key heads rotated, 2 value heads not
     cos, sin = rope_cos_sin(torch.tensor([0, 3, 17, 511, 4000], device=DEVICE), 64, 10000.0, dtype)
-    assert torch.equal(fused_ops.rope(qkv[:, :8], cos, sin), apply_rope(qkv[:, :8], cos, sin))
+    got, ref = fused_ops.rope(qkv[:, :8], cos, sin), apply_rope(qkv[:, :8], cos, sin)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

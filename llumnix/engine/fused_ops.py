@@ -11,8 +11,10 @@ one launch each:
   ``rotate(x) * sin``, their sum): the same bits as the torch path.
 - ``silu_mul``: ``silu(gate) * up`` of the fused gate/up projection.
 
-Only the norm's reduction order differs from torch's (``F.rms_norm``), so a step's bits can differ from the unfused
-path's in the last place; each path is deterministic and batch-invariant on its own (one program per token, the
+Every rounding to the model's dtype is to nearest even, as torch's. In bf16 the rotary is then bit for bit torch's
+(its products are exact in fp32); the norm's reduction order and reciprocal square root, and SiLU's exponential,
+differ from torch's, so a step's bits can differ from the unfused path's in the last place (in fp32 the compiler may
+also fuse a multiply-add); each path is deterministic and batch-invariant on its own (one program per token, the
 reduction order fixed by the hidden size). Used on CUDA where Triton runs (``ModelRunner(fused_ops=...)``); the CPU
 path keeps the torch ops; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
 """
@@ -38,13 +40,13 @@ if triton is not None:
         x = tl.load(x_ptr + row * n + offs, mask=ok, other=0.0)
         if HAS_RES:
             r = tl.load(res_ptr + row * n + offs, mask=ok, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded as torch's add
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")  # rounded as torch's add
             tl.store(res_out_ptr + row * n + offs, x, mask=ok)
         xf = x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
-        y = (xf * inv).to(x.dtype)
+        y = (xf * inv).to(x.dtype, fp_downcast_rounding="rtne")
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
-        tl.store(out_ptr + row * n + offs, (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=ok)
+        tl.store(out_ptr + row * n + offs, (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne"), mask=ok)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_x_t, stride_x_h, stride_cs_t, heads,
@@ -62,8 +64,8 @@ if triton is not None:
         dt = x1.dtype
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
         # x * cos + cat(-x2, x1) * sin, each product rounded, then the sum (apply_rope's three ops)
-        lo = ((x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)).to(dt)
-        hi = ((x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)).to(dt)
+        lo = ((x1f * c1).to(dt, fp_downcast_rounding="rtne").to(tl.float32) + (-x2f * s1).to(dt, fp_downcast_rounding="rtne").to(tl.float32)).to(dt, fp_downcast_rounding="rtne")
+        hi = ((x2f * c2).to(dt, fp_downcast_rounding="rtne").to(tl.float32) + (x1f * s2).to(dt, fp_downcast_rounding="rtne").to(tl.float32)).to(dt, fp_downcast_rounding="rtne")
         dst = out_ptr + (t * heads + h) * (2 * HALF)
         tl.store(dst + d, lo)
         tl.store(dst + HALF + d, hi)
@@ -76,8 +78,8 @@ if triton is not None:
         g = tl.load(x_ptr + row * 2 * inter + offs, mask=ok, other=0.0)
         u = tl.load(x_ptr + row * 2 * inter + inter + offs, mask=ok, other=0.0)
         gf = g.to(tl.float32)
-        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu, rounded as torch's
-        tl.store(out_ptr + row * inter + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype, fp_downcast_rounding="rtne")  # silu, rounded as torch's
+        tl.store(out_ptr + row * inter + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne"), mask=ok)
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
