@@ -8,13 +8,13 @@ one launch each:
 - ``add_rms_norm``: the residual add (rounded to the model's dtype, as torch's add) and the RMS norm of the sum
   (in fp32, rounded, then times the weight and rounded: ``RMSNorm`` in ``model.py``); one program per token.
 - ``rope``: rotary embedding of the query and key heads, rounded step by step as ``apply_rope`` is (``x * cos``,
-  ``rotate(x) * sin``, their sum): the same bits as the torch path.
+  ``rotate(x) * sin``, their sum).
 - ``silu_mul``: ``silu(gate) * up`` of the fused gate/up projection.
 
-Every rounding to the model's dtype is to nearest even, as torch's. In bf16 the rotary is then bit for bit torch's
-(its products are exact in fp32); the norm's reduction order and reciprocal square root, and SiLU's exponential,
-differ from torch's, so a step's bits can differ from the unfused path's in the last place (in fp32 the compiler may
-also fuse a multiply-add); each path is deterministic and batch-invariant on its own (one program per token, the
+Every rounding to the model's dtype is to nearest even, as torch's, but the compiler may keep a product unrounded
+into an add (measured on an H200: a few bf16 elements of the rotary one unit off torch's), and the norm's reduction
+order and reciprocal square root and SiLU's exponential differ from torch's: a step's bits can differ from the
+unfused path's in the last place; each path is deterministic and batch-invariant on its own (one program per token, the
 reduction order fixed by the hidden size). Used on CUDA where Triton runs (``ModelRunner(fused_ops=...)``); the CPU
 path keeps the torch ops; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
 """
