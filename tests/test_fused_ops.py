@@ -10,14 +10,7 @@ from llumnix.engine import fused_ops, paged_attention
 from llumnix.engine.model import RMSNorm, apply_rope, rope_cos_sin
 from llumnix.engine.runner import ModelRunner, SeqInput
 
-
-def _device() -> str | None:
-    if paged_attention.available(torch.device("cuda")) and torch.cuda.is_available():
-        return "cuda"
-    return "cpu" if paged_attention.available(torch.device("cpu")) else None  # TRITON_INTERPRET=1
-
-
-DEVICE = _device()
+DEVICE = paged_attention.triton_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1")
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 

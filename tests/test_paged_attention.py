@@ -10,14 +10,7 @@ import torch
 
 from llumnix.engine import paged_attention
 
-
-def _device() -> str | None:
-    if paged_attention.available(torch.device("cuda")) and torch.cuda.is_available():
-        return "cuda"
-    return "cpu" if paged_attention.available(torch.device("cpu")) else None  # TRITON_INTERPRET=1
-
-
-DEVICE = _device()
+DEVICE = paged_attention.triton_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1")
 BLOCK = 16
 # around the 512-token partition: one partition, exactly one, one more token, several, and a partial last one

@@ -68,6 +68,14 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_device() -> str | None:
+    """Where this process can run the Triton kernels: "cuda", "cpu" under the interpreter (TRITON_INTERPRET=1), or
+    None (no Triton: CPU torch wheels ship none)."""
+    if available(torch.device("cuda")) and torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if available(torch.device("cpu")) else None
+
+
 if triton is not None:
 
     @triton.jit
