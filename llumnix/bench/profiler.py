@@ -334,7 +334,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None
         + ("replayed as CUDA graphs (one per batch bucket)" if runner.cuda_graphs else "run eagerly")
         + ", decode attention "
         + ("read in place from the paged KV by a Triton kernel" if runner.paged_kernel
-           else "over each sequence's paged K/V gathered into a padded copy (SDPA)"),
+           else "over each sequence's paged K/V gathered into a padded copy (SDPA)")
+        + ("; residual add + RMS norm, rotary and SiLU x up fused (Triton)" if runner.fused_ops else ""),
         "prefill points: one step over b equal prompts of n tokens (sum_sq_tokens = b * n^2), median of "
         f"{cfg.repeats} after {cfg.warmup} warm-up; time includes building the inputs and greedy sampling",
         "decode points: one step over b sequences whose total context is split evenly; each batch size also has its "
