@@ -320,3 +320,13 @@ def test_a_lines_figure_of_one_rate_keeps_its_points_off_the_frame_and_its_log_a
     assert linear_ax.get_ylim()[0] == 0 and linear_ax.get_ylim()[1] > 3.1 * 1.1
     assert "calibrated on the paper's INFaaS++ curves" in captured["note"]
     plt.close("all")
+
+
+def test_a_figure_note_says_when_points_have_different_seed_counts():
+    from llumnix.analysis.plots import scale_note
+
+    exp = load_experiment(EXPERIMENTS / "fig11.yaml")
+    row = {"trace": "L-L", "system": "llumnix", "scale": "paper", "num_requests": 10000}
+    data = pd.DataFrame([row | {"rate": 2.6, "seed": s} for s in range(3)] + [row | {"rate": 2.8, "seed": 0}])
+    assert "1-3 seeds per point" in scale_note(exp, data)
+    assert "3 seeds." in scale_note(exp, data[data["rate"] == 2.6])
