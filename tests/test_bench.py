@@ -113,7 +113,9 @@ def test_bench_config_rejects_bad_input():
     with pytest.raises(ValueError, match="too small"):
         MigrationBenchConfig(lengths=(1024,), num_blocks=10, output_tokens=20)
     with pytest.raises(ValueError, match="must be at least 12"):  # 64 blocks, 16 a step: a stage spans 5 steps
-        MigrationBenchConfig(lengths=(1024,))
+        MigrationBenchConfig(lengths=(1024,), output_tokens=8)
+    assert MigrationBenchConfig(lengths=(1024,)).output_tokens == 12  # the default: as many as the stages need
+    assert MigrationBenchConfig(lengths=(256,)).output_tokens == 8
     assert MigrationBenchConfig(lengths=(1024,), chunk_blocks=None).min_output_tokens == 8
     with pytest.raises(ValueError, match="--chunk-blocks must be >= 1"):
         MigrationBenchConfig(chunk_blocks=0)

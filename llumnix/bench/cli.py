@@ -93,7 +93,8 @@ def bench() -> None:
               help="Decode batch on the source: the migrated request plus batch-1 background requests "
                    "(the destination holds batch-1 background requests too).")
 @click.option("--background-tokens", type=int, default=64, help="Prompt tokens of each background request.")
-@click.option("--output-tokens", type=int, default=8, help="Output tokens of the migrated request.")
+@click.option("--output-tokens", type=int, default=None,
+              help="Output tokens of the migrated request (default: 8, or as many as its migrations need).")
 @click.option("--steps-before", type=int, default=2, help="Decode steps on the source before the migration starts.")
 @click.option("--steps-per-stage", type=int, default=1, help="Source decode steps at least per non-final stage.")
 @click.option("--migrations", type=int, default=1,

@@ -76,7 +76,7 @@ class MigrationBenchConfig:
     warmup: int = 1  # discarded repeats per length (kernel selection, allocator growth, pinned buffers)
     batch: int = 1  # decode batch on the source: the migrated request plus batch - 1 background requests
     background_tokens: int = 64
-    output_tokens: int = 8
+    output_tokens: int | None = None  # None: 8, or as many as the migrations need (min_output_tokens)
     steps_before: int = 2  # decode steps of the request on the source before its migration starts
     steps_per_stage: int = 1
     migrations: int = 1  # per repeat: the request migrates there and back this many times (more samples)
@@ -90,10 +90,14 @@ class MigrationBenchConfig:
     invariant_batch: int | None = None  # both engines' batch-invariant decoding (ModelRunner), in chunks of this many
 
     def __post_init__(self) -> None:
-        if not self.lengths or min(self.lengths) <= self.output_tokens:
-            raise ValueError(f"every length must exceed --output-tokens ({self.output_tokens}), got {self.lengths}")
+        if not self.lengths:
+            raise ValueError("--lengths must name at least one sequence length")
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
             raise ValueError(f"--chunk-blocks must be >= 1 (0: a stage in one go), got {self.chunk_blocks}")
+        if self.output_tokens is None:
+            object.__setattr__(self, "output_tokens", max(8, self.min_output_tokens))
+        if min(self.lengths) <= self.output_tokens:
+            raise ValueError(f"every length must exceed --output-tokens ({self.output_tokens}), got {self.lengths}")
         for name in ("repeats", "batch", "background_tokens", "output_tokens", "steps_per_stage"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
