@@ -98,9 +98,10 @@ class ExecutorTransfer(KVTransfer):
 
 POOL_MODES = ("device", "host")
 # Blocks a non-final stage copies per poll of its pending copy (a driver polls once per source decode step). Measured
-# on one H200 (LLaMA-7B bf16, batch 1, 256-8k tokens; benchmarks/h200-migration-chunks.csv): the source's decode step
-# during the bulk stage is +2..+4% with 16 blocks (128 MiB) per step, +3..+6% with 32, +7..+10% with 64, and
-# +5..+75% with the whole stage at once (the engine is bound by memory bandwidth, and so is the copy).
+# on one H200 (LLaMA-7B bf16, batch 1, 256-8k tokens; benchmarks/h200-migration-chunks.csv, the source's own decode
+# steps during the bulk stage against the same request's steps unmigrated): -1.4..+0.8% with 16 blocks (128 MiB) per
+# step, -1.1..+1.4% with 32, +0.3..+60% with the whole stage at once (the engine is bound by memory bandwidth, and so
+# is the copy). 16 also kept an earlier sweep's stage wall time per step lowest (+2..+4%; 64 blocks: +7..+10%).
 CHUNK_BLOCKS = 16
 
 
