@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import gc
 import logging
 import os
 import statistics
@@ -114,6 +115,16 @@ def _median_time_s(fn: Callable[[], object], sync: Callable[[], None], warmup: i
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _synchronizer(device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a timer reads the clock (nothing on CPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return lambda: None
+    return functools.partial(torch.cuda.synchronize, device)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -275,10 +286,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, progress: Callable | None
     runner.kv_cache.cache.normal_(generator=gen)  # timings on real-looking data, never on zeros
     rng = np.random.default_rng(cfg.seed)
     cuda = runner.device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(runner.device)
+    sync = _synchronizer(runner.device)
 
     def timed(fn: Callable[[], object]) -> float:
         return _median_time_s(fn, sync, cfg.warmup, cfg.repeats)
@@ -394,12 +402,7 @@ def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10
 
     a = torch.randn(nbytes // 4, device=device)
     b = torch.empty_like(a)
-
-    def sync() -> None:
-        if a.is_cuda:
-            torch.cuda.synchronize(a.device)
-
-    t = _median_time_s(lambda: b.copy_(a), sync, 3, repeats)
+    t = _median_time_s(lambda: b.copy_(a), _synchronizer(a.device), 3, repeats)
     return 2 * a.numel() * a.element_size() / t
 
 
@@ -532,9 +535,7 @@ def _decode_floor_grid(device: str, model: str, dtype: str, batches: list[int], 
         "repeats": repeats,
     }
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(runner.device)
+    sync = _synchronizer(runner.device)
 
     def step_s(b: int, ctx: int) -> float:
         tables = _tables([ctx] * b, bs)
@@ -574,12 +575,7 @@ def measure_matmul_rate(device: str, dtype: str, n: int = 8192, repeats: int = 1
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=gen)
     b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=gen)
-
-    def sync() -> None:
-        if a.is_cuda:
-            torch.cuda.synchronize(a.device)
-
-    return 2 * n**3 / _median_time_s(lambda: a @ b, sync, 3, repeats)
+    return 2 * n**3 / _median_time_s(lambda: a @ b, _synchronizer(a.device), 3, repeats)
 
 
 def prefill_flops(mc, tokens: int) -> float:
@@ -607,11 +603,7 @@ def prefill_floor(device: str, model: str, dtype: str, lengths: list[int], repea
                              seed=seed)
         mc = runner.config
         rng = np.random.default_rng(seed)
-
-        def sync() -> None:
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize(runner.device)
-
+        sync = _synchronizer(runner.device)
         rows = []
         for n in lengths:
             seq = SeqInput(rng.integers(mc.vocab_size, size=n).tolist(), 0, list(range(blocks_for(n, bs))))
@@ -656,11 +648,7 @@ def decode_step_breakdown(device: str, model: str, dtype: str, batch: int, conte
     seqs = [SeqInput([int(rng.integers(mc.vocab_size))], context_tokens - 1, t)
             for t in _tables([context_tokens] * batch, bs)]
 
-    dev = runner.device
-
-    def sync() -> None:
-        torch.cuda.synchronize(dev)
-
+    sync = _synchronizer(runner.device)
     eager_s = _median_time_s(functools.partial(runner.decode, seqs), sync, 3, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -672,8 +660,6 @@ def decode_step_breakdown(device: str, model: str, dtype: str, batch: int, conte
         if us and evt.key:
             kernels.append((evt.key, us / 1e6 / steps, evt.count / steps))
     del runner, prof
-    import gc
-
     gc.collect()
     torch.cuda.empty_cache()  # the eager runner's KV pool, before the graph runner allocates its own
     graphs = ModelRunner(model, batch * blocks_for(context_tokens, bs), bs, device=device,
