@@ -213,21 +213,6 @@ def _copy_runs(dst_cache, src_cache, runs: list[tuple[int, int, int]]) -> None:
         dst_cache[:, :, d : d + n].copy_(src_cache[:, :, s : s + n], non_blocking=True)
 
 
-class _Landed:
-    """The event of a copy done synchronously (CPU)."""
-
-    @staticmethod
-    def query() -> bool:
-        return True
-
-    @staticmethod
-    def synchronize() -> None:
-        return None
-
-
-_LANDED = _Landed()
-
-
 def chunk_of(copy: Copy, chunk_blocks: int | None) -> int:
     """Blocks per chunk of this stage: the stop-and-copy (or no pacing) in one go, else ``chunk_blocks``."""
     return len(copy.src_blocks) if copy.final or chunk_blocks is None else chunk_blocks
@@ -276,3 +261,6 @@ class Polled:
 
     def __init__(self, poll: Callable[[], bool], wait: Callable[[], None]) -> None:
         self.query, self.synchronize = poll, wait
+
+
+_LANDED = Polled(lambda: True, lambda: None)  # a chunk copied synchronously (CPU)
