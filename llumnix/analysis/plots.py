@@ -95,9 +95,9 @@ def scale_note(exp: Experiment, data: pd.DataFrame) -> str:
     notes = []
     for name in scales:
         part = data[data["scale"] == name]
-        point = [c for c in ("trace", "rate", "cv", "system") if c in part.columns]
-        per_point = part.groupby(point, dropna=False)["seed"].nunique() if point else part["seed"].nunique()
-        lo, hi = (int(per_point.min()), int(per_point.max())) if point else (per_point, per_point)
+        point = [c for c in ("trace", "rate", "cv", "system") if c in part.columns] or ["scale"]
+        per_point = part.groupby(point, dropna=False)["seed"].nunique()
+        lo, hi = int(per_point.min()), int(per_point.max())
         n = int(part["num_requests"].iloc[0])
         seeds = f"{hi} seed" + ("s" if hi != 1 else "") if lo == hi else f"{lo}-{hi} seeds per point"
         text = f"{name} scale: {n:,} requests/run, {seeds}"

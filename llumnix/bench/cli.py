@@ -105,8 +105,8 @@ def bench() -> None:
                    "memory, CUDA only), both instances in this process; or one of gloo / nccl: the destination in a "
                    "child process (nccl: on the next GPU, two needed), KV over a torch.distributed channel.")
 @click.option("--chunk-blocks", type=click.IntRange(min=0), default=lambda: _chunk_blocks_default(),
-              help="device / host transports on CUDA: blocks a non-final stage copies per source decode step "
-                   "(0: each stage in one go; default: the engine's kv_transfer.CHUNK_BLOCKS).")
+              help="Blocks a non-final stage copies per source decode step, on every transport (0: each stage in "
+                   "one go; default: the engine's kv_transfer.CHUNK_BLOCKS).")
 @click.option("--channel-timeout", type=float, default=120.0,
               help="gloo / nccl: seconds a KV transfer or the child process's answer may take before the run fails.")
 @click.option("--seed", type=int, default=0, help="Seed of the weights and prompts.")

@@ -51,10 +51,10 @@ def plot_lines(exp: Experiment, data: pd.DataFrame, out: Path) -> list[Path]:
                 style_order=order, markers=True, dashes=False, errorbar=min_max, ax=ax, legend=(i == 0 and j == 0),
             )  # fmt: skip
             values = part[column].dropna()
-            values = values[values > 0] if metric in exp.figure.log_metrics else values
             if metric in exp.figure.log_metrics:
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
+                values = values[values > 0]
                 if len(values):  # whole decades around the data: labelled ticks even when it spans less than one
                     ax.set_ylim(10 ** np.floor(np.log10(values.min() / 1.2)), 10 ** np.ceil(np.log10(values.max() * 1.2)))
             elif len(values) and values.max() > 0:
