@@ -111,6 +111,19 @@ def fig13_tag(system: str, tag: str) -> str:
     return tag if system == "llumnix" else f"{system} {tag}"
 
 
+def priority_gains(base: dict, prio: dict) -> dict:
+    """Fig 13's claims from the summaries without (``base``) and with priorities (``prio``)."""
+    return {"high_e2e_mean_gain": base["high"]["e2e_mean_s"] / prio["high"]["e2e_mean_s"],
+            "high_prefill_p99_gain": base["high"]["prefill_p99_s"] / prio["high"]["prefill_p99_s"],
+            "normal_e2e_mean_increase": prio["normal"]["e2e_mean_s"] / base["normal"]["e2e_mean_s"] - 1}
+
+
+def tail_gain(infaas: dict, system: dict) -> dict:
+    """The tail-latency claim: INFaaS++'s P99 prefill over the system's."""
+    return {"prefill_p99_gain": infaas["prefill_p99_s"] / system["prefill_p99_s"],
+            "infaas_prefill_p99_s": infaas["prefill_p99_s"]}
+
+
 def named_rows(work: Path, jobs: list, results: dict) -> list[dict]:
     """One row per (setting, named system or llumnix): the claim's ratio and the system's own numbers."""
     rows = []
@@ -123,16 +136,11 @@ def named_rows(work: Path, jobs: list, results: dict) -> list[dict]:
         flags = next(j[4] for j in jobs if j[:3] == (setting, variant, tag))
         row = {"setting": setting, "system": system, "flags": shlex.join(flags)}
         if fig13:
-            base = results[(setting, variant, fig13_tag(system, "base"))]
-            row.update(high_e2e_mean_gain=base["high"]["e2e_mean_s"] / s["high"]["e2e_mean_s"],
-                       high_prefill_p99_gain=base["high"]["prefill_p99_s"] / s["high"]["prefill_p99_s"],
-                       normal_e2e_mean_increase=s["normal"]["e2e_mean_s"] / base["normal"]["e2e_mean_s"] - 1,
+            row.update(priority_gains(results[(setting, variant, fig13_tag(system, "base"))], s),
                        high_prefill_p99_s=s["high"]["prefill_p99_s"], high_e2e_mean_s=s["high"]["e2e_mean_s"],
                        normal_e2e_mean_s=s["normal"]["e2e_mean_s"])
         else:
-            inf = results[(setting, DEFAULT, "infaas++")]
-            row.update(prefill_p99_gain=inf["prefill_p99_s"] / s["prefill_p99_s"],
-                       infaas_prefill_p99_s=inf["prefill_p99_s"])
+            row.update(tail_gain(results[(setting, DEFAULT, "infaas++")], s))
         row.update(prefill_p99_s=s["prefill_p99_s"], prefill_mean_s=s["prefill_mean_s"], e2e_mean_s=s["e2e_mean_s"],
                    e2e_p99_s=s["e2e_p99_s"], preemptions=s["preemptions"], migrations=s["migrations"],
                    migration_aborts=s["migration_aborts"],
@@ -221,14 +229,10 @@ def main() -> None:
         flags = next(j[4] for j in jobs if j[:3] == (setting, variant, tag))
         row = {"setting": setting, "variant": variant, "flags": shlex.join(flags)}
         if setting.startswith("fig13"):
-            base = results[(setting, variant, "base")]
-            row.update(high_e2e_mean_gain=base["high"]["e2e_mean_s"] / s["high"]["e2e_mean_s"],
-                       high_prefill_p99_gain=base["high"]["prefill_p99_s"] / s["high"]["prefill_p99_s"],
-                       normal_e2e_mean_increase=s["normal"]["e2e_mean_s"] / base["normal"]["e2e_mean_s"] - 1)
+            row.update(priority_gains(results[(setting, variant, "base")], s))
         else:
             inf = results[(setting, variant, "infaas++")]
-            row.update(prefill_p99_gain=inf["prefill_p99_s"] / s["prefill_p99_s"],
-                       infaas_prefill_p99_s=inf["prefill_p99_s"], llumnix_prefill_p99_s=s["prefill_p99_s"])
+            row.update(tail_gain(inf, s), llumnix_prefill_p99_s=s["prefill_p99_s"])
             if setting.startswith("fig14"):
                 row.update(cost_saving=inf["avg_instances"] / s["avg_instances"] - 1,
                            infaas_instances=inf["avg_instances"], llumnix_instances=s["avg_instances"])
