@@ -13,9 +13,6 @@
 #                (the default) and without -> benchmarks/<gpu>-decode-grid-fused.csv, -unfused.csv; the step breakdown
 #                with them -> benchmarks/<gpu>-step-breakdown-fused.csv; bf16 determinism and a migration's token
 #                identity with them -> benchmarks/<gpu>-determinism-fused.csv, <gpu>-migration-fused.csv
-#   stages       the kernel's loop pipelined (NUM_STAGES tiles in flight): its tests on CUDA, the kernel alone over
-#                stages x tile x warps -> benchmarks/<gpu>-decode-kernel-stages.csv, and the grid with the engine's
-#                constants -> benchmarks/<gpu>-decode-grid-stages.csv, the step breakdown -> ...-step-breakdown-stages.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
 WHAT=${1:-all}
@@ -63,18 +60,6 @@ WHAT=${1:-all}
     timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
       --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-fused.csv" \
       && cp "benchmarks/$G-migration-fused.csv" "$OUT/"
-  fi
-  if [ "$WHAT" = stages ]; then
-    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py 2>&1 | tail -5
-    C=256/64/4/4/4/1,256/64/4/4/4/2,256/64/4/4/4/3,256/64/4/4/4/4,256/32/4/4/4/3,256/32/4/4/4/4,256/128/8/4/4/2
-    C=$C,256/128/8/4/4/3,256/64/8/4/4/3,512/64/4/4/4/3,256/64/4/8/8/3
-    timeout 330 python3 benchmarks/gpu_decode_kernel.py --shapes llama-7b --batches 1,8,32,128 \
-      --contexts 512,2048,8192 --configs $C -o "benchmarks/$G-decode-kernel-stages.csv" \
-      && cp "benchmarks/$G-decode-kernel-stages.csv" "$OUT/"
-    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
-      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-stages.csv" && cp "benchmarks/$G-decode-grid-stages.csv" "$OUT/"
-    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
-      -o "benchmarks/$G-step-breakdown-stages.csv" && cp "benchmarks/$G-step-breakdown-stages.csv" "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"

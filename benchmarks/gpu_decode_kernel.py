@@ -1,7 +1,7 @@
 """Issue 19: the split-KV paged decode kernel alone (llumnix/engine/paged_attention.py), against the device's copy
-bandwidth, over model shapes x batch x context x kernel constants (PARTITION/TILE/WARPS/PROGRAMS_PER_SM/FULL/STAGES):
-which constants reach the bandwidth floor, and how far one partition per sequence (8192/64/4/1: the kernel before
-split-KV, one program per sequence and KV head walking the whole context) is from it.
+bandwidth, over model shapes x batch x context x kernel constants (PARTITION/TILE/WARPS/PROGRAMS_PER_SM): which
+constants reach the bandwidth floor, and how far one partition per sequence (8192/64/4/1: the kernel before split-KV,
+one program per sequence and KV head walking the whole context) is from it.
 
 Each timed call is one layer's decode attention, bf16, block size 16, block tables as wide as the engine's CUDA
 graphs make them (8192 tokens: partitions past a sequence's length are skipped), blocks in shuffled order. Calls go
@@ -75,8 +75,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--configs", default="512/32/4/4,512/32/4/2,512/64/8/4,256/32/4/4,1024/32/4/4,8192/64/4/1",
-                    help="PARTITION/TILE/WARPS/PROGRAMS_PER_SM[/FULL[/STAGES]] entries; the first: the reference of the "
-                         "output check")
+                    help="PARTITION/TILE/WARPS/PROGRAMS_PER_SM entries; the first: the reference of the output check")
     ap.add_argument("--table-tokens", type=int, default=8192, help="block table width in tokens (the graphs')")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--max-gib", type=float, default=48.0, help="skip cells whose K/V pools would exceed this")

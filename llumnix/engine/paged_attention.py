@@ -52,7 +52,6 @@ BLOCK_N = 64  # context tokens per tile (MHA; fewer with several query heads per
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
-NUM_STAGES = 3  # tiles in flight in a program's loop (software pipelining of the key / value loads; 1: none)
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -85,7 +84,6 @@ if triton is not None:
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
-        STAGES: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
@@ -108,31 +106,31 @@ if triton is not None:
                 m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
                 denom = tl.zeros((GROUP_PAD,), tl.float32)
                 acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                # the partition's tiles up to the context only (a loop without a branch in it, so that the compiler
-                # can prefetch the next tiles' keys and values while this one computes: num_stages)
-                for i in tl.range(0, tl.cdiv(last - first, BLOCK_N), num_stages=STAGES):
-                    tok = first + i * BLOCK_N + tl.arange(0, BLOCK_N)
-                    valid = tok < last
-                    block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
-                    slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
-                    offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
-                    k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
-                    v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                    if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
-                        s = tl.sum(k * q, axis=1)[None, :]
-                    else:
-                        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
-                    s = tl.where(valid[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(s, axis=1))
-                    alpha = tl.exp(m - m_new)
-                    p = tl.exp(s - m_new[:, None])  # [G, N]
-                    if GROUP_PAD == 1:
-                        pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
-                    else:
-                        pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
-                    acc = acc * alpha[:, None] + pv
-                    denom = denom * alpha + tl.sum(p, axis=1)
-                    m = m_new
+                for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
+                    start = first + i
+                    if start < last:
+                        tok = start + tl.arange(0, BLOCK_N)
+                        valid = tok < last
+                        block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
+                        slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
+                        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
+                        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
+                        if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
+                            s = tl.sum(k * q, axis=1)[None, :]
+                        else:
+                            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+                        s = tl.where(valid[None, :], s, float("-inf"))
+                        m_new = tl.maximum(m, tl.max(s, axis=1))
+                        alpha = tl.exp(m - m_new)
+                        p = tl.exp(s - m_new[:, None])  # [G, N]
+                        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                        if GROUP_PAD == 1:
+                            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
+                        else:
+                            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
+                        acc = acc * alpha[:, None] + pv
+                        denom = denom * alpha + tl.sum(p, axis=1)
+                        m = m_new
                 if length <= PARTITION:  # the sequence's only partition: its output
                     o_offs = b * stride_o_b + heads[:, None] * stride_o_h + d[None, :]
                     tl.store(out_ptr + o_offs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
@@ -237,7 +235,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), k_pool.stride(0),
         heads * parts, parts,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
-        PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), STAGES=NUM_STAGES, num_warps=NUM_WARPS,
+        PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
