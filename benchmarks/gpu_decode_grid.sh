@@ -13,6 +13,10 @@
 #                (the default) and without -> benchmarks/<gpu>-decode-grid-fused.csv, -unfused.csv; the step breakdown
 #                with them -> benchmarks/<gpu>-step-breakdown-fused.csv; bf16 determinism and a migration's token
 #                identity with them -> benchmarks/<gpu>-determinism-fused.csv, <gpu>-migration-fused.csv
+#   store        the rotary and the KV cache write as one kernel (fused_ops.rope_store): the fused kernels' tests on
+#                CUDA, the grid -> benchmarks/<gpu>-decode-grid-store.csv (and with split-KV at every batch, never one
+#                pass: ...-grid-store-split.csv), the step breakdown -> ...-step-breakdown-store.csv, bf16 determinism
+#                and a migration's token identity -> ...-determinism-store.csv, ...-migration-store.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
 WHAT=${1:-all}
@@ -60,6 +64,23 @@ WHAT=${1:-all}
     timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
       --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-fused.csv" \
       && cp "benchmarks/$G-migration-fused.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = store ]; then
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_fused_ops.py tests/test_engine_model.py \
+      -k "fused or rope or cuda or static or paged or invariant or model_decodes" 2>&1 | tail -15
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-store.csv" && cp "benchmarks/$G-decode-grid-store.csv" "$OUT/"
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 8,32,128,256 \
+      --context 512,2048,8192 --kernel-configs 256/64/4/4/0 -o "benchmarks/$G-decode-grid-store-split.csv" \
+      && cp "benchmarks/$G-decode-grid-store-split.csv" "$OUT/"
+    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
+      -o "benchmarks/$G-step-breakdown-store.csv" && cp "benchmarks/$G-step-breakdown-store.csv" "$OUT/"
+    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
+      -o "benchmarks/$G-determinism-store.csv" && cp "benchmarks/$G-determinism-store.csv" "$OUT/"
+    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-store.csv" \
+      && cp "benchmarks/$G-migration-store.csv" "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"

@@ -622,7 +622,8 @@ def prefill_floor(device: str, model: str, dtype: str, lengths: list[int], repea
 # the first kind whose key a kernel's name contains (lower case): cuBLAS's split-K GEMVs before the attention keys
 KERNEL_KINDS = (("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
                 ("attention", ("_partition_kernel", "_combine_kernel", "paged", "attn", "flash", "sdpa")),
-                ("norm/rope/act", ("norm", "rsqrt", "silu", "mul", "add", "pow", "mean", "cat", "neg", "cos", "sin")),
+                ("norm/rope/act", ("norm", "rope", "rsqrt", "silu", "mul", "add", "pow", "mean", "cat", "neg", "cos",
+                                   "sin")),
                 ("copy/index", ("copy", "index", "scatter", "gather", "fill")))
 
 

@@ -68,6 +68,14 @@ class KVCachePool:
         """K and V at `slots` (any shape S) -> two [*S, kv_heads, head_dim] tensors."""
         return self._slab(layer, 0)[slots], self._slab(layer, 1)[slots]
 
+    def rope_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The rotated queries of qkv [T, heads + 2 kv heads, D], its rotated keys and its values written at
+        ``slots`` of this layer: one kernel (``fused_ops.rope_store``; Triton)."""
+        from llumnix.engine import fused_ops
+
+        return fused_ops.rope_store(qkv, cos, sin, self._slab(layer, 0), self._slab(layer, 1), slots)
+
     def paged_decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """Decode attention of q [B, H, D] over each sequence's context read in place (``paged_attention``)."""
         return paged_decode_attention(q, self._slab(layer, 0), self._slab(layer, 1), tables, lens, self.block_size)

@@ -18,8 +18,11 @@ from torch import nn
 
 from llumnix.engine import fused_ops
 
-# (layer index, q [T, heads, head_dim], k [T, kv_heads, head_dim], v [T, kv_heads, head_dim]) -> [T, heads, head_dim]
-AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer index, q [T, heads, head_dim], k [T, kv_heads, head_dim], v [T, kv_heads, head_dim]) -> [T, heads, head_dim].
+# An attention may also have ``rope_store(layer, qkv, cos, sin) -> q``: the rotary embedding of the unrotated
+# qkv [T, heads + 2 kv_heads, head_dim] with the keys and values written into its KV cache in one kernel
+# (``fused_ops.rope_store``); the fused model then calls it and the attention with k and v None (already written).
+AttnFn = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn,
-                rotate: Callable[..., torch.Tensor] = apply_rope) -> torch.Tensor:  # fmt: skip
+                fused: bool = False) -> torch.Tensor:  # fmt: skip
         t, nq, nkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
+        rope_store = getattr(attn, "rope_store", None) if fused else None
+        if rope_store is not None:  # rotary + KV cache write in one kernel; the attention only reads
+            return self.o_proj(attn(self.layer_idx, rope_store(self.layer_idx, qkv, cos, sin), None, None).reshape(t, -1))
+        rotate = fused_ops.rope if fused else apply_rope
         q, k = rotate(qkv[:, : nq + nkv], cos, sin).split([nq, nkv], dim=1)
         return self.o_proj(attn(self.layer_idx, q, k, qkv[:, nq + nkv :]).reshape(t, -1))
 
@@ -184,7 +191,8 @@ class LlamaForCausalLM(nn.Module):
     """Flat token layout: every call processes T tokens (any mix of sequences) as one [T, hidden] batch.
 
     ``fused_ops`` (set by the runner where Triton runs): each residual add with the next RMS norm, the rotary
-    embedding and SiLU-times-up run as one kernel each (``fused_ops``), the same arithmetic in fewer launches."""
+    embedding and SiLU-times-up run as one kernel each (``fused_ops``), the same arithmetic in fewer launches; with
+    an attention that has ``rope_store`` (decode over the paged pool), the rotary writes the KV cache too."""
 
     fused_ops = False
 
@@ -212,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
         eps = self.config.rms_norm_eps
         h, x = fused_ops.add_rms_norm(x, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
-            h, x = fused_ops.add_rms_norm(layer.self_attn(h, cos, sin, attn, fused_ops.rope),
+            h, x = fused_ops.add_rms_norm(layer.self_attn(h, cos, sin, attn, fused=True),
                                           layer.post_attention_layernorm.weight, eps, residual=x)
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             h, x = fused_ops.add_rms_norm(layer.mlp(h, fused=True), nxt.weight, eps, residual=x)

@@ -68,6 +68,23 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
+class PagedDecodeAttention:
+    """A decode step's attention over the paged pool (the ``AttnFn`` of the paged kernel's steps): each layer's new
+    keys and values written at ``slots``, then every row's context read in place through ``tables`` / ``lens``.
+    ``rope_store``: the fused model's rotary writes them instead, in the same kernel (k and v then come as None)."""
+
+    def __init__(self, kv: KVCachePool, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
+        self.kv, self.slots, self.tables, self.lens = kv, slots, tables, lens
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        if k is not None:
+            self.kv.write_slots(layer, self.slots, k, v)
+        return self.kv.paged_decode(layer, q, self.tables, self.lens)
+
+    def rope_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.kv.rope_store(layer, qkv, cos, sin, self.slots)
+
+
 class StaticDecode:
     """One decode step of a fixed shape (``batch`` rows, contexts padded to ``context`` tokens) over static input
     buffers, so that a CUDA graph can replay it. Rows beyond the real batch, and context positions beyond a row's
@@ -111,11 +128,12 @@ class StaticDecode:
 
     def forward(self) -> torch.Tensor:
         kv, model = self.runner.kv_cache, self.runner.model
+        if self.runner.paged_kernel:
+            return model.compute_logits(model(self.ids, self.positions,
+                                              PagedDecodeAttention(kv, self.slots, self.tables, self.lens)))
 
         def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kv.write_slots(layer, self.slots, k, v)
-            if self.runner.paged_kernel:
-                return kv.paged_decode(layer, q, self.tables, self.lens)
             ks, vs = (repeat_kv(x, q.shape[1]).transpose(1, 2) for x in kv.gather_slots(layer, self.ctx))
             return F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=self.mask)[:, :, 0]
 
@@ -281,11 +299,7 @@ class ModelRunner:
             width = max(-(-n // kv.block_size) for n in lens)
             tables = _padded_tables(seqs, width, kv.scratch_slot // kv.block_size, len(seqs) + pad).to(self.device)
             lens_t = torch.tensor(lens + [1] * pad, dtype=torch.int32, device=self.device)
-
-            def paged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                kv.write_slots(layer, slots, k, v)
-                return kv.paged_decode(layer, q, tables, lens_t)
-
+            paged = PagedDecodeAttention(kv, slots, tables, lens_t)
             return self.model.compute_logits(self.model(ids, positions, paged))[: len(seqs)]
         groups = []  # (sequence indices, padded slots [b, L], key mask [b, 1, 1, L])
         for g in group_by_length(lens) if rows is None else [[i] for i in range(len(seqs))]:
