@@ -17,6 +17,11 @@
 #                CUDA, the grid -> benchmarks/<gpu>-decode-grid-store.csv (and with split-KV at every batch, never one
 #                pass: ...-grid-store-split.csv), the step breakdown -> ...-step-breakdown-store.csv, bf16 determinism
 #                and a migration's token identity -> ...-determinism-store.csv, ...-migration-store.csv
+#   address      the kernel's block ids per block and 32-bit offsets (paged_attention.TABLE_PER_BLOCK, OFFS32; the
+#                kernel alone: python3 benchmarks/gpu_kernel_variants.py): the kernel's and the engine's tests on CUDA,
+#                the grid -> benchmarks/<gpu>-decode-grid-address.csv, the step breakdown, bf16 determinism and a
+#                migration's token identity -> ...-step-breakdown-address.csv, -determinism-address.csv,
+#                -migration-address.csv
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
 WHAT=${1:-all}
@@ -81,6 +86,20 @@ WHAT=${1:-all}
     timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
       --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-store.csv" \
       && cp "benchmarks/$G-migration-store.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = address ]; then
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py tests/test_fused_ops.py \
+      tests/test_engine_model.py -k "split or paged or switches or fused or rope or invariant or static or cuda" 2>&1 | tail -8
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-address.csv" && cp "benchmarks/$G-decode-grid-address.csv" "$OUT/"
+    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
+      -o "benchmarks/$G-step-breakdown-address.csv" && cp "benchmarks/$G-step-breakdown-address.csv" "$OUT/"
+    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
+      -o "benchmarks/$G-determinism-address.csv" && cp "benchmarks/$G-determinism-address.csv" "$OUT/"
+    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-address.csv" \
+      && cp "benchmarks/$G-migration-address.csv" "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"

@@ -49,6 +49,17 @@ def _reference(q, k_pool, v_pool, tables, lens) -> torch.Tensor:
     return torch.stack(out)
 
 
+def test_the_address_arithmetic_switches_keep_the_bits(monkeypatch):
+    """Block ids loaded once per block, 32-bit offsets: how the kernel addresses the pool, not what it computes."""
+    q, k_pool, v_pool, tables, lens = _case([1, 16, 300, 513], 3, 1, torch.float32, seed=4)
+    outs = []
+    for per_block, offs32 in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(paged_attention, "TABLE_PER_BLOCK", per_block)
+        monkeypatch.setattr(paged_attention, "OFFS32", offs32)
+        outs.append(paged_attention.paged_decode_attention(q, k_pool, v_pool, tables, lens, BLOCK))
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (3, 1)], ids=["mha", "gqa3"])
 def test_split_kernel_matches_float64_reference(dtype, heads, kv_heads):

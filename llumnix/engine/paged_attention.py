@@ -52,6 +52,11 @@ BLOCK_N = 64  # context tokens per tile (MHA; fewer with several query heads per
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
+# Address arithmetic is a visible part of the kernel's time (benchmarks/h200-decode-kernel-variants.csv, the kernel
+# alone on one H200: both on, 5-9% faster at every cell, the same bits): a tile's block ids are loaded once per block
+# (not once per token), and slot offsets are 32-bit where one layer's K (or V) slab has fewer than 2**31 elements.
+TABLE_PER_BLOCK = True
+OFFS32 = True
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -84,6 +89,7 @@ if triton is not None:
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
@@ -111,8 +117,16 @@ if triton is not None:
                     if start < last:
                         tok = start + tl.arange(0, BLOCK_N)
                         valid = tok < last
-                        block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
-                        slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
+                        if TABLE_PER_BLOCK:  # one table entry per block of the tile, spread over its tokens
+                            nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
+                            bi = start // BLOCK_SIZE + tl.arange(0, nb)
+                            blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
+                            slot = tl.reshape(blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], (BLOCK_N,))
+                        else:
+                            block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
+                            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
+                        if not OFFS32:
+                            slot = slot.to(tl.int64)
                         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
                         k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
                         if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
@@ -236,6 +250,7 @@ def paged_decode_attention(
         heads * parts, parts,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
+        TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](

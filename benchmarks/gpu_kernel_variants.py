@@ -1,0 +1,93 @@
+"""Issue 19: the paged decode kernel's address-arithmetic switches (``paged_attention.TABLE_PER_BLOCK``, ``OFFS32``)
+off, alone and together, against the copy bandwidth, over batch x context (LLaMA-7B shape, bf16; the same cells,
+pools and timing as ``gpu_decode_kernel.py``, whose helpers this uses). Every variant's output must be bit-equal to
+the first's. The committed CSV also has a variant since dropped ("stream": K/V loads with ``cache_modifier=".cg"``,
+no gain; "all": the three together).
+
+    python3 benchmarks/gpu_kernel_variants.py -o benchmarks/h200-decode-kernel-variants.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from llumnix.bench.profiler import measure_copy_bandwidth
+from llumnix.engine import paged_attention as pa
+
+_spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file__).with_name("gpu_decode_kernel.py"))
+gdk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gdk)
+
+OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False}
+VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
+            "table+offs32": {"TABLE_PER_BLOCK": True, "OFFS32": True}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    bandwidth = measure_copy_bandwidth(args.device, nbytes=1 << 30 if cuda else 1 << 24)
+    heads, kv_heads, head_dim = gdk.SHAPES["llama-7b"]
+    rows = []
+    for batch in gdk._ints(args.batches):
+        for ctx in gdk._ints(args.contexts):
+            kv_bytes = batch * ctx * kv_heads * head_dim * 2 * 2
+            layers = max(1, min(32, math.ceil((1 << 30) / kv_bytes))) if cuda else 1
+            slots = batch * -(-ctx // gdk.BLOCK) * gdk.BLOCK
+            gen = torch.Generator(device=dev).manual_seed(batch * 100003 + ctx)
+            pools = [(torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen),
+                      torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen))
+                     for _ in range(layers)]
+            width = max(-(-8192 // gdk.BLOCK), -(-ctx // gdk.BLOCK))
+            order = torch.randperm(slots // gdk.BLOCK, generator=torch.Generator().manual_seed(ctx)).int()
+            tables = torch.zeros(batch, width, dtype=torch.int32)
+            tables[:, : -(-ctx // gdk.BLOCK)] = order.view(batch, -1)
+            tables = tables.to(dev)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+            reference = None
+            for name, flags in VARIANTS.items():
+                saved = {k: getattr(pa, k) for k in flags}
+                for k, v in flags.items():
+                    setattr(pa, k, v)
+                try:
+                    outs, per_call = gdk._time_calls(functools.partial(gdk._layers, q, pools, tables, lens), 10)
+                finally:
+                    for k, v in saved.items():
+                        setattr(pa, k, v)
+                per_call /= layers
+                reference = outs[0] if reference is None else reference
+                same = bool(torch.equal(outs[0], reference))
+                rows.append({"device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+                             "torch_version": torch.__version__, "triton_version": __import__("triton").__version__,
+                             "copy_bandwidth_bytes_per_s": bandwidth, "batch": batch, "context": ctx,
+                             "variant": name, "call_s": per_call, "floor_s": kv_bytes / bandwidth,
+                             "call_over_floor": per_call * bandwidth / kv_bytes, "bit_equal_baseline": same})
+                print(f"b{batch} ctx{ctx} {name}: {per_call * 1e6:.1f} us, {rows[-1]['call_over_floor']:.2f}x, "
+                      f"bits {'=' if same else '!='}", flush=True)
+            del pools
+            if cuda:
+                torch.cuda.empty_cache()
+    with open(args.output, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return 0 if all(r["bit_equal_baseline"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
