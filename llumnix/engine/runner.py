@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -56,12 +57,13 @@ MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eag
 
 
 def _padded_tables(seqs: list[SeqInput], width: int, fill: int, rows: int) -> torch.Tensor:
-    """Block tables as an int32 [rows, width] tensor (CPU), padded with ``fill``."""
-    out = torch.full((rows, width), fill, dtype=torch.int32)
+    """Block tables as an int32 [rows, width] tensor (CPU), padded with ``fill``. Built in numpy: a torch tensor per
+    row cost ~30 us, 4 ms a step at batch 128, while the GPU waited (the step's inputs are filled between steps)."""
+    out = np.full((rows, width), fill, dtype=np.int32)
     for i, s in enumerate(seqs):
-        table = s.block_table[: width]
-        out[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    return out
+        table = s.block_table[:width]
+        out[i, : len(table)] = table
+    return torch.from_numpy(out)
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
