@@ -22,6 +22,7 @@
 #                the grid -> benchmarks/<gpu>-decode-grid-address.csv, the step breakdown, bf16 determinism and a
 #                migration's token identity -> ...-step-breakdown-address.csv, -determinism-address.csv,
 #                -migration-address.csv
+#   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
 WHAT=${1:-all}
@@ -100,6 +101,10 @@ WHAT=${1:-all}
     timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
       --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-address.csv" \
       && cp "benchmarks/$G-migration-address.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = profile ]; then
+    timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \
+      -o llumnix/profiles/h200-llama-7b.json && cp llumnix/profiles/h200-llama-7b.json "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-decode-grid-$WHAT.txt"
