@@ -15,8 +15,8 @@ one launch each:
 Every rounding to the model's dtype is to nearest even, as torch's. The rotary kernels are compiled without fusing a
 multiply into the next add (``enable_fp_fusion=False``; with it, a few bf16 elements came out one unit off torch's on
 an H200): their bits are ``apply_rope``'s. The norm's reduction order and reciprocal square root and SiLU's
-exponential differ from torch's: a step's bits can differ from the unfused path's in the last place; each path is deterministic and batch-invariant on its own (one program per token, the
-reduction order fixed by the hidden size). Used on CUDA where Triton runs (``ModelRunner(fused_ops=...)``); the CPU
+exponential differ from torch's: a step's bits can differ from the unfused path's in the last place; each path is
+deterministic and batch-invariant on its own (one program per token, the reduction order fixed by the hidden size). Used on CUDA where Triton runs (``ModelRunner(fused_ops=...)``); the CPU
 path keeps the torch ops; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
 """
 

@@ -155,7 +155,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
         rope_store = getattr(attn, "rope_store", None) if fused else None
         if rope_store is not None:  # rotary + KV cache write in one kernel; the attention only reads
-            return self.o_proj(attn(self.layer_idx, rope_store(self.layer_idx, qkv, cos, sin), None, None).reshape(t, -1))
+            q = rope_store(self.layer_idx, qkv, cos, sin)
+            return self.o_proj(attn(self.layer_idx, q, None, None).reshape(t, -1))
         rotate = fused_ops.rope if fused else apply_rope
         q, k = rotate(qkv[:, : nq + nkv], cos, sin).split([nq, nkv], dim=1)
         return self.o_proj(attn(self.layer_idx, q, k, qkv[:, nq + nkv :]).reshape(t, -1))

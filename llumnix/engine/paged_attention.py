@@ -121,7 +121,8 @@ if triton is not None:
                             nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
                             bi = start // BLOCK_SIZE + tl.arange(0, nb)
                             blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
-                            slot = tl.reshape(blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], (BLOCK_N,))
+                            slot = blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+                            slot = tl.reshape(slot, (BLOCK_N,))
                         else:
                             block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
                             slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
