@@ -27,6 +27,20 @@
 set -u
 WHAT=${1:-all}
 . benchmarks/gpu_env.sh
+# The engine as it is, its files named by $1: the decode grid, the step breakdown, bf16 determinism, a migration's
+# token identity -> benchmarks/$G-decode-grid-$1.csv, -step-breakdown-$1.csv, -determinism-$1.csv, -migration-$1.csv
+engine_checks() {
+  timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+    --context 512,2048,8192 -o "benchmarks/$G-decode-grid-$1.csv" && cp "benchmarks/$G-decode-grid-$1.csv" "$OUT/"
+  timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
+    -o "benchmarks/$G-step-breakdown-$1.csv" && cp "benchmarks/$G-step-breakdown-$1.csv" "$OUT/"
+  timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+    --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
+    -o "benchmarks/$G-determinism-$1.csv" && cp "benchmarks/$G-determinism-$1.csv" "$OUT/"
+  timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
+    --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-$1.csv" \
+    && cp "benchmarks/$G-migration-$1.csv" "$OUT/"
+}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -57,50 +71,23 @@ WHAT=${1:-all}
   if [ "$WHAT" = fused ]; then
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_fused_ops.py tests/test_engine_model.py \
       -k "fused or cuda or static or paged or invariant or model_decodes" 2>&1 | tail -15
-    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
-      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-fused.csv" && cp "benchmarks/$G-decode-grid-fused.csv" "$OUT/"
+    engine_checks fused
     timeout 150 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,32,256 \
       --context 512,2048 --no-fused-ops -o "benchmarks/$G-decode-grid-unfused.csv" \
       && cp "benchmarks/$G-decode-grid-unfused.csv" "$OUT/"
-    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048 \
-      -o "benchmarks/$G-step-breakdown-fused.csv" && cp "benchmarks/$G-step-breakdown-fused.csv" "$OUT/"
-    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
-      -o "benchmarks/$G-determinism-fused.csv" && cp "benchmarks/$G-determinism-fused.csv" "$OUT/"
-    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-fused.csv" \
-      && cp "benchmarks/$G-migration-fused.csv" "$OUT/"
   fi
   if [ "$WHAT" = store ]; then
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_fused_ops.py tests/test_engine_model.py \
       -k "fused or rope or cuda or static or paged or invariant or model_decodes" 2>&1 | tail -15
-    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
-      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-store.csv" && cp "benchmarks/$G-decode-grid-store.csv" "$OUT/"
+    engine_checks store
     timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 8,32,128,256 \
       --context 512,2048,8192 --kernel-configs 256/64/4/4/0 -o "benchmarks/$G-decode-grid-store-split.csv" \
       && cp "benchmarks/$G-decode-grid-store-split.csv" "$OUT/"
-    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
-      -o "benchmarks/$G-step-breakdown-store.csv" && cp "benchmarks/$G-step-breakdown-store.csv" "$OUT/"
-    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
-      -o "benchmarks/$G-determinism-store.csv" && cp "benchmarks/$G-determinism-store.csv" "$OUT/"
-    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-store.csv" \
-      && cp "benchmarks/$G-migration-store.csv" "$OUT/"
   fi
   if [ "$WHAT" = address ]; then
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py tests/test_fused_ops.py \
       tests/test_engine_model.py -k "split or paged or switches or fused or rope or invariant or static or cuda" 2>&1 | tail -8
-    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
-      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-address.csv" && cp "benchmarks/$G-decode-grid-address.csv" "$OUT/"
-    timeout 120 $L bench step-breakdown --device cuda --model llama-7b --dtype bfloat16 --cells 1x512,32x2048,128x512 \
-      -o "benchmarks/$G-step-breakdown-address.csv" && cp "benchmarks/$G-step-breakdown-address.csv" "$OUT/"
-    timeout 200 $L bench determinism --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --batches 1,3,32 --output-tokens 48 --repeats 2 --modes graphs+kernel,graphs+kernel+invariant \
-      -o "benchmarks/$G-determinism-address.csv" && cp "benchmarks/$G-determinism-address.csv" "$OUT/"
-    timeout 120 $L bench migration --device cuda --model llama-7b --dtype bfloat16 --lengths 512,4096 \
-      --output-tokens 64 --migrations 2 --repeats 1 --transports device -o "benchmarks/$G-migration-address.csv" \
-      && cp "benchmarks/$G-migration-address.csv" "$OUT/"
+    engine_checks address
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

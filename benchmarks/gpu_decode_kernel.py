@@ -69,6 +69,13 @@ def _time_calls(calls, repeats: int) -> tuple[list[torch.Tensor], float]:
     return outs, start.elapsed_time(end) / 1e3 / repeats
 
 
+def write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="llama-7b,smollm2-135m")
@@ -136,10 +143,7 @@ def main() -> int:
                 del pools, outs, reference
                 if cuda:
                     torch.cuda.empty_cache()
-    with open(args.output, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(args.output, rows)
     print(f"wrote {len(rows)} rows to {args.output} in {time.time() - t_start:.0f} s", flush=True)
     return 0 if all(r["output_ok"] for r in rows) else 1
 

@@ -10,7 +10,6 @@ no gain; "all": the three together).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import importlib.util
 import math
@@ -82,10 +81,7 @@ def main() -> int:
             del pools
             if cuda:
                 torch.cuda.empty_cache()
-    with open(args.output, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    gdk.write_rows(args.output, rows)
     return 0 if all(r["bit_equal_baseline"] for r in rows) else 1
 
 
