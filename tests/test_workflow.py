@@ -216,23 +216,57 @@ def test_a_missing_run_is_redone_alone(finished):
     assert (run / "summary.json").exists()
 
 
+# A sitecustomize on the interrupted workflow's PYTHONPATH: each `llumnix simulate` process first takes a token file
+# from $GATE (waiting, and saying so, while there is none). The test hands out two tokens, so exactly two runs finish
+# and the third is in flight, waiting, when Ctrl-C comes: no race with the runs' speed.
+GATE_HOOK = """import os, sys, time
+
+
+def _take(gate):
+    for name in sorted(os.listdir(gate)):
+        if name.startswith("token-"):
+            try:
+                os.rename(os.path.join(gate, name), os.path.join(gate, f"taken-{name}-{os.getpid()}"))
+                return True
+            except OSError:  # taken by another run meanwhile
+                pass
+    return False
+
+
+if os.path.basename(sys.argv[0]) == "llumnix" and sys.argv[1:2] == ["simulate"]:
+    while not _take(os.environ["GATE"]):
+        open(os.path.join(os.environ["GATE"], f"waiting-{os.getpid()}"), "w").close()
+        time.sleep(0.05)
+"""
+
+
 def test_interrupted_workflow_resumes(tmp_path):
     write_experiments(tmp_path, {"serve": TINY["serve"]}, claims=None)
-    cmd_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    gate, hook = tmp_path / "gate", tmp_path / "hook"
+    gate.mkdir()
+    hook.mkdir()
+    for i in range(2):
+        (gate / f"token-{i}").touch()
+    (hook / "sitecustomize.py").write_text(GATE_HOOK)
+    cmd_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "GATE": str(gate)}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path), "--config",
            f"experiments_dir={tmp_path / 'experiments'}", "--cores", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cmd_env)
+    # its own process group, so that Ctrl-C reaches the workflow and its jobs at once, as from a terminal
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cmd_env,
+                            start_new_session=True)
     runs = tmp_path / "results/runs/quick/serve"
-    deadline = time.monotonic() + 120
-    while len(list(runs.glob("**/summary.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+        len(list(runs.glob("**/summary.json"))) == 2 and any(gate.glob("waiting-*"))
+    ):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: snakemake stops and removes the outputs of the job in flight
+    assert proc.poll() is None, "the workflow ended before its third run"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C while the third run is in flight
     proc.wait(timeout=120)
-    done = len(list(runs.glob("**/summary.json")))
-    assert 2 <= done < 8
+    assert len(list(runs.glob("**/summary.json"))) == 2
     counts = job_counts(snakemake(tmp_path, "--cores", "2", "--dry-run", "--quiet", "rules"))
-    # Finished runs are kept; the one in flight when Ctrl-C came is redone even if it had written its summary.
-    assert 8 - done <= counts["simulate"] <= 8 - done + 1
+    assert counts["simulate"] == 6  # the two finished runs are kept; the interrupted one is redone with the rest
     snakemake(tmp_path, "--cores", "2")
     assert len(pd.read_csv(tmp_path / "results/serve/data.csv")) == 8
 
