@@ -252,9 +252,10 @@ def test_interrupted_workflow_resumes(tmp_path):
                "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "GATE": str(gate)}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path), "--config",
            f"experiments_dir={tmp_path / 'experiments'}", "--cores", "1"]  # fmt: skip
-    # its own process group, so that Ctrl-C reaches the workflow and its jobs at once, as from a terminal
+    # its own process group, so that Ctrl-C reaches the workflow and its jobs at once, as from a terminal; SIGINT
+    # handled by default there even where this test runs with it ignored (a background job of a script, as CI may)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cmd_env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = tmp_path / "results/runs/quick/serve"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (
