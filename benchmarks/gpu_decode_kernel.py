@@ -69,6 +69,33 @@ def _time_calls(calls, repeats: int) -> tuple[list[torch.Tensor], float]:
     return outs, start.elapsed_time(end) / 1e3 / repeats
 
 
+def cell_size(shape: str, batch: int, ctx: int, cuda: bool) -> tuple[int, int, int]:
+    """A cell's KV bytes one call must read (K and V, bf16), the layers timed in one graph (enough pools to pass 1 GiB,
+    past the L2 cache; one on CPU), and the bytes of all their pools."""
+    _, kv_heads, head_dim = SHAPES[shape]
+    kv_bytes = batch * ctx * kv_heads * head_dim * 2 * 2
+    layers = max(1, min(32, math.ceil((1 << 30) / kv_bytes))) if cuda else 1
+    return kv_bytes, layers, layers * 2 * batch * -(-ctx // BLOCK) * BLOCK * kv_heads * head_dim * 2
+
+
+def make_cell(shape: str, batch: int, ctx: int, layers: int, table_tokens: int, dev: torch.device):
+    """q, ``layers`` (K, V) pools with each sequence's blocks in shuffled order, block tables ``table_tokens`` wide,
+    lengths: one decode attention call per layer of ``batch`` sequences of ``ctx`` tokens (seeded by the cell)."""
+    heads, kv_heads, head_dim = SHAPES[shape]
+    slots = batch * -(-ctx // BLOCK) * BLOCK
+    gen = torch.Generator(device=dev).manual_seed(batch * 100003 + ctx)
+    pools = [(torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen),
+              torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen))
+             for _ in range(layers)]
+    width = max(-(-table_tokens // BLOCK), -(-ctx // BLOCK))
+    order = torch.randperm(slots // BLOCK, generator=torch.Generator().manual_seed(ctx)).int()
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    tables[:, : -(-ctx // BLOCK)] = order.view(batch, -1)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    return q, pools, tables.to(dev), lens
+
+
 def write_rows(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -106,23 +133,11 @@ def main() -> int:
         heads, kv_heads, head_dim = SHAPES[shape]
         for batch in _ints(args.batches):
             for ctx in _ints(args.contexts):
-                kv_bytes = batch * ctx * kv_heads * head_dim * 2 * 2  # K and V, bf16: what one call must read
-                layers = max(1, min(32, math.ceil((1 << 30) / kv_bytes))) if cuda else 1
-                slots = batch * -(-ctx // BLOCK) * BLOCK
-                if layers * 2 * slots * kv_heads * head_dim * 2 > args.max_gib * 2**30:
+                kv_bytes, layers, pool_bytes = cell_size(shape, batch, ctx, cuda)
+                if pool_bytes > args.max_gib * 2**30:
                     print(f"skip {shape} batch {batch} x {ctx}: pools over {args.max_gib} GiB", flush=True)
                     continue
-                gen = torch.Generator(device=dev).manual_seed(batch * 100003 + ctx)
-                pools = [(torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen),
-                          torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen))
-                         for _ in range(layers)]
-                width = max(-(-args.table_tokens // BLOCK), -(-ctx // BLOCK))
-                order = torch.randperm(slots // BLOCK, generator=torch.Generator().manual_seed(ctx)).int()
-                tables = torch.zeros(batch, width, dtype=torch.int32)
-                tables[:, : -(-ctx // BLOCK)] = order.view(batch, -1)
-                tables = tables.to(dev)
-                lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-                q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+                q, pools, tables, lens = make_cell(shape, batch, ctx, layers, args.table_tokens, dev)
                 reference = None
                 for config in configs:
                     with _kernel_constants(config) as constants:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -40,24 +39,11 @@ def main() -> int:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     bandwidth = measure_copy_bandwidth(args.device, nbytes=1 << 30 if cuda else 1 << 24)
-    heads, kv_heads, head_dim = gdk.SHAPES["llama-7b"]
     rows = []
     for batch in gdk._ints(args.batches):
         for ctx in gdk._ints(args.contexts):
-            kv_bytes = batch * ctx * kv_heads * head_dim * 2 * 2
-            layers = max(1, min(32, math.ceil((1 << 30) / kv_bytes))) if cuda else 1
-            slots = batch * -(-ctx // gdk.BLOCK) * gdk.BLOCK
-            gen = torch.Generator(device=dev).manual_seed(batch * 100003 + ctx)
-            pools = [(torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen),
-                      torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen))
-                     for _ in range(layers)]
-            width = max(-(-8192 // gdk.BLOCK), -(-ctx // gdk.BLOCK))
-            order = torch.randperm(slots // gdk.BLOCK, generator=torch.Generator().manual_seed(ctx)).int()
-            tables = torch.zeros(batch, width, dtype=torch.int32)
-            tables[:, : -(-ctx // gdk.BLOCK)] = order.view(batch, -1)
-            tables = tables.to(dev)
-            lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-            q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+            kv_bytes, layers, _ = gdk.cell_size("llama-7b", batch, ctx, cuda)
+            q, pools, tables, lens = gdk.make_cell("llama-7b", batch, ctx, layers, 8192, dev)
             reference = None
             for name, flags in VARIANTS.items():
                 saved = {k: getattr(pa, k) for k in flags}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llumnix.analysis.calibration import ARTIFACT, INSTANCES, load_points, make_traces, trace_file
+from llumnix.analysis.calibration import ARTIFACT, load_points, make_traces, simulate_infaas, trace_file
 from llumnix.metrics.tables import preemption_loss_s
 from llumnix.profiles.profile import Profile
 
@@ -42,16 +42,9 @@ def _artifact_loss(r, profile: Profile) -> tuple[float, int]:
 
 
 def _run(task: tuple[str, float]) -> dict:
-    from llumnix.policies.system import SystemConfig
-    from llumnix.sim.run import requests_from_trace
-    from llumnix.sim.simulator import SimConfig, Simulator
-    from llumnix.workload import read_trace
-
     trace, rate = task
     profile = Profile.load("a10-llama-7b")
-    requests = requests_from_trace(read_trace(trace_file(TRACES, trace, rate, ARTIFACT)))
-    result = Simulator(requests, profile, SimConfig(num_instances=INSTANCES, system=SystemConfig(policy="infaas++"),
-                                                    sample_interval_s=3600)).run()
+    result = simulate_infaas(profile, trace_file(TRACES, trace, rate, ARTIFACT))
     n = len(result.requests)
     artifact = [_artifact_loss(r, profile) for r in result.requests]
     return {"trace": trace, "rate": rate, "requests": n,

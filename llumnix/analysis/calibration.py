@@ -140,19 +140,24 @@ def make_traces(points: pd.DataFrame, traces_dir: Path, num_requests: int, seeds
     return paths
 
 
-def _simulate(task: tuple[str, str, str, float, int]) -> dict:
-    """One INFaaS++ run of a trace file on 16 instances of the profile (JSON text); its summary metrics."""
-    from llumnix.metrics import request_table, summarize
+def simulate_infaas(profile: Profile, trace_path: str | Path):
+    """One INFaaS++ run of a trace file on ``INSTANCES`` instances of ``profile`` (the calibration's testbed)."""
     from llumnix.policies.system import SystemConfig
     from llumnix.sim.run import requests_from_trace
     from llumnix.sim.simulator import SimConfig, Simulator
     from llumnix.workload import read_trace
 
+    return Simulator(requests_from_trace(read_trace(trace_path)), profile,
+                     SimConfig(num_instances=INSTANCES, system=SystemConfig(policy="infaas++"),
+                               sample_interval_s=3600)).run()
+
+
+def _simulate(task: tuple[str, str, str, float, int]) -> dict:
+    """``simulate_infaas`` of a profile (JSON text) and a trace file; its summary metrics."""
+    from llumnix.metrics import request_table, summarize
+
     profile_json, trace_path, trace, rate, seed = task
-    profile = Profile.from_json_text(profile_json)
-    sim = Simulator(requests_from_trace(read_trace(trace_path)), profile,
-                    SimConfig(num_instances=INSTANCES, system=SystemConfig(policy="infaas++"), sample_interval_s=3600))
-    result = sim.run()
+    result = simulate_infaas(Profile.from_json_text(profile_json), trace_path)
     summary = summarize(request_table(result.requests))
     return {"trace": trace, "rate": rate, "seed": seed, **{k: summary[k] for k in PAPER_METRICS.values()}}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from llumnix.engine import fused_ops
 from llumnix.engine.paged_attention import paged_decode_attention
 
 
@@ -72,8 +73,6 @@ class KVCachePool:
                    slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """The rotated queries of qkv [T, heads + 2 kv heads, D], its rotated keys and its values written at
         ``slots`` of this layer: one kernel (``fused_ops.rope_store``; Triton)."""
-        from llumnix.engine import fused_ops
-
         return fused_ops.rope_store(qkv, cos, sin, self._slab(layer, 0), self._slab(layer, 1), slots)
 
     def paged_decode(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
