@@ -22,6 +22,11 @@
 #                the grid -> benchmarks/<gpu>-decode-grid-address.csv, the step breakdown, bf16 determinism and a
 #                migration's token identity -> ...-step-breakdown-address.csv, -determinism-address.csv,
 #                -migration-address.csv
+#   order        the kernel's program order (paged_attention.HEAD_MAJOR: neighbouring programs read neighbouring KV
+#                heads of the same tokens) against the current order, the kernel alone over batch x context ->
+#                benchmarks/<gpu>-decode-kernel-order.csv; where a step's wall time goes besides its kernels (input
+#                fill, replay, sampling) -> benchmarks/<gpu>-step-host.csv; the grid with HEAD_MAJOR on ->
+#                benchmarks/<gpu>-decode-grid-order.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -88,6 +93,17 @@ engine_checks() {
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py tests/test_fused_ops.py \
       tests/test_engine_model.py -k "split or paged or switches or fused or rope or invariant or static or cuda" 2>&1 | tail -8
     engine_checks address
+  fi
+  if [ "$WHAT" = order ]; then
+    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py -k "split or paged or switches" 2>&1 | tail -4
+    timeout 240 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32,128,256 --contexts 512,2048,8192 \
+      --variants table+offs32,head_major -o "benchmarks/$G-decode-kernel-order.csv" && cp "benchmarks/$G-decode-kernel-order.csv" "$OUT/"
+    timeout 120 python3 benchmarks/gpu_step_host.py --cells 1x512,32x2048,128x512,256x512 -o "benchmarks/$G-step-host.csv" \
+      && cp "benchmarks/$G-step-host.csv" "$OUT/"
+    timeout 200 python3 -c "import runpy, sys; import llumnix.engine.paged_attention as pa; pa.HEAD_MAJOR = True
+sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_name='__main__')" bench decode-floor \
+      --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 --context 512,2048,8192 \
+      -o "benchmarks/$G-decode-grid-order.csv" && cp "benchmarks/$G-decode-grid-order.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

@@ -1,10 +1,11 @@
-"""Issue 19: the paged decode kernel's address-arithmetic switches (``paged_attention.TABLE_PER_BLOCK``, ``OFFS32``)
-off, alone and together, against the copy bandwidth, over batch x context (LLaMA-7B shape, bf16; the same cells,
+"""Issue 19: the paged decode kernel's switches (address arithmetic: ``paged_attention.TABLE_PER_BLOCK``, ``OFFS32``;
+program order: ``HEAD_MAJOR``) off, alone and together, against the copy bandwidth, over batch x context (LLaMA-7B shape, bf16; the same cells,
 pools and timing as ``gpu_decode_kernel.py``, whose helpers this uses). Every variant's output must be bit-equal to
 the first's. The committed CSV also has a variant since dropped ("stream": K/V loads with ``cache_modifier=".cg"``,
 no gain; "all": the three together).
 
     python3 benchmarks/gpu_kernel_variants.py -o benchmarks/h200-decode-kernel-variants.csv
+    python3 benchmarks/gpu_kernel_variants.py --variants table+offs32,head_major -o benchmarks/h200-decode-kernel-order.csv
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file_
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
 
-OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False}
+OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False}
 VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
-            "table+offs32": {"TABLE_PER_BLOCK": True, "OFFS32": True}}
+            "table+offs32": {**OFF, "TABLE_PER_BLOCK": True, "OFFS32": True},
+            "head_major": {"TABLE_PER_BLOCK": True, "OFFS32": True, "HEAD_MAJOR": True}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from: " + ", ".join(VARIANTS)
+                    + " (the first: the reference of the bit check)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -45,7 +49,8 @@ def main() -> int:
             kv_bytes, layers, _ = gdk.cell_size("llama-7b", batch, ctx, cuda)
             q, pools, tables, lens = gdk.make_cell("llama-7b", batch, ctx, layers, 8192, dev)
             reference = None
-            for name, flags in VARIANTS.items():
+            for name in args.variants.split(","):
+                flags = VARIANTS[name]
                 saved = {k: getattr(pa, k) for k in flags}
                 for k, v in flags.items():
                     setattr(pa, k, v)

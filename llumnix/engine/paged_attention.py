@@ -57,6 +57,10 @@ COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
 # (not once per token), and slot offsets are 32-bit where one layer's K (or V) slab has fewer than 2**31 elements.
 TABLE_PER_BLOCK = True
 OFFS32 = True
+# Program order: with HEAD_MAJOR the grid's fastest axis is the KV head, so programs that run side by side read the
+# neighbouring heads of the same tokens (one token's K over all heads is one contiguous row of the pool), instead of
+# the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in.
+HEAD_MAJOR = False
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -89,13 +93,17 @@ if triton is not None:
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
-        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
         SPLITS). Partial results: part_o [B, H, P, D] (unnormalised), part_ml [B, H, P, 2] (max, sum of exps)."""
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        if HEAD_MAJOR:
+            kvh = tl.program_id(0)
+            b = tl.program_id(1)
+        else:
+            b = tl.program_id(0)
+            kvh = tl.program_id(1)
         split = tl.program_id(2)
         length = tl.load(lens_ptr + b)
         d = tl.arange(0, HEAD_DIM)
@@ -245,13 +253,14 @@ def paged_decode_attention(
     splits = min(parts, splits or _splits(parts, batch, kv_heads, q.device))
     part_o = torch.empty(batch, heads, parts, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, heads, parts, 2, dtype=torch.float32, device=q.device)
-    _partition_kernel[(batch, kv_heads, splits)](
+    _partition_kernel[(kv_heads, batch, splits) if HEAD_MAJOR else (batch, kv_heads, splits)](
         q, k_pool, v_pool, out, part_o, part_ml, tables, lens, head_dim ** -0.5,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), k_pool.stride(0),
         heads * parts, parts,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
+        HEAD_MAJOR=HEAD_MAJOR,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](

@@ -1,0 +1,73 @@
+"""Issue 19: where a CUDA-graph decode step's wall time goes besides its kernels: filling the step's inputs (host
+lists -> device buffers), the graph's replay (wall, synchronised; and on the GPU alone, back-to-back replays timed
+by events), and the greedy sampling's copy back. LLaMA-7B bf16, the engine's runner as ``llumnix bench decode-floor``
+drives it (``runner.decode``), one row per batch x context cell.
+
+    python3 benchmarks/gpu_step_host.py --cells 1x512,32x2048,128x512,256x512 -o benchmarks/h200-step-host.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from llumnix.bench.profiler import _median_time_s, _synchronizer, _tables, blocks_for
+from llumnix.engine.runner import ModelRunner, SeqInput
+
+_spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file__).with_name("gpu_decode_kernel.py"))
+gdk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gdk)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="1x512,32x2048,128x512,256x512", help="BATCHxCONTEXT entries")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args()
+    cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
+    dev = torch.device(args.device)
+    bs = 16
+    runner = ModelRunner(args.model, max(b * blocks_for(n, bs) for b, n in cells), bs, device=dev,
+                         dtype=torch.bfloat16)
+    sync = _synchronizer(dev)
+    rows = []
+    for batch, ctx in cells:
+        seqs = [SeqInput([7], ctx - 1, t) for t in _tables([ctx] * batch, bs)]
+        lens = [ctx] * batch
+        full = _median_time_s(lambda: runner.decode(seqs), sync, 3, args.repeats)
+        static = runner._static_decode(seqs, lens, None)
+        fill = _median_time_s(lambda: static.fill(seqs, lens), sync, 3, args.repeats)
+        replay = _median_time_s(static.run, sync, 3, args.repeats)
+        logits = static.run()
+        sample = _median_time_s(lambda: logits[:batch].clone().argmax(-1).tolist(), sync, 3, args.repeats)
+        gpu = None
+        if dev.type == "cuda":  # back to back: the GPU's time per replay with no host in between
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.repeats):
+                static.run()
+            end.record()
+            torch.cuda.synchronize()
+            gpu = start.elapsed_time(end) / 1e3 / args.repeats
+        rows.append({"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                     "torch_version": torch.__version__, "host": platform.node(),
+                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "model": args.model, "batch": batch, "context": ctx,
+                     "cuda_graphs": runner.cuda_graphs, "decode_step_s": full, "fill_s": fill, "replay_wall_s": replay,
+                     "replay_gpu_back_to_back_s": gpu, "sample_s": sample})
+        print({k: rows[-1][k] for k in ("batch", "context", "decode_step_s", "fill_s", "replay_wall_s",
+                                          "replay_gpu_back_to_back_s", "sample_s")}, flush=True)
+    gdk.write_rows(args.output, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
