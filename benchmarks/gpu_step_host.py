@@ -25,6 +25,7 @@ gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
 
 
+@torch.inference_mode()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="1x512,32x2048,128x512,256x512", help="BATCHxCONTEXT entries")

@@ -61,6 +61,10 @@ OFFS32 = True
 # neighbouring heads of the same tokens (one token's K over all heads is one contiguous row of the pool), instead of
 # the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in.
 HEAD_MAJOR = False
+# Latency: V_EARLY issues a tile's V load right after its K load (both in flight before the scores); TABLE_AHEAD loads
+# the next tile's block ids while this tile computes (the K load then waits for no table lookup).
+V_EARLY = False
+TABLE_AHEAD = False
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -93,7 +97,8 @@ if triton is not None:
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
-        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr, V_EARLY: tl.constexpr,
+        TABLE_AHEAD: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
@@ -120,15 +125,24 @@ if triton is not None:
                 m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
                 denom = tl.zeros((GROUP_PAD,), tl.float32)
                 acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+                nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
+                if TABLE_AHEAD:  # the first tile's block ids; each tile then loads the next one's
+                    bi = first // BLOCK_SIZE + tl.arange(0, nb)
+                    blk_next = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
                 for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
                     start = first + i
                     if start < last:
                         tok = start + tl.arange(0, BLOCK_N)
                         valid = tok < last
                         if TABLE_PER_BLOCK:  # one table entry per block of the tile, spread over its tokens
-                            nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
-                            bi = start // BLOCK_SIZE + tl.arange(0, nb)
-                            blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
+                            if TABLE_AHEAD:
+                                blk = blk_next
+                                bi = (start + BLOCK_N) // BLOCK_SIZE + tl.arange(0, nb)
+                                blk_next = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last,
+                                                   other=0)
+                            else:
+                                bi = start // BLOCK_SIZE + tl.arange(0, nb)
+                                blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
                             slot = blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
                             slot = tl.reshape(slot, (BLOCK_N,))
                         else:
@@ -138,6 +152,8 @@ if triton is not None:
                             slot = slot.to(tl.int64)
                         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
                         k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
+                        if V_EARLY:  # both tiles' loads in flight before the scores need K
+                            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                         if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
                             s = tl.sum(k * q, axis=1)[None, :]
                         else:
@@ -146,7 +162,8 @@ if triton is not None:
                         m_new = tl.maximum(m, tl.max(s, axis=1))
                         alpha = tl.exp(m - m_new)
                         p = tl.exp(s - m_new[:, None])  # [G, N]
-                        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                        if not V_EARLY:
+                            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                         if GROUP_PAD == 1:
                             pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
                         else:
@@ -260,7 +277,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
-        HEAD_MAJOR=HEAD_MAJOR,
+        HEAD_MAJOR=HEAD_MAJOR, V_EARLY=V_EARLY, TABLE_AHEAD=TABLE_AHEAD and TABLE_PER_BLOCK and tile % block_size == 0,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
