@@ -30,19 +30,32 @@ OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False, "V_EARLY"
 ADDRESS = {**OFF, "TABLE_PER_BLOCK": True, "OFFS32": True}
 VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
             "table+offs32": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True},
-            "v_early": {**ADDRESS, "V_EARLY": True}, "table_ahead": {**ADDRESS, "TABLE_AHEAD": True},
-            "v_early+table_ahead": {**ADDRESS, "V_EARLY": True, "TABLE_AHEAD": True},
-            # other bits (a tile's accumulation order changes): the bit check flags them, by design
-            "warps8": {**ADDRESS, "NUM_WARPS": 8}, "full_tile128": {**ADDRESS, "FULL_BLOCK_N": 128},
-            "full_tile128+warps8": {**ADDRESS, "FULL_BLOCK_N": 128, "NUM_WARPS": 8}}
+            "v_early": {**ADDRESS, "V_EARLY": True}, "table_ahead": {**ADDRESS, "TABLE_AHEAD": True}}
+
+
+def variant(spec: str) -> dict:
+    """A variant's module constants: names above and NAME=INT settings joined by '+' (later ones win), e.g.
+    'head_major+FULL_BLOCK_N=128'. Switches keep the bits; other constants (tiles, warps) may not."""
+    flags: dict = {}
+    for part in spec.split("+"):
+        if "=" in part:
+            name, value = part.split("=")
+            if not hasattr(pa, name):
+                raise SystemExit(f"variant {spec!r}: paged_attention has no constant {name}")
+            flags[name] = int(value)
+        elif part in VARIANTS:
+            flags |= VARIANTS[part]
+        else:
+            raise SystemExit(f"variant {spec!r}: {part!r} is not one of {', '.join(VARIANTS)} nor NAME=INT")
+    return flags
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--contexts", default="512,2048,8192")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from: " + ", ".join(VARIANTS)
-                    + " (the first: the reference of the bit check)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; each names from "
+                    + ", ".join(VARIANTS) + " and NAME=INT constants joined by '+' (the first: the bit reference)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -56,7 +69,7 @@ def main() -> int:
             q, pools, tables, lens = gdk.make_cell("llama-7b", batch, ctx, layers, 8192, dev)
             reference = None
             for name in args.variants.split(","):
-                flags = VARIANTS[name]
+                flags = variant(name)
                 saved = {k: getattr(pa, k) for k in flags}
                 for k, v in flags.items():
                     setattr(pa, k, v)
@@ -79,7 +92,7 @@ def main() -> int:
             if cuda:
                 torch.cuda.empty_cache()
     gdk.write_rows(args.output, rows)
-    same_bits = [r for r in rows if r["variant"] not in ("warps8", "full_tile128", "full_tile128+warps8")]
+    same_bits = [r for r in rows if "=" not in r["variant"]]
     return 0 if all(r["bit_equal_baseline"] for r in same_bits) else 1
 
 
