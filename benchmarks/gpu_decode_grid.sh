@@ -27,6 +27,9 @@
 #                benchmarks/<gpu>-decode-kernel-order.csv; where a step's wall time goes besides its kernels (input
 #                fill, replay, sampling) -> benchmarks/<gpu>-step-host.csv; the grid with HEAD_MAJOR on ->
 #                benchmarks/<gpu>-decode-grid-order.csv
+#   tiles        the kernel with HEAD_MAJOR, 512-token partitions and 128-token tiles (the defaults since): its tests
+#                and the engine's on CUDA, SmolLM2's shape against the constants before (the kernel alone) ->
+#                benchmarks/<gpu>-decode-kernel-smollm2-tiles.csv, the engine's checks -> ...-tile128.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -97,13 +100,21 @@ engine_checks() {
   if [ "$WHAT" = order ]; then
     timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py -k "split or paged or switches" 2>&1 | tail -4
     timeout 240 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32,128,256 --contexts 512,2048,8192 \
-      --variants table+offs32,head_major -o "benchmarks/$G-decode-kernel-order.csv" && cp "benchmarks/$G-decode-kernel-order.csv" "$OUT/"
+      --variants address,head_major -o "benchmarks/$G-decode-kernel-order.csv" && cp "benchmarks/$G-decode-kernel-order.csv" "$OUT/"
     timeout 120 python3 benchmarks/gpu_step_host.py --cells 1x512,32x2048,128x512,256x512 -o "benchmarks/$G-step-host.csv" \
       && cp "benchmarks/$G-step-host.csv" "$OUT/"
     timeout 200 python3 -c "import runpy, sys; import llumnix.engine.paged_attention as pa; pa.HEAD_MAJOR = True
 sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_name='__main__')" bench decode-floor \
       --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 --context 512,2048,8192 \
       -o "benchmarks/$G-decode-grid-order.csv" && cp "benchmarks/$G-decode-grid-order.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = tiles ]; then
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py tests/test_fused_ops.py \
+      tests/test_engine_model.py -k "split or paged or switches or fused or rope or invariant or static or cuda" 2>&1 | tail -4
+    timeout 200 python3 benchmarks/gpu_kernel_variants.py --shape smollm2-135m --batches 1,8,32,128 --contexts 512,2048,8192 \
+      --variants head_major,address+PARTITION=256+BLOCK_N=64+FULL_BLOCK_N=64 \
+      -o "benchmarks/$G-decode-kernel-smollm2-tiles.csv" && cp "benchmarks/$G-decode-kernel-smollm2-tiles.csv" "$OUT/"
+    engine_checks tile128
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

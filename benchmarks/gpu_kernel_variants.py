@@ -1,12 +1,16 @@
 """Issue 19: the paged decode kernel's switches (address arithmetic: ``paged_attention.TABLE_PER_BLOCK``,
-``OFFS32``; program order: ``HEAD_MAJOR``; load order: ``V_EARLY``, ``TABLE_AHEAD``) off, alone and together, and a few
-constants, against the copy bandwidth, over batch x context (LLaMA-7B shape, bf16; the same cells, pools and timing as
+``OFFS32``; program order: ``HEAD_MAJOR``) off, alone and together, and its constants (NAME=INT), against the copy
+bandwidth, over batch x context (LLaMA-7B or SmolLM2 shape, bf16; the same cells, pools and timing as
 ``gpu_decode_kernel.py``, whose helpers this uses). Every switch's output must be bit-equal to the first variant's (not
-the constants': another tile or warp count sums in another order). The committed CSV also has a variant since dropped
-("stream": K/V loads with ``cache_modifier=".cg"``, no gain; "all": the three together).
+the constants': another tile or warp count sums in another order). Variants since dropped, in the committed CSVs:
+"stream" (K/V loads with ``cache_modifier=".cg"``; "all": the three together), no gain
+(h200-decode-kernel-variants.csv); "v_early" (a tile's V loaded right after its K), "table_ahead" (the next tile's
+block ids loaded a tile ahead), both slower, and "warps8" / "full_tile128" (NUM_WARPS=8, FULL_BLOCK_N=128; with the
+constants of then: PARTITION 256, BLOCK_N 64; h200-decode-kernel-loads.csv). "table+offs32" in the CSVs is "address".
 
     python3 benchmarks/gpu_kernel_variants.py -o benchmarks/h200-decode-kernel-variants.csv
-    python3 benchmarks/gpu_kernel_variants.py --variants table+offs32,head_major -o benchmarks/h200-decode-kernel-order.csv
+    python3 benchmarks/gpu_kernel_variants.py --variants address,head_major -o benchmarks/h200-decode-kernel-order.csv
+    (the order and tile CSVs: run before HEAD_MAJOR, PARTITION 512, BLOCK_N / FULL_BLOCK_N 128 were the defaults)
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file_
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
 
-OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False, "V_EARLY": False, "TABLE_AHEAD": False}
+OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False}
 ADDRESS = {**OFF, "TABLE_PER_BLOCK": True, "OFFS32": True}
 VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
-            "table+offs32": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True},
-            "v_early": {**ADDRESS, "V_EARLY": True}, "table_ahead": {**ADDRESS, "TABLE_AHEAD": True}}
+            "address": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True}}
 
 
 def variant(spec: str) -> dict:
     """A variant's module constants: names above and NAME=INT settings joined by '+' (later ones win), e.g.
     'head_major+FULL_BLOCK_N=128'. Switches keep the bits; other constants (tiles, warps) may not."""
+    if spec in VARIANTS:
+        return VARIANTS[spec]
     flags: dict = {}
     for part in spec.split("+"):
         if "=" in part:
@@ -56,6 +61,7 @@ def main() -> int:
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; each names from "
                     + ", ".join(VARIANTS) + " and NAME=INT constants joined by '+' (the first: the bit reference)")
+    ap.add_argument("--shape", default="llama-7b", choices=list(gdk.SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -65,8 +71,8 @@ def main() -> int:
     rows = []
     for batch in gdk._ints(args.batches):
         for ctx in gdk._ints(args.contexts):
-            kv_bytes, layers, _ = gdk.cell_size("llama-7b", batch, ctx, cuda)
-            q, pools, tables, lens = gdk.make_cell("llama-7b", batch, ctx, layers, 8192, dev)
+            kv_bytes, layers, _ = gdk.cell_size(args.shape, batch, ctx, cuda)
+            q, pools, tables, lens = gdk.make_cell(args.shape, batch, ctx, layers, 8192, dev)
             reference = None
             for name in args.variants.split(","):
                 flags = variant(name)
@@ -81,7 +87,7 @@ def main() -> int:
                 per_call /= layers
                 reference = outs[0] if reference is None else reference
                 same = bool(torch.equal(outs[0], reference))
-                rows.append({"device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+                rows.append({"device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "shape": args.shape,
                              "torch_version": torch.__version__, "triton_version": __import__("triton").__version__,
                              "copy_bandwidth_bytes_per_s": bandwidth, "batch": batch, "context": ctx,
                              "variant": name, "call_s": per_call, "floor_s": kv_bytes / bandwidth,

@@ -47,8 +47,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 # Constants of a process (each one changes the order of the floating-point operations: a sequence's bits must not
 # depend on its batch, or on the run). Read at each call, so that a tuning benchmark can set them before its runs.
-PARTITION = 256  # context tokens per partition
-BLOCK_N = 64  # context tokens per tile (MHA; fewer with several query heads per KV head)
+PARTITION = 512  # context tokens per partition
+BLOCK_N = 128  # context tokens per tile (MHA; fewer with several query heads per KV head: TILE_ROWS)
+TILE_ROWS = 128  # (query heads of a KV head, padded) x tile tokens at most: the [G, tile, D] products in registers
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
@@ -59,19 +60,21 @@ TABLE_PER_BLOCK = True
 OFFS32 = True
 # Program order: with HEAD_MAJOR the grid's fastest axis is the KV head, so programs that run side by side read the
 # neighbouring heads of the same tokens (one token's K over all heads is one contiguous row of the pool), instead of
-# the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in.
-HEAD_MAJOR = False
-# Latency: V_EARLY issues a tile's V load right after its K load (both in flight before the scores); TABLE_AHEAD loads
-# the next tile's block ids while this tile computes (the K load then waits for no table lookup).
-V_EARLY = False
-TABLE_AHEAD = False
+# the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in (the
+# kernel alone on one H200: up to 4% faster from batch 128, the same elsewhere; h200-decode-kernel-order.csv).
+HEAD_MAJOR = True
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
-# bf16, the kernel alone against the copy bandwidth; benchmarks/h200-decode-kernel*.csv): tiles of 64 beat 32 at every
-# batch, 256-token partitions beat 512 at short contexts and small batches, and one pass from 4 programs per SM on.
+# bf16, the kernel alone against the copy bandwidth; benchmarks/h200-decode-kernel*.csv): with tiles of 64, tiles of
+# 64 beat 32 at every batch, 256-token partitions beat 512 at short contexts and small batches, one pass from 4
+# programs per SM on (h200-decode-kernel-sweep2.csv); then LLaMA-7B's tiles of 128 (4 warps; 8 warps: 2-3x slower):
+# 2-7% faster than 64 in one pass (with HEAD_MAJOR: 128 x 512 1.51 -> 1.41x its KV's copy time, 256 x 512 1.46 ->
+# 1.36x, 256 x 8k 1.31 -> 1.24x), and split with 512-token partitions 5-12% faster from 8 x 512 on (8 x 8k 1.34 ->
+# 1.25x) but 15% slower at 1 x 512 (a 0.5 ms step of 32 such calls: +0.07 ms; h200-decode-kernel-tiles.csv). Loading
+# V with K, or the next tile's block ids a tile ahead, was 1-50% slower (h200-decode-kernel-loads.csv).
 FULL_PROGRAMS_PER_SM = 4
-FULL_BLOCK_N = 64
+FULL_BLOCK_N = 128
 
 
 def available(device: torch.device) -> bool:
@@ -97,8 +100,7 @@ if triton is not None:
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
-        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr, V_EARLY: tl.constexpr,
-        TABLE_AHEAD: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
@@ -125,24 +127,15 @@ if triton is not None:
                 m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
                 denom = tl.zeros((GROUP_PAD,), tl.float32)
                 acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
-                if TABLE_AHEAD:  # the first tile's block ids; each tile then loads the next one's
-                    bi = first // BLOCK_SIZE + tl.arange(0, nb)
-                    blk_next = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
                 for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
                     start = first + i
                     if start < last:
                         tok = start + tl.arange(0, BLOCK_N)
                         valid = tok < last
                         if TABLE_PER_BLOCK:  # one table entry per block of the tile, spread over its tokens
-                            if TABLE_AHEAD:
-                                blk = blk_next
-                                bi = (start + BLOCK_N) // BLOCK_SIZE + tl.arange(0, nb)
-                                blk_next = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last,
-                                                   other=0)
-                            else:
-                                bi = start // BLOCK_SIZE + tl.arange(0, nb)
-                                blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
+                            nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
+                            bi = start // BLOCK_SIZE + tl.arange(0, nb)
+                            blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
                             slot = blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
                             slot = tl.reshape(slot, (BLOCK_N,))
                         else:
@@ -152,8 +145,6 @@ if triton is not None:
                             slot = slot.to(tl.int64)
                         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
                         k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
-                        if V_EARLY:  # both tiles' loads in flight before the scores need K
-                            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                         if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
                             s = tl.sum(k * q, axis=1)[None, :]
                         else:
@@ -162,8 +153,7 @@ if triton is not None:
                         m_new = tl.maximum(m, tl.max(s, axis=1))
                         alpha = tl.exp(m - m_new)
                         p = tl.exp(s - m_new[:, None])  # [G, N]
-                        if not V_EARLY:
-                            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                         if GROUP_PAD == 1:
                             pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
                         else:
@@ -262,7 +252,7 @@ def paged_decode_attention(
     if splits is None and _fills_gpu(batch, kv_heads, q.device):  # one pass over the whole table
         partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
         block_n = FULL_BLOCK_N
-    tile = min(block_n, max(16, 2 * block_n // group_pad))  # [G, tile, D] products: keep them in registers
+    tile = min(block_n, max(16, TILE_ROWS // group_pad))  # [G, tile, D] products: keep them in registers
     if partition % tile:
         raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
     # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
@@ -277,7 +267,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
-        HEAD_MAJOR=HEAD_MAJOR, V_EARLY=V_EARLY, TABLE_AHEAD=TABLE_AHEAD and TABLE_PER_BLOCK and tile % block_size == 0,
+        HEAD_MAJOR=HEAD_MAJOR,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
