@@ -1,6 +1,8 @@
 """Issue 19: where a CUDA-graph decode step's wall time goes besides its kernels: filling the step's inputs (host
 lists -> device buffers), the graph's replay (wall, synchronised; and on the GPU alone, back-to-back replays timed
-by events), and the greedy sampling's copy back. LLaMA-7B bf16, the engine's runner as ``llumnix bench decode-floor``
+by events), and the greedy sampling's copy back; on CUDA also the kernels of replayed graphs as the profiler sees them
+(their summed time against the replay's span: the gaps between kernels; the kinds' times: against the eager step's
+in ``llumnix bench step-breakdown``). LLaMA-7B bf16, the engine's runner as ``llumnix bench decode-floor``
 drives it (``runner.decode``), one row per batch x context cell.
 
     python3 benchmarks/gpu_step_host.py --cells 1x512,32x2048,128x512,256x512 -o benchmarks/h200-step-host.csv
@@ -23,6 +25,30 @@ from llumnix.engine.runner import ModelRunner, SeqInput
 _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file__).with_name("gpu_decode_kernel.py"))
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
+
+
+def _traced_replays(static, sync, n: int) -> dict:
+    """Kernels of ``n`` replays under torch.profiler: per replay, their count, summed time and span (first start to
+    last end), and the summed time by kind (``profiler.kernel_kind``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llumnix.bench.profiler import kernel_kind
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            static.run()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name]
+    if not kernels:
+        return {"graph_kernels": 0}
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us() / 1e6 / n
+    return {"graph_kernels": len(kernels) / n, "graph_kernel_total_s": sum(by_kind.values()),
+            "graph_span_s": span / 1e6 / n, **{f"graph_{k}_s": v for k, v in sorted(by_kind.items())}}
 
 
 @torch.inference_mode()
@@ -59,14 +85,15 @@ def main() -> int:
             end.record()
             torch.cuda.synchronize()
             gpu = start.elapsed_time(end) / 1e3 / args.repeats
+        traced = _traced_replays(static, sync, 3) if dev.type == "cuda" else {}
         rows.append({"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch_version": torch.__version__, "host": platform.node(),
                      "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "model": args.model, "batch": batch, "context": ctx,
                      "cuda_graphs": runner.cuda_graphs, "decode_step_s": full, "fill_s": fill, "replay_wall_s": replay,
-                     "replay_gpu_back_to_back_s": gpu, "sample_s": sample})
-        print({k: rows[-1][k] for k in ("batch", "context", "decode_step_s", "fill_s", "replay_wall_s",
-                                          "replay_gpu_back_to_back_s", "sample_s")}, flush=True)
-    gdk.write_rows(args.output, rows)
+                     "replay_gpu_back_to_back_s": gpu, "sample_s": sample, **traced})
+        print(rows[-1], flush=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # the kinds seen may differ by cell
+    gdk.write_rows(args.output, [{k: r.get(k) for k in fields} for r in rows])
     return 0
 
 
