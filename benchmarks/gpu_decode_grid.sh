@@ -30,6 +30,9 @@
 #   tiles        the kernel with HEAD_MAJOR, 512-token partitions and 128-token tiles (the defaults since): its tests
 #                and the engine's on CUDA, SmolLM2's shape against the constants before (the kernel alone) ->
 #                benchmarks/<gpu>-decode-kernel-smollm2-tiles.csv, the engine's checks -> ...-tile128.csv
+#   host         the static step's inputs packed and sent asynchronously: the engine's tests on CUDA, where a step's
+#                wall time goes (benchmarks/gpu_step_host.py) -> benchmarks/<gpu>-step-host.csv, the engine's checks
+#                -> ...-host.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -115,6 +118,13 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       --variants head_major,address+PARTITION=256+BLOCK_N=64+FULL_BLOCK_N=64 \
       -o "benchmarks/$G-decode-kernel-smollm2-tiles.csv" && cp "benchmarks/$G-decode-kernel-smollm2-tiles.csv" "$OUT/"
     engine_checks tile128
+  fi
+  if [ "$WHAT" = host ]; then
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_engine_model.py tests/test_engine_device.py \
+      -k "paged or fused or invariant or static or cuda or graph" 2>&1 | tail -4
+    timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
+      -o "benchmarks/$G-step-host.csv" && cp "benchmarks/$G-step-host.csv" "$OUT/"
+    engine_checks host
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \
