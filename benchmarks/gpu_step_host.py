@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import importlib.util
 import platform
 import sys
@@ -25,6 +26,11 @@ from llumnix.engine.runner import ModelRunner, SeqInput
 _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file__).with_name("gpu_decode_kernel.py"))
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
+
+
+def _sample(logits: torch.Tensor) -> list[int]:
+    """What ``runner.decode`` does with a replay's logits."""
+    return logits.clone().argmax(-1).tolist()
 
 
 def _traced_replays(static, sync, n: int) -> dict:
@@ -70,12 +76,12 @@ def main() -> int:
     for batch, ctx in cells:
         seqs = [SeqInput([7], ctx - 1, t) for t in _tables([ctx] * batch, bs)]
         lens = [ctx] * batch
-        full = _median_time_s(lambda: runner.decode(seqs), sync, 3, args.repeats)
+        full = _median_time_s(functools.partial(runner.decode, seqs), sync, 3, args.repeats)
         static = runner._static_decode(seqs, lens, None)
-        fill = _median_time_s(lambda: static.fill(seqs, lens), sync, 3, args.repeats)
+        fill = _median_time_s(functools.partial(static.fill, seqs, lens), sync, 3, args.repeats)
         replay = _median_time_s(static.run, sync, 3, args.repeats)
-        logits = static.run()
-        sample = _median_time_s(lambda: logits[:batch].clone().argmax(-1).tolist(), sync, 3, args.repeats)
+        logits = static.run()[:batch]
+        sample = _median_time_s(functools.partial(_sample, logits), sync, 3, args.repeats)
         gpu = None
         if dev.type == "cuda":  # back to back: the GPU's time per replay with no host in between
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
