@@ -1,5 +1,5 @@
 """Issue 19: the paged decode kernel's switches (address arithmetic: ``paged_attention.TABLE_PER_BLOCK``,
-``OFFS32``; program order: ``HEAD_MAJOR``) off, alone and together, and its constants (NAME=INT), against the copy
+``OFFS32``; program order: ``HEAD_MAJOR``; loops bounded by the length: ``DYNAMIC``) off, alone and together, and its constants (NAME=INT), against the copy
 bandwidth, over batch x context (LLaMA-7B or SmolLM2 shape, bf16; the same cells, pools and timing as
 ``gpu_decode_kernel.py``, whose helpers this uses). Every switch's output must be bit-equal to the first variant's (not
 the constants': another tile or warp count sums in another order). Variants since dropped, in the committed CSVs:
@@ -30,10 +30,11 @@ _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file_
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
 
-OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False}
+OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False, "DYNAMIC": 0}
 ADDRESS = {**OFF, "TABLE_PER_BLOCK": True, "OFFS32": True}
 VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
-            "address": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True}}
+            "address": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True},
+            "dynamic": {**ADDRESS, "HEAD_MAJOR": True, "DYNAMIC": 1}}
 
 
 def variant(spec: str) -> dict:
@@ -62,6 +63,7 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; each names from "
                     + ", ".join(VARIANTS) + " and NAME=INT constants joined by '+' (the first: the bit reference)")
     ap.add_argument("--shape", default="llama-7b", choices=list(gdk.SHAPES))
+    ap.add_argument("--table-tokens", type=int, default=8192, help="block table width in tokens (the graphs')")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -72,7 +74,7 @@ def main() -> int:
     for batch in gdk._ints(args.batches):
         for ctx in gdk._ints(args.contexts):
             kv_bytes, layers, _ = gdk.cell_size(args.shape, batch, ctx, cuda)
-            q, pools, tables, lens = gdk.make_cell(args.shape, batch, ctx, layers, 8192, dev)
+            q, pools, tables, lens = gdk.make_cell(args.shape, batch, ctx, layers, args.table_tokens, dev)
             reference = None
             for name in args.variants.split(","):
                 flags = variant(name)
@@ -88,6 +90,7 @@ def main() -> int:
                 reference = outs[0] if reference is None else reference
                 same = bool(torch.equal(outs[0], reference))
                 rows.append({"device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "shape": args.shape,
+                             "table_tokens": args.table_tokens,
                              "torch_version": torch.__version__, "triton_version": __import__("triton").__version__,
                              "copy_bandwidth_bytes_per_s": bandwidth, "batch": batch, "context": ctx,
                              "variant": name, "call_s": per_call, "floor_s": kv_bytes / bandwidth,

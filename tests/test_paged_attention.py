@@ -50,14 +50,15 @@ def _reference(q, k_pool, v_pool, tables, lens) -> torch.Tensor:
 
 
 def test_the_address_arithmetic_switches_keep_the_bits(monkeypatch):
-    """Block ids loaded once per block, 32-bit offsets, the programs' order: how the kernel addresses the pool and
-    schedules its programs, not what it computes."""
+    """Block ids loaded once per block, 32-bit offsets, the programs' order, loops bounded by the length: how the
+    kernel addresses the pool and schedules its programs and loops, not what it computes."""
     q, k_pool, v_pool, tables, lens = _case([1, 16, 300, 513], 3, 1, torch.float32, seed=4)
     outs = []
-    names = ("TABLE_PER_BLOCK", "OFFS32", "HEAD_MAJOR")
-    for switches in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 1, 1), (0, 0, 1)):
-        for name, on in zip(names, switches, strict=True):
-            monkeypatch.setattr(paged_attention, name, bool(on))
+    names = ("TABLE_PER_BLOCK", "OFFS32", "HEAD_MAJOR", "DYNAMIC")
+    for switches in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0), (1, 1, 1, 0), (0, 0, 1, 0), (1, 1, 1, 1),
+                     (0, 0, 0, 1), (1, 1, 1, 2)):
+        for name, value in zip(names, switches, strict=True):
+            monkeypatch.setattr(paged_attention, name, value if name == "DYNAMIC" else bool(value))
         outs.append(paged_attention.paged_decode_attention(q, k_pool, v_pool, tables, lens, BLOCK))
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 

@@ -63,6 +63,9 @@ OFFS32 = True
 # the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in (the
 # kernel alone on one H200: up to 4% faster from batch 128, the same elsewhere; h200-decode-kernel-order.csv).
 HEAD_MAJOR = True
+# Loops: DYNAMIC 0 walks a fixed number of partitions and tiles (the table's width) and skips those past the context;
+# DYNAMIC n > 0 loops up to the sequence's own length (tl.range with num_stages=n: 1, no software pipelining).
+DYNAMIC = 0
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -95,12 +98,64 @@ def triton_device() -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _tile(
+        q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr, stride_slot, d,
+        GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr,
+    ):  # fmt: skip
+        """The online softmax over the BLOCK_N tokens from ``start`` (those before ``last``): m, denom, acc updated."""
+        tok = start + tl.arange(0, BLOCK_N)
+        valid = tok < last
+        if TABLE_PER_BLOCK:  # one table entry per block of the tile, spread over its tokens
+            nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
+            bi = start // BLOCK_SIZE + tl.arange(0, nb)
+            blk = tl.load(table_ptr + bi, mask=bi * BLOCK_SIZE < last, other=0)
+            slot = blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+            slot = tl.reshape(slot, (BLOCK_N,))
+        else:
+            block = tl.load(table_ptr + tok // BLOCK_SIZE, mask=valid, other=0)
+            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
+        if not OFFS32:
+            slot = slot.to(tl.int64)
+        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
+        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
+        if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
+            s = tl.sum(k * q, axis=1)[None, :]
+        else:
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])  # [G, N]
+        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        if GROUP_PAD == 1:
+            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
+        else:
+            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
+        return m_new, denom * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+    @triton.jit
+    def _finish(
+        acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr, stride_o_b, stride_o_h,
+        stride_p_b, stride_p_h, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr,
+    ):  # fmt: skip
+        """A partition's result: the output itself if it is the sequence's only one, else its partials."""
+        if length <= PARTITION:
+            o_offs = b * stride_o_b + heads[:, None] * stride_o_h + d[None, :]
+            tl.store(out_ptr + o_offs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        else:
+            row = b * stride_p_b + heads * stride_p_h + part  # [G]: this partition of each head
+            tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
+            tl.store(part_ml_ptr + row * 2 + 1, denom, mask=g_ok)
+
+    @triton.jit
     def _partition_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_ml_ptr, tables_ptr, lens_ptr, scale,
         stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_t_b, stride_slot, stride_p_b, stride_p_h,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr, ITERS: tl.constexpr,
-        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+        TABLE_PER_BLOCK: tl.constexpr, OFFS32: tl.constexpr, HEAD_MAJOR: tl.constexpr, DYNAMIC: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, split): partitions split, split + SPLITS, ... of the sequence (ITERS at most),
         each for the GROUP query heads of that KV head, each from scratch (so a partition's result does not depend on
@@ -119,57 +174,36 @@ if triton is not None:
         g_ok = g < GROUP
         q = tl.load(q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + d[None, :], mask=g_ok[:, None], other=0.0)
         q = q.to(tl.float32) * scale  # [G, D]
-        for it in range(ITERS):
-            part = split + it * SPLITS
-            first = part * PARTITION
-            if first < length:  # partitions past the context (the grid is sized for the widest table): nothing
+        table_ptr = tables_ptr + b * stride_t_b
+        if DYNAMIC:  # loops bounded by this sequence's length: no skipped iterations
+            for part in tl.range(split, tl.cdiv(length, PARTITION), SPLITS, num_stages=DYNAMIC):
+                first = part * PARTITION
                 last = tl.minimum(length, first + PARTITION)
                 m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
                 denom = tl.zeros((GROUP_PAD,), tl.float32)
                 acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
-                    start = first + i
-                    if start < last:
-                        tok = start + tl.arange(0, BLOCK_N)
-                        valid = tok < last
-                        if TABLE_PER_BLOCK:  # one table entry per block of the tile, spread over its tokens
-                            nb: tl.constexpr = BLOCK_N // BLOCK_SIZE
-                            bi = start // BLOCK_SIZE + tl.arange(0, nb)
-                            blk = tl.load(tables_ptr + b * stride_t_b + bi, mask=bi * BLOCK_SIZE < last, other=0)
-                            slot = blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
-                            slot = tl.reshape(slot, (BLOCK_N,))
-                        else:
-                            block = tl.load(tables_ptr + b * stride_t_b + tok // BLOCK_SIZE, mask=valid, other=0)
-                            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
-                        if not OFFS32:
-                            slot = slot.to(tl.int64)
-                        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
-                        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [N, D]
-                        if GROUP_PAD == 1:  # MHA: plain [N, D] tiles
-                            s = tl.sum(k * q, axis=1)[None, :]
-                        else:
-                            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
-                        s = tl.where(valid[None, :], s, float("-inf"))
-                        m_new = tl.maximum(m, tl.max(s, axis=1))
-                        alpha = tl.exp(m - m_new)
-                        p = tl.exp(s - m_new[:, None])  # [G, N]
-                        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                        if GROUP_PAD == 1:
-                            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v, axis=0)[None, :]
-                        else:
-                            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
-                        acc = acc * alpha[:, None] + pv
-                        denom = denom * alpha + tl.sum(p, axis=1)
-                        m = m_new
-                if length <= PARTITION:  # the sequence's only partition: its output
-                    o_offs = b * stride_o_b + heads[:, None] * stride_o_h + d[None, :]
-                    tl.store(out_ptr + o_offs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
-                             mask=g_ok[:, None])
-                else:
-                    row = b * stride_p_b + heads * stride_p_h + part  # [G]: this partition of each head
-                    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
-                    tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
-                    tl.store(part_ml_ptr + row * 2 + 1, denom, mask=g_ok)
+                for start in tl.range(first, last, BLOCK_N, num_stages=DYNAMIC):
+                    m, denom, acc = _tile(q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr, stride_slot,
+                                          d, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, BLOCK_N, TABLE_PER_BLOCK, OFFS32)
+                _finish(acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr, stride_o_b,
+                        stride_o_h, stride_p_b, stride_p_h, HEAD_DIM, PARTITION)
+        else:
+            for it in range(ITERS):
+                part = split + it * SPLITS
+                first = part * PARTITION
+                if first < length:  # partitions past the context (the grid is sized for the widest table): nothing
+                    last = tl.minimum(length, first + PARTITION)
+                    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+                    denom = tl.zeros((GROUP_PAD,), tl.float32)
+                    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+                    for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
+                        start = first + i
+                        if start < last:
+                            m, denom, acc = _tile(q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr,
+                                                  stride_slot, d, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
+                                                  TABLE_PER_BLOCK, OFFS32)
+                    _finish(acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr,
+                            stride_o_b, stride_o_h, stride_p_b, stride_p_h, HEAD_DIM, PARTITION)
 
     @triton.jit
     def _combine_kernel(
@@ -267,7 +301,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
-        HEAD_MAJOR=HEAD_MAJOR,
+        HEAD_MAJOR=HEAD_MAJOR, DYNAMIC=DYNAMIC,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
