@@ -36,6 +36,9 @@
 #   dynamic      the kernel's loops bounded by each sequence's length (paged_attention.DYNAMIC) against the fixed
 #                trip counts, the kernel alone -> benchmarks/<gpu>-decode-kernel-dynamic.csv; with DYNAMIC=1 in the
 #                engine: where a step's time goes -> ...-step-host-dynamic.csv, the grid -> ...-decode-grid-dynamic.csv
+#   onepass      the tile loop bounded by the context in one pass only (the default since): the kernel alone against
+#                the fixed counts and against bounded loops in split-KV too -> benchmarks/<gpu>-decode-kernel-onepass.csv,
+#                the engine's checks -> ...-onepass.csv, where a step's time goes -> ...-step-host-onepass.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -140,6 +143,15 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
     timeout 200 $K -m llumnix.bench.cli bench decode-floor --device cuda --model llama-7b --dtype bfloat16 \
       --batch 1,8,32,128,256 --context 512,2048,8192 -o "benchmarks/$G-decode-grid-dynamic.csv" \
       && cp "benchmarks/$G-decode-grid-dynamic.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = onepass ]; then
+    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py 2>&1 | tail -2
+    timeout 240 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32,128,256 --contexts 512,2048,8192 \
+      --variants head_major,dynamic,dynamic+split \
+      -o "benchmarks/$G-decode-kernel-onepass.csv" && cp "benchmarks/$G-decode-kernel-onepass.csv" "$OUT/"
+    engine_checks onepass
+    timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
+      -o "benchmarks/$G-step-host-onepass.csv" && cp "benchmarks/$G-step-host-onepass.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

@@ -1,12 +1,14 @@
 """Issue 19: the paged decode kernel's switches (address arithmetic: ``paged_attention.TABLE_PER_BLOCK``,
-``OFFS32``; program order: ``HEAD_MAJOR``; loops bounded by the length: ``DYNAMIC``) off, alone and together, and its constants (NAME=INT), against the copy
+``OFFS32``; program order: ``HEAD_MAJOR``; tile loops bounded by the context: ``DYNAMIC_ONE_PASS``,
+``DYNAMIC_SPLIT``) off, alone and together, and its constants (NAME=INT), against the copy
 bandwidth, over batch x context (LLaMA-7B or SmolLM2 shape, bf16; the same cells, pools and timing as
 ``gpu_decode_kernel.py``, whose helpers this uses). Every switch's output must be bit-equal to the first variant's (not
 the constants': another tile or warp count sums in another order). Variants since dropped, in the committed CSVs:
 "stream" (K/V loads with ``cache_modifier=".cg"``; "all": the three together), no gain
 (h200-decode-kernel-variants.csv); "v_early" (a tile's V loaded right after its K), "table_ahead" (the next tile's
 block ids loaded a tile ahead), both slower, and "warps8" / "full_tile128" (NUM_WARPS=8, FULL_BLOCK_N=128; with the
-constants of then: PARTITION 256, BLOCK_N 64; h200-decode-kernel-loads.csv). "table+offs32" in the CSVs is "address".
+constants of then: PARTITION 256, BLOCK_N 64; h200-decode-kernel-loads.csv). "table+offs32" in the CSVs is "address"; h200-decode-kernel-dynamic.csv's "dynamic" bounded every loop in both modes
+(the partitions' loop too), and "DYNAMIC=2" / "=3" pipelined them (num_stages).
 
     python3 benchmarks/gpu_kernel_variants.py -o benchmarks/h200-decode-kernel-variants.csv
     python3 benchmarks/gpu_kernel_variants.py --variants address,head_major -o benchmarks/h200-decode-kernel-order.csv
@@ -30,11 +32,13 @@ _spec = importlib.util.spec_from_file_location("gpu_decode_kernel", Path(__file_
 gdk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gdk)
 
-OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False, "DYNAMIC": 0}
+OFF = {"TABLE_PER_BLOCK": False, "OFFS32": False, "HEAD_MAJOR": False, "DYNAMIC_ONE_PASS": False,
+       "DYNAMIC_SPLIT": False}
 ADDRESS = {**OFF, "TABLE_PER_BLOCK": True, "OFFS32": True}
 VARIANTS = {"baseline": OFF, "table_per_block": {**OFF, "TABLE_PER_BLOCK": True}, "offs32": {**OFF, "OFFS32": True},
             "address": ADDRESS, "head_major": {**ADDRESS, "HEAD_MAJOR": True},
-            "dynamic": {**ADDRESS, "HEAD_MAJOR": True, "DYNAMIC": 1}}
+            "dynamic": {**ADDRESS, "HEAD_MAJOR": True, "DYNAMIC_ONE_PASS": True},
+            "dynamic+split": {**ADDRESS, "HEAD_MAJOR": True, "DYNAMIC_ONE_PASS": True, "DYNAMIC_SPLIT": True}}
 
 
 def variant(spec: str) -> dict:

@@ -63,9 +63,14 @@ OFFS32 = True
 # the same head of different sequences. The same programs and arithmetic: only the order they are scheduled in (the
 # kernel alone on one H200: up to 4% faster from batch 128, the same elsewhere; h200-decode-kernel-order.csv).
 HEAD_MAJOR = True
-# Loops: DYNAMIC 0 walks a fixed number of partitions and tiles (the table's width) and skips those past the context;
-# DYNAMIC n > 0 loops up to the sequence's own length (tl.range with num_stages=n: 1, no software pipelining).
-DYNAMIC = 0
+# A partition's tile loop: a fixed trip count (PARTITION / tile, tiles past the context skipped) or one bounded by the
+# context (no software pipelining). In one pass the partition is the whole table (as wide as the graph's longest
+# context, 4k-8k tokens), so a fixed count walks mostly skipped tiles: bounded by the context, the kernel alone on one
+# H200 is 4-21% faster from batch 32 (128 x 512: 1.47 -> 1.17x its KV's copy time; 256 x 2k: 1.28 -> 1.20x). With
+# split-KV's 4-tile partitions the fixed count is faster (the context-bound loop, the partitions' loop bounded too:
+# 8 x 8k 1.27 -> 1.63x); pipelined (num_stages 2, 3) 1.7-2.5x slower everywhere (h200-decode-kernel-dynamic.csv).
+DYNAMIC_ONE_PASS = True
+DYNAMIC_SPLIT = False
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
 # from splitting and loses the partials' writes and the combine: it walks each context in one pass, in tiles of
 # FULL_BLOCK_N. 0 turns the one-pass mode off. The constants were picked on one H200 (LLaMA-7B and SmolLM2 shapes,
@@ -175,35 +180,28 @@ if triton is not None:
         q = tl.load(q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + d[None, :], mask=g_ok[:, None], other=0.0)
         q = q.to(tl.float32) * scale  # [G, D]
         table_ptr = tables_ptr + b * stride_t_b
-        if DYNAMIC:  # loops bounded by this sequence's length: no skipped iterations
-            for part in tl.range(split, tl.cdiv(length, PARTITION), SPLITS, num_stages=DYNAMIC):
-                first = part * PARTITION
+        for it in range(ITERS):
+            part = split + it * SPLITS
+            first = part * PARTITION
+            if first < length:  # partitions past the context (the grid is sized for the widest table): nothing
                 last = tl.minimum(length, first + PARTITION)
                 m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
                 denom = tl.zeros((GROUP_PAD,), tl.float32)
                 acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                for start in tl.range(first, last, BLOCK_N, num_stages=DYNAMIC):
-                    m, denom, acc = _tile(q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr, stride_slot,
-                                          d, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, BLOCK_N, TABLE_PER_BLOCK, OFFS32)
-                _finish(acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr, stride_o_b,
-                        stride_o_h, stride_p_b, stride_p_h, HEAD_DIM, PARTITION)
-        else:
-            for it in range(ITERS):
-                part = split + it * SPLITS
-                first = part * PARTITION
-                if first < length:  # partitions past the context (the grid is sized for the widest table): nothing
-                    last = tl.minimum(length, first + PARTITION)
-                    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-                    denom = tl.zeros((GROUP_PAD,), tl.float32)
-                    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                    for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context are skipped
+                if DYNAMIC:  # up to the context: no skipped iterations (and no software pipelining)
+                    for start in tl.range(first, last, BLOCK_N, num_stages=1):
+                        m, denom, acc = _tile(q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr,
+                                              stride_slot, d, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
+                                              TABLE_PER_BLOCK, OFFS32)
+                else:
+                    for i in range(0, PARTITION, BLOCK_N):  # a fixed trip count; tiles past the context skipped
                         start = first + i
                         if start < last:
                             m, denom, acc = _tile(q, m, denom, acc, start, last, kvh, k_ptr, v_ptr, table_ptr,
                                                   stride_slot, d, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
                                                   TABLE_PER_BLOCK, OFFS32)
-                    _finish(acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr,
-                            stride_o_b, stride_o_h, stride_p_b, stride_p_h, HEAD_DIM, PARTITION)
+                _finish(acc, m, denom, length, part, b, heads, g_ok, d, out_ptr, part_o_ptr, part_ml_ptr,
+                        stride_o_b, stride_o_h, stride_p_b, stride_p_h, HEAD_DIM, PARTITION)
 
     @triton.jit
     def _combine_kernel(
@@ -283,7 +281,8 @@ def paged_decode_attention(
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
     partition, block_n = PARTITION, BLOCK_N
-    if splits is None and _fills_gpu(batch, kv_heads, q.device):  # one pass over the whole table
+    one_pass = splits is None and _fills_gpu(batch, kv_heads, q.device)
+    if one_pass:  # one pass over the whole table
         partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
         block_n = FULL_BLOCK_N
     tile = min(block_n, max(16, TILE_ROWS // group_pad))  # [G, tile, D] products: keep them in registers
@@ -301,7 +300,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
         PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
-        HEAD_MAJOR=HEAD_MAJOR, DYNAMIC=DYNAMIC,
+        HEAD_MAJOR=HEAD_MAJOR, DYNAMIC=DYNAMIC_ONE_PASS if one_pass else DYNAMIC_SPLIT,
     )  # fmt: skip
     if parts > 1:  # some sequence may span several partitions
         _combine_kernel[(batch, heads)](
