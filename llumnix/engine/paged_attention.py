@@ -9,13 +9,14 @@ A second kernel, one program per (sequence, query head), combines a sequence's p
 ``COMBINE_CHUNK`` partitions, one after another). A sequence of one partition (``PARTITION`` tokens or fewer) is
 written out directly, and its combine program exits at once.
 
-The partition kernel's grid is (sequence, KV head, split): ``splits`` programs per sequence and KV head, each taking
-partitions split, split + splits, ... in turn. The split count is chosen from the shapes only, to fill the GPU
+The partition kernel's grid is (KV head, sequence, split) (``HEAD_MAJOR``; else (sequence, KV head, split)): ``splits``
+programs per sequence and KV head, each taking partitions split, split + splits, ... in turn. The split count is chosen from the shapes only, to fill the GPU
 (``PROGRAMS_PER_SM``): a large batch gets one program per sequence and KV head walking all its partitions (no flood of
 empty programs when the table is wide and the contexts short), a single long sequence one program per partition.
 
 One pass: when the batch alone fills the GPU (``FULL_PROGRAMS_PER_SM``), the partition is the whole table and the tile
-``FULL_BLOCK_N`` tokens: one program per sequence and KV head, no partials, no combine (the kernel before split-KV).
+``FULL_BLOCK_N`` tokens: one program per sequence and KV head, no partials, no combine (the kernel before split-KV); its
+tile loop stops at the sequence's context instead of walking the table's width (``DYNAMIC_ONE_PASS``).
 The mode depends on the launch's shapes only (batch, KV heads, SMs), so ``--invariant-batch R``, which runs every
 decode step as launches of exactly R rows, keeps one mode and a sequence's bits; without it, a sequence's bits may
 differ between a batch that fills the GPU and one that does not.
