@@ -43,6 +43,7 @@ def seq_inputs(plan: StepPlan, vocab_size: int, tables: Callable[[int], list[int
 class Executor(ABC):
     block_size: int
     num_blocks: int
+    moves_kv = True  # read_blocks returns the KV itself (a modelled engine's: only a block count)
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> list[int]:
@@ -109,6 +110,8 @@ def synthetic_token(request_id: int, position: int, vocab_size: int = 32_000) ->
 
 class ProfileExecutor(Executor):
     """Steps take the profile's time (``speed`` > 1 runs faster than real time); no KV data moves."""
+
+    moves_kv = False
 
     def __init__(self, profile, speed: float = 1.0, sleep=time.sleep) -> None:
         self.profile = profile

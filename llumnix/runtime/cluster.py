@@ -210,14 +210,15 @@ class ClusterManager:
     def _transport_spec(self) -> TransportSpec:
         """How the instances move migrating KV; gloo / nccl channels rendezvous on a TCPStore this process hosts."""
         if self.config.kv_transport == "object-store":
-            return TransportSpec()
+            return TransportSpec(chunk_blocks=self.config.kv_chunk_blocks)
         if self._kv_store is None:
             from llumnix.runtime.dist_channel import serve_store
 
             self._kv_store = serve_store(self.launcher.node_address())
         address = self._kv_store[1]
         listen = address.rpartition(":")[0] if address.startswith("127.") else None  # one host: loopback throughout
-        return TransportSpec(self.config.kv_transport, address, self.config.kv_timeout_s, listen)
+        return TransportSpec(self.config.kv_transport, address, self.config.kv_timeout_s, listen,
+                             self.config.kv_chunk_blocks)
 
     def add_instance(self, inst: InstanceHandle, report: Report) -> None:
         """The instance takes requests from now on (it has reported a load)."""

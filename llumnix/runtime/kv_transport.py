@@ -1,9 +1,12 @@
 """How a migration stage's KV blocks travel from the source instance actor to the destination actor: the
 ``llumnix.engine.kv_transfer.KVTransfer`` interface over Ray.
 
-``start(copy)`` reads the stage's blocks from the source's executor (``read_blocks``) at once and sends them in an
-asyncio task; the pending copy completes once the destination has written them into its pre-allocated blocks
-(``executor.write_blocks``). Destinations are other instance actors, looked up by id in ``peers``. A profile executor
+``start(copy)`` sends the stage's blocks in an asyncio task; the pending copy completes once the destination has
+written them into its pre-allocated blocks (``executor.write_blocks``). A non-final stage goes ``chunk_blocks`` blocks
+at a time, each chunk read from the source's executor (``read_blocks``) when the previous one has been written, so the
+source's steps run between the chunks instead of behind one copy of the whole stage (as the engine's paced
+``kv_transfer.DeviceTransfer``; the KV of those blocks no longer changes). The stop-and-copy stage is read at once,
+in ``start``, while the request is suspended, and sent whole. Host copies (``pack``) run off the event loop. Destinations are other instance actors, looked up by id in ``peers``. A profile executor
 moves no bytes: its copy takes the time the profile gives a migration stage (``Executor.copy_time_s``). One small
 class per transport:
 
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from llumnix.core.migration_protocol import Copy
-from llumnix.engine.kv_transfer import KVTransfer, PendingCopy, TaskCopy, check_copy
+from llumnix.engine.kv_transfer import CHUNK_BLOCKS, KVTransfer, PendingCopy, TaskCopy, check_copy, chunk_of
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +88,36 @@ class TransportSpec:
     store_address: str | None = None  # gloo / nccl: the TCPStore (host:port) their channels rendezvous on
     timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
     listen_host: str | None = None  # gloo: the address channels listen on (None: each instance's node address)
+    chunk_blocks: int | None = CHUNK_BLOCKS  # blocks per send of a non-final stage (None: a stage in one send)
 
 
 class RayTransport(KVTransfer):
     """What the Ray transports share: the source's executor, the peers by id, the asyncio task per copy."""
 
-    def __init__(self, executor: Any, peers: Mapping[int, Any]) -> None:
-        self.executor, self.peers = executor, peers
+    def __init__(self, executor: Any, peers: Mapping[int, Any], chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
+        if chunk_blocks is not None and chunk_blocks < 1:
+            raise ValueError(f"chunk_blocks must be >= 1 (or None: a stage in one send), got {chunk_blocks}")
+        self.executor, self.peers, self.chunk_blocks = executor, peers, chunk_blocks
 
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
-        data = self.executor.read_blocks(list(copy.src_blocks)) if copy.src_blocks else None
+        # a modelled engine moves no KV: its stage is one call, after the copy time its profile gives
+        chunk = chunk_of(copy, self.chunk_blocks if self.executor.moves_kv else None)
+        first = self.executor.read_blocks(list(copy.src_blocks[:chunk])) if copy.src_blocks else None
         delay_s = self.executor.copy_time_s(len(copy.src_blocks))
-        return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, data, delay_s)))
+        return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, chunk, first, delay_s)))
 
-    async def _send(self, copy: Copy, data: Any, delay_s: float) -> int:
+    async def _send(self, copy: Copy, chunk: int, data: Any, delay_s: float) -> int:
+        """Send the stage ``chunk`` blocks at a time, one after another (``data``: the first chunk, read already)."""
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        if data is None:
-            return 0
-        return await self.send(self.peers[copy.dst], copy.dst, copy.migration_id, list(copy.dst_blocks), data)
+        moved = 0
+        for a in range(0, len(copy.src_blocks), chunk):
+            if a:
+                data = self.executor.read_blocks(list(copy.src_blocks[a : a + chunk]))
+            moved += await self.send(self.peers[copy.dst], copy.dst, copy.migration_id,
+                                     list(copy.dst_blocks[a : a + chunk]), data)
+        return moved
 
     @abstractmethod
     async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
@@ -118,7 +131,7 @@ class ObjectStoreTransport(RayTransport):
     name = "object-store"
 
     async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
-        payload = pack(data, len(dst_blocks))
+        payload = await asyncio.to_thread(pack, data, len(dst_blocks))  # a device-to-host copy: off the event loop
         num_bytes = payload.nbytes
         if payload.array is not None:
             import ray
@@ -133,10 +146,11 @@ class TorchDistTransport(RayTransport):
     direction: this instance holds rank 0 of the channels it sends on and rank 1 of those it receives on."""
 
     def __init__(self, executor: Any, peers: Mapping[int, Any], backend: str, instance_id: int,
-                 store_address: str | None, timeout_s: float = 60.0, hostname: str | None = None) -> None:
+                 store_address: str | None, timeout_s: float = 60.0, hostname: str | None = None,
+                 chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
         from llumnix.runtime.dist_channel import BACKENDS
 
-        super().__init__(executor, peers)
+        super().__init__(executor, peers, chunk_blocks)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not store_address:
@@ -233,8 +247,8 @@ def make_transport(spec: TransportSpec | str, instance_id: int, executor: Any, p
     if isinstance(spec, str):
         spec = TransportSpec(spec)
     if spec.name == ObjectStoreTransport.name:
-        return ObjectStoreTransport(executor, peers)
+        return ObjectStoreTransport(executor, peers, spec.chunk_blocks)
     if spec.name in TRANSPORTS:
         return TorchDistTransport(executor, peers, spec.name, instance_id, spec.store_address, spec.timeout_s,
-                                  hostname)
+                                  hostname, spec.chunk_blocks)
     raise ValueError(f"unknown KV transport {spec.name!r}; choose one of {', '.join(TRANSPORTS)}")

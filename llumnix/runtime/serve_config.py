@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from llumnix.core.llumlet import CANDIDATE_RULES
 from llumnix.core.local_scheduler import SchedulerConfig
 from llumnix.core.migration import MigrationConfig
+from llumnix.engine.kv_transfer import CHUNK_BLOCKS
 from llumnix.fields import pydantic_field, unitless
 from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SYSTEMS, SystemConfig
@@ -153,6 +154,11 @@ class ServeConfig(BaseModel):
         description="How migrating KV travels between instances: Ray's object store, or a torch.distributed channel "
         "per instance pair opened on their first migration (gloo: through host memory; nccl: GPU to GPU, needs "
         "--device cuda).",
+    )
+    kv_chunk_blocks: int | None = Field(
+        CHUNK_BLOCKS, ge=1,
+        description="KV blocks per send of a migration's non-final stage: the source's steps run between the sends "
+        "(null in a config file: a stage in one send).",
     )
     kv_timeout_s: float = Field(
         60.0, gt=0,
