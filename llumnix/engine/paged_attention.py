@@ -10,9 +10,10 @@ A second kernel, one program per (sequence, query head), combines a sequence's p
 written out directly, and its combine program exits at once.
 
 The partition kernel's grid is (KV head, sequence, split) (``HEAD_MAJOR``; else (sequence, KV head, split)): ``splits``
-programs per sequence and KV head, each taking partitions split, split + splits, ... in turn. The split count is chosen from the shapes only, to fill the GPU
-(``PROGRAMS_PER_SM``): a large batch gets one program per sequence and KV head walking all its partitions (no flood of
-empty programs when the table is wide and the contexts short), a single long sequence one program per partition.
+programs per sequence and KV head, each taking partitions split, split + splits, ... in turn. The split count is
+chosen from the shapes only, to fill the GPU (``PROGRAMS_PER_SM``): a large batch gets one program per sequence and KV
+head walking all its partitions (no flood of empty programs when the table is wide and the contexts short), a single
+long sequence one program per partition.
 
 One pass: when the batch alone fills the GPU (``FULL_PROGRAMS_PER_SM``), the partition is the whole table and the tile
 ``FULL_BLOCK_N`` tokens: one program per sequence and KV head, no partials, no combine (the kernel before split-KV); its
@@ -70,6 +71,7 @@ HEAD_MAJOR = True
 # H200 is 4-21% faster from batch 32 (128 x 512: 1.47 -> 1.17x its KV's copy time; 256 x 2k: 1.28 -> 1.20x). With
 # split-KV's 4-tile partitions the fixed count is faster (the context-bound loop, the partitions' loop bounded too:
 # 8 x 8k 1.27 -> 1.63x); pipelined (num_stages 2, 3) 1.7-2.5x slower everywhere (h200-decode-kernel-dynamic.csv).
+# Bounded in one pass only, as now: 1-20% faster from batch 32, split-KV unchanged (h200-decode-kernel-onepass.csv).
 DYNAMIC_ONE_PASS = True
 DYNAMIC_SPLIT = False
 # A launch whose (sequence, KV head) pairs already fill the GPU (at least FULL_PROGRAMS_PER_SM per SM) gains nothing
