@@ -39,6 +39,9 @@
 #   onepass      the tile loop bounded by the context in one pass only (the default since): the kernel alone against
 #                the fixed counts and against bounded loops in split-KV too -> benchmarks/<gpu>-decode-kernel-onepass.csv,
 #                the engine's checks -> ...-onepass.csv, where a step's time goes -> ...-step-host-onepass.csv
+#   smollm2      SmolLM2's shape with the split-KV partitions capped at MAX_PARTITION_TILES tiles (the default since)
+#                against the constants before the day's tile changes, the kernel alone ->
+#                benchmarks/<gpu>-decode-kernel-smollm2-cap.csv; the kernel's tests on CUDA
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -152,6 +155,14 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
     engine_checks onepass
     timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
       -o "benchmarks/$G-step-host-onepass.csv" && cp "benchmarks/$G-step-host-onepass.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = smollm2 ]; then
+    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py 2>&1 | tail -2
+    timeout 200 python3 benchmarks/gpu_kernel_variants.py --shape smollm2-135m --batches 1,8,32,128,256 \
+      --contexts 512,2048,8192 --variants address+PARTITION=256+BLOCK_N=64+FULL_BLOCK_N=64+HEAD_MAJOR=0+DYNAMIC_ONE_PASS=0,dynamic \
+      -o "benchmarks/$G-decode-kernel-smollm2-cap.csv" && cp "benchmarks/$G-decode-kernel-smollm2-cap.csv" "$OUT/"
+    timeout 200 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32 --contexts 512,2048,8192 \
+      --variants dynamic -o "$OUT/$G-decode-kernel-llama-cap-check.csv"
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

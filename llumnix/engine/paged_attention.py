@@ -52,6 +52,10 @@ except ImportError:  # pragma: no cover - depends on the torch build
 PARTITION = 512  # context tokens per partition
 BLOCK_N = 128  # context tokens per tile (MHA; fewer with several query heads per KV head: TILE_ROWS)
 TILE_ROWS = 128  # (query heads of a KV head, padded) x tile tokens at most: the [G, tile, D] products in registers
+# A split-KV partition is PARTITION tokens or MAX_PARTITION_TILES tiles, whichever is fewer: SmolLM2's shape (3 query
+# heads a KV head: 32-token tiles) walked 512-token partitions (16 tiles) 1.7-1.9x slower than 256-token ones up to
+# batch 8 (h200-decode-kernel-smollm2-tiles.csv, the kernel alone), so its partitions stay 256 tokens (8 tiles).
+MAX_PARTITION_TILES = 8
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
@@ -289,6 +293,8 @@ def paged_decode_attention(
         partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
         block_n = FULL_BLOCK_N
     tile = min(block_n, max(16, TILE_ROWS // group_pad))  # [G, tile, D] products: keep them in registers
+    if not one_pass:  # grouped heads' smaller tiles: a program walks at most MAX_PARTITION_TILES of them in turn
+        partition = min(partition, MAX_PARTITION_TILES * tile)
     if partition % tile:
         raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
     # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
