@@ -42,6 +42,9 @@
 #   smollm2      SmolLM2's shape with the split-KV partitions capped at MAX_PARTITION_TILES tiles (the default since)
 #                against the constants before the day's tile changes, the kernel alone ->
 #                benchmarks/<gpu>-decode-kernel-smollm2-cap.csv; the kernel's tests on CUDA
+#   hostprof     where a step's host time goes (cProfile over 200 steps at 1 x 512, 8 x 2k, 128 x 512) ->
+#                $OUT/<gpu>-step-host-cprofile.txt; the grid with 256-token partitions for LLaMA-7B (PARTITION=256)
+#                -> benchmarks/<gpu>-decode-grid-p256.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -163,6 +166,13 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       -o "benchmarks/$G-decode-kernel-smollm2-cap.csv" && cp "benchmarks/$G-decode-kernel-smollm2-cap.csv" "$OUT/"
     timeout 200 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32 --contexts 512,2048,8192 \
       --variants dynamic -o "$OUT/$G-decode-kernel-llama-cap-check.csv"
+  fi
+  if [ "$WHAT" = hostprof ]; then
+    timeout 200 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,128x512 --cprofile 200 \
+      -o "$OUT/$G-step-host-cprofile.csv" > "$OUT/$G-step-host-cprofile.txt" 2>&1; tail -150 "$OUT/$G-step-host-cprofile.txt"
+    timeout 200 python3 benchmarks/with_kernel.py PARTITION=256 -- -m llumnix.bench.cli bench decode-floor --device cuda \
+      --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 --context 512,2048,8192 \
+      -o "benchmarks/$G-decode-grid-p256.csv" && cp "benchmarks/$G-decode-grid-p256.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

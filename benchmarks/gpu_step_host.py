@@ -33,6 +33,20 @@ def _sample(logits: torch.Tensor) -> list[int]:
     return logits.clone().argmax(-1).tolist()
 
 
+def _host_profile(step, steps: int, title: str) -> None:
+    """``steps`` calls of ``step`` under cProfile: the top functions by own time, printed."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    print(f"-- host profile, {title}, {steps} steps (cumulative over them):", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def _traced_replays(static, sync, n: int) -> dict:
     """Kernels of ``n`` replays under torch.profiler: per replay, their count, summed time and span (first start to
     last end), and the summed time by kind (``profiler.kernel_kind``)."""
@@ -64,6 +78,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
+                    help="also run STEPS decode steps of each cell under cProfile and print where the host's time goes")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
     cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
@@ -92,6 +108,8 @@ def main() -> int:
             torch.cuda.synchronize()
             gpu = start.elapsed_time(end) / 1e3 / args.repeats
         traced = _traced_replays(static, sync, 3) if dev.type == "cuda" else {}
+        if args.cprofile:
+            _host_profile(functools.partial(runner.decode, seqs), args.cprofile, f"batch {batch} x {ctx}")
         rows.append({"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch_version": torch.__version__, "host": platform.node(),
                      "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "model": args.model, "batch": batch, "context": ctx,
