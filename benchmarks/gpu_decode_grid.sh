@@ -39,12 +39,15 @@
 #   onepass      the tile loop bounded by the context in one pass only (the default since): the kernel alone against
 #                the fixed counts and against bounded loops in split-KV too -> benchmarks/<gpu>-decode-kernel-onepass.csv,
 #                the engine's checks -> ...-onepass.csv, where a step's time goes -> ...-step-host-onepass.csv
-#   smollm2      SmolLM2's shape with the split-KV partitions capped at MAX_PARTITION_TILES tiles (the default since)
+#   smollm2      SmolLM2's shape with the split-KV partitions capped at 8 tiles (MAX_PARTITION_TILES: a default from
+#                then until 256-token partitions came back, which made it moot)
 #                against the constants before the day's tile changes, the kernel alone ->
 #                benchmarks/<gpu>-decode-kernel-smollm2-cap.csv; the kernel's tests on CUDA
 #   hostprof     where a step's host time goes (cProfile over 200 steps at 1 x 512, 8 x 2k, 128 x 512) ->
 #                $OUT/<gpu>-step-host-cprofile.txt; the grid with 256-token partitions for LLaMA-7B (PARTITION=256)
 #                -> benchmarks/<gpu>-decode-grid-p256.csv
+#   p256         the engine with 256-token partitions again (the default since): its checks -> ...-p256b.csv (the
+#                grid: -decode-grid-p256b.csv), where a step's time goes -> ...-step-host-p256.csv; the profile
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -174,7 +177,13 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 --context 512,2048,8192 \
       -o "benchmarks/$G-decode-grid-p256.csv" && cp "benchmarks/$G-decode-grid-p256.csv" "$OUT/"
   fi
-  if [ "$WHAT" = profile ]; then
+  if [ "$WHAT" = p256 ]; then
+    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py 2>&1 | tail -2
+    engine_checks p256b
+    timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
+      -o "benchmarks/$G-step-host-p256.csv" && cp "benchmarks/$G-step-host-p256.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \
       -o llumnix/profiles/h200-llama-7b.json && cp llumnix/profiles/h200-llama-7b.json "$OUT/"
   fi

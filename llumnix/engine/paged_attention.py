@@ -49,13 +49,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 # Constants of a process (each one changes the order of the floating-point operations: a sequence's bits must not
 # depend on its batch, or on the run). Read at each call, so that a tuning benchmark can set them before its runs.
-PARTITION = 512  # context tokens per partition
+PARTITION = 256  # context tokens per partition
 BLOCK_N = 128  # context tokens per tile (MHA; fewer with several query heads per KV head: TILE_ROWS)
 TILE_ROWS = 128  # (query heads of a KV head, padded) x tile tokens at most: the [G, tile, D] products in registers
-# A split-KV partition is PARTITION tokens or MAX_PARTITION_TILES tiles, whichever is fewer: SmolLM2's shape (3 query
-# heads a KV head: 32-token tiles) walked 512-token partitions (16 tiles) 1.7-1.9x slower than 256-token ones up to
-# batch 8 (h200-decode-kernel-smollm2-tiles.csv, the kernel alone), so its partitions stay 256 tokens (8 tiles).
-MAX_PARTITION_TILES = 8
 NUM_WARPS = 4  # per program of the partition kernel
 PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
@@ -85,9 +81,12 @@ DYNAMIC_SPLIT = False
 # 64 beat 32 at every batch, 256-token partitions beat 512 at short contexts and small batches, one pass from 4
 # programs per SM on (h200-decode-kernel-sweep2.csv); then LLaMA-7B's tiles of 128 (4 warps; 8 warps: 2-3x slower):
 # 2-7% faster than 64 in one pass (with HEAD_MAJOR: 128 x 512 1.51 -> 1.41x its KV's copy time, 256 x 512 1.46 ->
-# 1.36x, 256 x 8k 1.31 -> 1.24x), and split with 512-token partitions 5-12% faster from 8 x 512 on (8 x 8k 1.34 ->
-# 1.25x) but 15% slower at 1 x 512 (a 0.5 ms step of 32 such calls: +0.07 ms; h200-decode-kernel-tiles.csv). Loading
-# V with K, or the next tile's block ids a tile ahead, was 1-50% slower (h200-decode-kernel-loads.csv).
+# 1.36x, 256 x 8k 1.31 -> 1.24x); in split-KV 512-token partitions were faster alone from 8 x 512 on but 15% slower at
+# 1 x 512 (h200-decode-kernel-tiles.csv), and in the engine's steps 256-token ones are 5% faster at 1 x 512-2k and 2%
+# slower at 8 x 8k (h200-decode-grid-p256.csv against -onepass.csv): 256, where the step is furthest from its floor.
+# SmolLM2's shape (32-token tiles) walked 512-token partitions (16 tiles) 1.7-1.9x slower up to batch 8
+# (h200-decode-kernel-smollm2-tiles.csv). Loading V with K, or the next tile's block ids a tile ahead, was 1-50% slower
+# (h200-decode-kernel-loads.csv).
 FULL_PROGRAMS_PER_SM = 4
 FULL_BLOCK_N = 128
 
@@ -293,8 +292,6 @@ def paged_decode_attention(
         partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
         block_n = FULL_BLOCK_N
     tile = min(block_n, max(16, TILE_ROWS // group_pad))  # [G, tile, D] products: keep them in registers
-    if not one_pass:  # grouped heads' smaller tiles: a program walks at most MAX_PARTITION_TILES of them in turn
-        partition = min(partition, MAX_PARTITION_TILES * tile)
     if partition % tile:
         raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
     # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
