@@ -27,8 +27,9 @@
 #                benchmarks/<gpu>-decode-kernel-order.csv; where a step's wall time goes besides its kernels (input
 #                fill, replay, sampling) -> benchmarks/<gpu>-step-host.csv; the grid with HEAD_MAJOR on ->
 #                benchmarks/<gpu>-decode-grid-order.csv
-#   tiles        the kernel with HEAD_MAJOR, 512-token partitions and 128-token tiles (then the defaults; 256-token partitions came back with p256): its tests
-#                and the engine's on CUDA, SmolLM2's shape against the constants before (the kernel alone) ->
+#   tiles        the kernel with HEAD_MAJOR, 512-token partitions and 128-token tiles (then the defaults; 256-token
+#                partitions came back with p256): its tests and the engine's on CUDA, SmolLM2's shape against the
+#                constants before (the kernel alone) ->
 #                benchmarks/<gpu>-decode-kernel-smollm2-tiles.csv, the engine's checks -> ...-tile128.csv
 #   host         the static step's inputs packed and sent asynchronously: the engine's tests on CUDA, where a step's
 #                wall time goes (benchmarks/gpu_step_host.py) -> benchmarks/<gpu>-step-host.csv, the engine's checks
