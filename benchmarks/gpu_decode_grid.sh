@@ -34,9 +34,11 @@
 #   host         the static step's inputs packed and sent asynchronously: the engine's tests on CUDA, where a step's
 #                wall time goes (benchmarks/gpu_step_host.py) -> benchmarks/<gpu>-step-host.csv, the engine's checks
 #                -> ...-host.csv
-#   dynamic      the kernel's loops bounded by each sequence's length (paged_attention.DYNAMIC) against the fixed
-#                trip counts, the kernel alone -> benchmarks/<gpu>-decode-kernel-dynamic.csv; with DYNAMIC=1 in the
-#                engine: where a step's time goes -> ...-step-host-dynamic.csv, the grid -> ...-decode-grid-dynamic.csv
+#   dynamic      the kernel's tile loops bounded by each sequence's context in both modes against the fixed trip
+#                counts, the kernel alone -> benchmarks/<gpu>-decode-kernel-dynamic.csv; so in the engine: where a
+#                step's time goes -> ...-step-host-dynamic.csv, the grid -> ...-decode-grid-dynamic.csv (the CSVs: run
+#                with the switch of then, DYNAMIC, which also bounded the partitions' loop and had pipelined variants,
+#                DYNAMIC=2 / 3; the commands below use today's switches, DYNAMIC_ONE_PASS and DYNAMIC_SPLIT)
 #   onepass      the tile loop bounded by the context in one pass only (the default since): the kernel alone against
 #                the fixed counts and against bounded loops in split-KV too -> benchmarks/<gpu>-decode-kernel-onepass.csv,
 #                the engine's checks -> ...-onepass.csv, where a step's time goes -> ...-step-host-onepass.csv
@@ -145,9 +147,9 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
   if [ "$WHAT" = dynamic ]; then
     timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py 2>&1 | tail -2
     timeout 240 python3 benchmarks/gpu_kernel_variants.py --batches 1,8,32,128,256 --contexts 512,2048,8192 \
-      --variants head_major,dynamic,head_major+DYNAMIC=2,head_major+DYNAMIC=3 \
+      --variants head_major,dynamic+split \
       -o "benchmarks/$G-decode-kernel-dynamic.csv" && cp "benchmarks/$G-decode-kernel-dynamic.csv" "$OUT/"
-    K="python3 benchmarks/with_kernel.py DYNAMIC=1 --"
+    K="python3 benchmarks/with_kernel.py DYNAMIC_ONE_PASS=1 DYNAMIC_SPLIT=1 --"
     timeout 150 $K benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
       -o "benchmarks/$G-step-host-dynamic.csv" && cp "benchmarks/$G-step-host-dynamic.csv" "$OUT/"
     timeout 200 $K -m llumnix.bench.cli bench decode-floor --device cuda --model llama-7b --dtype bfloat16 \

@@ -2,7 +2,7 @@
 lists -> device buffers), the graph's replay (wall, synchronised; and on the GPU alone, back-to-back replays timed
 by events), and the greedy sampling's copy back; on CUDA also the kernels of replayed graphs as the profiler sees them
 (their summed time against the replay's span: the gaps between kernels; the kinds' times: against the eager step's
-in ``llumnix bench step-breakdown``). LLaMA-7B bf16, the engine's runner as ``llumnix bench decode-floor``
+in ``llumnix bench step-breakdown``). LLaMA-7B (``--model``) bf16, the engine's runner as ``llumnix bench decode-floor``
 drives it (``runner.decode``), one row per batch x context cell.
 
     python3 benchmarks/gpu_step_host.py --cells 1x512,32x2048,128x512,256x512 -o benchmarks/h200-step-host.csv
@@ -112,8 +112,8 @@ def main() -> int:
             _host_profile(functools.partial(runner.decode, seqs), args.cprofile, f"batch {batch} x {ctx}")
         rows.append({"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch_version": torch.__version__, "host": platform.node(),
-                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "model": args.model, "batch": batch, "context": ctx,
-                     "cuda_graphs": runner.cuda_graphs, "decode_step_s": full, "fill_s": fill, "replay_wall_s": replay,
+                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "model": args.model,
+                     "batch": batch, "context": ctx, "cuda_graphs": runner.cuda_graphs, "decode_step_s": full, "fill_s": fill, "replay_wall_s": replay,
                      "replay_gpu_back_to_back_s": gpu, "sample_s": sample, **traced})
         print(rows[-1], flush=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))  # the kinds seen may differ by cell

@@ -1,8 +1,8 @@
 """Run a module or script with the paged decode kernel's module constants set (``llumnix.engine.paged_attention``):
 how the GPU scripts measure a candidate constant in the engine before it becomes the default.
 
-    python3 benchmarks/with_kernel.py DYNAMIC=1 -- -m llumnix.bench.cli bench decode-floor --device cuda ...
-    python3 benchmarks/with_kernel.py DYNAMIC=1 -- benchmarks/gpu_step_host.py -o out.csv
+    python3 benchmarks/with_kernel.py PARTITION=512 -- -m llumnix.bench.cli bench decode-floor --device cuda ...
+    python3 benchmarks/with_kernel.py DYNAMIC_SPLIT=1 -- benchmarks/gpu_step_host.py -o out.csv
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ class StaticDecode:
         scratch, bs = runner.kv_cache.scratch_slot, runner.kv_cache.block_size
         # The inputs are packed: one buffer of longs (ids, positions, slots) and, for the kernel, one of int32 (context
         # lengths, then the block tables), each filled in numpy in a pinned host copy and sent with one asynchronous
-        # copy a step instead of five synchronous ones (the fill on an H200's host: batch 1 94 -> 62 us, batch 128
-        # 581 -> ~490 us, but batch 256 627 -> ~900 us, not understood; benchmarks/h200-step-host*.csv).
+        # copy a step instead of five synchronous ones (the fill on an H200's host: batch 1 94 -> 45-62 us, batch 128
+        # 581 -> 270-490 us, but batch 256 627 -> 780-920 us, not understood; benchmarks/h200-step-host*.csv).
         pinned = dev.type == "cuda"
         self._longs = torch.zeros(3, batch, dtype=torch.long, device=dev)
         self._host_longs = torch.zeros(3, batch, dtype=torch.long, pin_memory=pinned)
