@@ -5,10 +5,11 @@
 written them into its pre-allocated blocks (``executor.write_blocks``). A non-final stage goes ``chunk_blocks`` blocks
 at a time, each chunk read from the source's executor (``read_blocks``) when the previous one has been written, so the
 source's steps run between the chunks instead of behind one copy of the whole stage (as the engine's paced
-``kv_transfer.DeviceTransfer``; the KV of those blocks no longer changes). The stop-and-copy stage is read at once,
-in ``start``, while the request is suspended, and sent whole. Host copies (``pack``) run off the event loop. Destinations are other instance actors, looked up by id in ``peers``. A profile executor
-moves no bytes: its copy takes the time the profile gives a migration stage (``Executor.copy_time_s``). One small
-class per transport:
+``kv_transfer.PoolTransfer``; the KV of those blocks no longer changes). The stop-and-copy stage is read at once, in
+``start``, while the request is suspended, and sent whole. Host copies (``pack``) run off the event loop.
+Destinations are other instance actors, looked up by id in ``peers``. A profile executor moves no bytes: its copy
+takes the time the profile gives a migration stage (``Executor.copy_time_s``), in one call. One small class per
+transport:
 
 - ``ObjectStoreTransport`` (``object-store``): the blocks, ``pack``ed as numpy, go through Ray's object store to the
   destination actor's ``mig_write`` (zero-copy reads on the destination's host).
