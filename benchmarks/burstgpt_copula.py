@@ -1,6 +1,7 @@
 """Issue 15, an exploration (defaults unchanged): would BurstGPT's stand-in meet the paper's INFaaS++ points if its
 input and output lengths were drawn jointly? A Gaussian copula of correlation ``rho`` keeps both Table-1 marginals
-(``QuantileLengths.quantile_tokens`` of the normal CDF of correlated normals) and only adds dependence. Each
+(``datasets.burstgpt(..., rho)``: ``QuantileLengths.quantile_tokens`` of the normal CDF of correlated normals) and
+only adds dependence. Each
 calibration trace keeps its arrivals and count; its lengths are redrawn (seeded). INFaaS++ runs of the calibrated
 ``a10-llama-7b`` (``calibration.simulate_infaas``); the ratios to the paper's BurstGPT points are written per rho.
 
@@ -11,7 +12,6 @@ calibration trace keeps its arrivals and count; its lengths are redrawn (seeded)
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -23,24 +23,16 @@ import pandas as pd
 from llumnix.analysis.calibration import PAPER_METRICS, load_points, simulate_infaas, trace_file
 from llumnix.metrics import request_table, summarize
 from llumnix.profiles import Profile
-from llumnix.workload import read_trace, write_trace
+from llumnix.workload import datasets, read_trace, write_trace
 from llumnix.workload.lengths import BURSTGPT_INPUT, BURSTGPT_OUTPUT
-
-
-def copula_lengths(n: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` (input, output) pairs with BurstGPT's Table-1 marginals, joined by a Gaussian copula of ``rho``."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, 2))
-    z[:, 1] = rho * z[:, 0] + math.sqrt(1 - rho * rho) * z[:, 1]
-    u = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))  # the normal CDF
-    return tuple(np.maximum(np.rint(q.quantile_tokens(u[:, i])), 1).astype(np.int64)
-                 for i, q in enumerate((BURSTGPT_INPUT, BURSTGPT_OUTPUT)))
 
 
 def run(task: tuple[str, float, float, str, int]) -> dict:
     trace_path, rate, rho, out_dir, seed = task
     df = read_trace(trace_path)
-    df["prompt_tokens"], df["output_tokens"] = copula_lengths(len(df), rho, seed=seed * 100003 + int(rate * 100))
+    rng = np.random.default_rng(seed * 100003 + int(rate * 100))
+    pairs = datasets._copula_pairs(BURSTGPT_INPUT, BURSTGPT_OUTPUT, len(df), rng, rho)  # rho 0 too: a fresh draw
+    df["prompt_tokens"], df["output_tokens"] = pairs.prompt_tokens, pairs.output_tokens
     path = Path(out_dir) / f"burstgpt-{rate:g}-rho{rho:g}-s{seed}.parquet"
     write_trace(df, path)
     summary = summarize(request_table(simulate_infaas(Profile.load("a10-llama-7b"), path).requests))

@@ -158,6 +158,25 @@ def test_dataset_generators_match_table1_within_10_percent(name, generator):
     assert (pairs.prompt_tokens + pairs.output_tokens).max() <= MAX_TOTAL_TOKENS
 
 
+def test_burstgpt_joined_by_a_copula_keeps_its_marginals_and_adds_the_correlation():
+    """rho > 0: the same Table-1 marginals, a rank correlation near a Gaussian copula's (6/pi) asin(rho/2); rho 0
+    draws exactly the independent stand-in."""
+    rho = 0.2
+    pairs = burstgpt(N_SAMPLES, np.random.default_rng(0), rho=rho)
+    for side, samples in (("input", pairs.prompt_tokens), ("output", pairs.output_tokens)):
+        mean_err, pct_err = relative_errors(samples, f"burstgpt_{side}")
+        assert abs(mean_err) < 0.10 and np.all(np.abs(pct_err) < 0.10), (side, mean_err, pct_err)
+    ranks = [pd.Series(x).rank() for x in (pairs.prompt_tokens, pairs.output_tokens)]
+    spearman = ranks[0].corr(ranks[1])  # Pearson's of the ranks
+    assert abs(spearman - 6 / np.pi * np.arcsin(rho / 2)) < 0.03, spearman
+    assert (pairs.prompt_tokens + pairs.output_tokens).max() <= MAX_TOTAL_TOKENS
+    plain, zero = burstgpt(50, np.random.default_rng(3)), burstgpt(50, np.random.default_rng(3), rho=0.0)
+    assert np.array_equal(plain.prompt_tokens, zero.prompt_tokens)
+    assert np.array_equal(plain.output_tokens, zero.output_tokens)
+    with pytest.raises(ValueError, match="rho must be in"):
+        burstgpt(5, np.random.default_rng(0), rho=1.0)
+
+
 @pytest.mark.parametrize(
     "dist, name",
     [(L.SHAREGPT_INPUT, "sharegpt_input"), (L.SHAREGPT_OUTPUT, "sharegpt_output"),

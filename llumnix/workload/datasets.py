@@ -14,6 +14,7 @@ random). Every pair keeps ``prompt_tokens + output_tokens <= MAX_TOTAL_TOKENS``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,28 @@ def sharegpt(n: int, rng: np.random.Generator) -> LengthPairs:
     return _independent_pairs(SHAREGPT_INPUT, SHAREGPT_OUTPUT, n, rng)
 
 
-def burstgpt(n: int, rng: np.random.Generator) -> LengthPairs:
-    """``n`` pairs whose marginals match BurstGPT's Table-1 mean and percentiles."""
-    return _independent_pairs(BURSTGPT_INPUT, BURSTGPT_OUTPUT, n, rng)
+def burstgpt(n: int, rng: np.random.Generator, rho: float = 0.0) -> LengthPairs:
+    """``n`` pairs whose marginals match BurstGPT's Table-1 mean and percentiles; drawn independently, or with
+    ``rho`` > 0 joined by a Gaussian copula of that correlation (the marginals unchanged: longer prompts with somewhat
+    longer answers). The default stays independent; ``benchmarks/burstgpt_copula.py`` measures what a correlation
+    does to the paper's INFaaS++ BurstGPT points (results/calibration/README.md)."""
+    if rho == 0:
+        return _independent_pairs(BURSTGPT_INPUT, BURSTGPT_OUTPUT, n, rng)
+    return _copula_pairs(BURSTGPT_INPUT, BURSTGPT_OUTPUT, n, rng, rho)
+
+
+def _copula_pairs(
+    inputs: QuantileLengths, outputs: QuantileLengths, n: int, rng: np.random.Generator, rho: float
+) -> LengthPairs:
+    """Pairs whose normal scores have correlation ``rho`` (a Gaussian copula), each mapped through its marginal."""
+    if not -1 < rho < 1:
+        raise ValueError(f"rho must be in (-1, 1), got {rho}")
+    z = rng.standard_normal((n, 2))
+    z[:, 1] = rho * z[:, 0] + math.sqrt(1 - rho * rho) * z[:, 1]
+    u = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))  # the normal CDF
+    first, second = (np.maximum(np.rint(q.quantile_tokens(u[:, i])), 1).astype(np.int64)
+                     for i, q in enumerate((inputs, outputs)))
+    return LengthPairs(first, second)
 
 
 # -- loaders for the real datasets ---------------------------------------------------------------------------------
