@@ -68,6 +68,7 @@ def test_a_stage_in_one_send(final, moves_kv, chunk_blocks):
 
 
 def test_an_empty_stage_and_a_bad_chunk_size():
-    assert run_copy(Copy(7, 1, 0, (), (), final=False), Recorder(), 2)[1:] == ([], 0)
+    for final, moves_kv in ((False, True), (True, True), (False, False)):  # nothing read, nothing sent
+        assert run_copy(Copy(7, 1, 0, (), (), final=final), Recorder(moves_kv), 2)[1:] == ([], 0)
     with pytest.raises(ValueError, match="chunk_blocks must be >= 1"):
         RecordingTransport(Recorder(), {}, 0)

@@ -6,7 +6,8 @@ written them into its pre-allocated blocks (``executor.write_blocks``). A non-fi
 at a time, each chunk read from the source's executor (``read_blocks``) when the previous one has been written, so the
 source's steps run between the chunks instead of behind one copy of the whole stage (as the engine's paced
 ``kv_transfer.PoolTransfer``; the KV of those blocks no longer changes). The stop-and-copy stage is read at once, in
-``start``, while the request is suspended, and sent whole. Host copies (``pack``) run off the event loop.
+``start``, while the request is suspended, and sent whole. Copies from a GPU to the host (``pack``) run off the event
+loop.
 Destinations are other instance actors, looked up by id in ``peers``. A profile executor moves no bytes: its copy
 takes the time the profile gives a migration stage (``Executor.copy_time_s``), in one call. One small class per
 transport:
@@ -103,7 +104,7 @@ class RayTransport(KVTransfer):
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
         # a modelled engine moves no KV: its stage is one call, after the copy time its profile gives
-        chunk = chunk_of(copy, self.chunk_blocks if self.executor.moves_kv else None)
+        chunk = max(1, chunk_of(copy, self.chunk_blocks if self.executor.moves_kv else None))  # (1: an empty stage)
         first = self.executor.read_blocks(list(copy.src_blocks[:chunk])) if copy.src_blocks else None
         delay_s = self.executor.copy_time_s(len(copy.src_blocks))
         return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, chunk, first, delay_s)))
@@ -132,7 +133,10 @@ class ObjectStoreTransport(RayTransport):
     name = "object-store"
 
     async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
-        payload = await asyncio.to_thread(pack, data, len(dst_blocks))  # a device-to-host copy: off the event loop
+        if getattr(data, "is_cuda", False):  # a device-to-host copy: off the event loop
+            payload = await asyncio.to_thread(pack, data, len(dst_blocks))
+        else:  # host data (or none: a modelled engine's) packs at once, in the loop's own time
+            payload = pack(data, len(dst_blocks))
         num_bytes = payload.nbytes
         if payload.array is not None:
             import ray
