@@ -12,7 +12,8 @@ constants of then: PARTITION 256, BLOCK_N 64; h200-decode-kernel-loads.csv). "ta
 
     python3 benchmarks/gpu_kernel_variants.py -o benchmarks/h200-decode-kernel-variants.csv
     python3 benchmarks/gpu_kernel_variants.py --variants address,head_major -o benchmarks/h200-decode-kernel-order.csv
-    (the order and tile CSVs: run before HEAD_MAJOR, PARTITION 512, BLOCK_N / FULL_BLOCK_N 128 were the defaults)
+    (the order and tile CSVs: run before HEAD_MAJOR and 128-token tiles were the defaults; "head_major" there had
+    PARTITION 256 and tiles of 64)
 """
 
 from __future__ import annotations

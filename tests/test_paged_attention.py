@@ -13,8 +13,9 @@ from llumnix.engine import paged_attention
 DEVICE = paged_attention.triton_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1")
 BLOCK = 16
-# around the 512-token partition: one partition, exactly one, one more token, several, and a partial last one
-CONTEXTS = [1, 15, 16, 511, 512, 513, 1500, 3000]
+# around the partition (PARTITION tokens): one partition, exactly one, one more token, several, a partial last one
+_P = paged_attention.PARTITION
+CONTEXTS = [1, 15, 16, _P - 1, _P, _P + 1, 2 * _P + 1, 1500, 3000]
 
 
 def _case(lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0, head_dim: int = 16):
