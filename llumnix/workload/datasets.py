@@ -86,9 +86,7 @@ def _copula_pairs(
     z = rng.standard_normal((n, 2))
     z[:, 1] = rho * z[:, 0] + math.sqrt(1 - rho * rho) * z[:, 1]
     u = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))  # the normal CDF
-    first, second = (np.maximum(np.rint(q.quantile_tokens(u[:, i])), 1).astype(np.int64)
-                     for i, q in enumerate((inputs, outputs)))
-    return LengthPairs(first, second)
+    return LengthPairs(inputs.tokens_at(u[:, 0]), outputs.tokens_at(u[:, 1]))
 
 
 # -- loaders for the real datasets ---------------------------------------------------------------------------------

@@ -280,9 +280,13 @@ class QuantileLengths:
         u = self.knot_quantiles
         return sum(_integral(self.quantile_tokens, u[i], u[i + 1]) for i in range(len(u) - 1))
 
+    def tokens_at(self, u: np.ndarray) -> np.ndarray:
+        """Integer lengths in ``[1, max_tokens]`` at quantiles ``u``."""
+        return np.maximum(np.rint(self.quantile_tokens(u)), 1).astype(np.int64)
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` integer lengths in ``[1, max_tokens]``."""
-        return np.maximum(np.rint(self.quantile_tokens(rng.random(n))), 1).astype(np.int64)
+        return self.tokens_at(rng.random(n))
 
 
 def fit_box_cox_lambda(knot_quantiles: Sequence[float], knot_tokens: Sequence[float], mean_tokens: float) -> float:
