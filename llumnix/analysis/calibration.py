@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from llumnix.profiles import DecodePoint, Profile
+from llumnix.workload.datasets import BURSTGPT_RHO
 
 #: The paper's metric names (figure panels) -> summary.json keys.
 PAPER_METRICS: dict[str, str] = {
@@ -258,8 +259,9 @@ def calibrated_profile(base: Profile, values: Mapping[str, float], fit: Score, p
         "prefill floor: a prefill step takes at least decode_fixed_s (prefill_floor_s): it reads every weight once, "
         "however few tokens it computes",
         "testbed around the profile (not in it): vLLM 0.1's preemption while no block is free, the artifact's "
-        "per-step load reports, the artifact's own traces for S/M/L workloads (seed 0), Table 1's ShareGPT and "
-        "BurstGPT stand-ins",
+        "per-step load reports, the artifact's own traces for S/M/L workloads (seed 0), Table 1's ShareGPT "
+        f"stand-in, and BurstGPT's (Table 1's marginals joined by a Gaussian copula, rho {BURSTGPT_RHO}: fitted on "
+        "the INFaaS++ BurstGPT points within the real log's measured 0.19-0.39, llumnix.workload.datasets)",
     ]
     summary = (
         f"calibration: the parameters above were fitted on the paper's INFaaS++ points of Fig 11 only "
