@@ -35,9 +35,8 @@ SLICE = "experiments/calibration/burstgpt-1-first400.csv"
 
 def empirical_pairs(n: int, rng: np.random.Generator) -> datasets.LengthPairs:
     """The real slice's dependence (its served rows' rank pairs, resampled, jittered) through Table 1's marginals."""
-    real = pd.read_csv(SLICE)
-    real = real[(real[datasets.BURSTGPT_REQUEST_COLUMN] > 0) & (real[datasets.BURSTGPT_RESPONSE_COLUMN] > 0)]
-    ranks = [real[c].rank().to_numpy() for c in (datasets.BURSTGPT_REQUEST_COLUMN, datasets.BURSTGPT_RESPONSE_COLUMN)]
+    real = datasets.burstgpt_served(pd.read_csv(SLICE))
+    ranks = [pd.Series(x).rank().to_numpy() for x in (real.prompt_tokens, real.output_tokens)]
     idx = rng.integers(0, len(real), n)
     u, v = ((r[idx] - rng.random(n)) / len(real) for r in ranks)
     return datasets.LengthPairs(BURSTGPT_INPUT.tokens_at(u), BURSTGPT_OUTPUT.tokens_at(v))

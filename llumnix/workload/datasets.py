@@ -99,6 +99,23 @@ def _copula_pairs(
     return LengthPairs(inputs.tokens_at(u[:, 0]), outputs.tokens_at(u[:, 1]))
 
 
+def copula_rho(pairs: LengthPairs) -> float:
+    """The Gaussian copula correlation with the pairs' Spearman rank correlation rho_s (2 sin(pi rho_s / 6)): the
+    ``rho`` of :func:`burstgpt` measured on real rows."""
+    spearman = pd.Series(pairs.prompt_tokens).rank().corr(pd.Series(pairs.output_tokens).rank())
+    return 2 * math.sin(math.pi * spearman / 6)
+
+
+def copula_rho_interval(pairs: LengthPairs, rng: np.random.Generator, resamples: int = 2000,
+                        level: float = 0.95) -> tuple[float, float]:
+    """A percentile bootstrap interval of :func:`copula_rho` (rows resampled with replacement)."""
+    n = len(pairs)
+    draws = [copula_rho(LengthPairs(pairs.prompt_tokens[i], pairs.output_tokens[i]))
+             for i in (rng.integers(0, n, n) for _ in range(resamples))]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+
+
 # -- loaders for the real datasets ---------------------------------------------------------------------------------
 
 
@@ -135,6 +152,15 @@ def load_burstgpt(path: str | Path) -> LengthPairs:
     capped = lengths.clip(lower=1, upper=AUTHORS_CAP_TOKENS).astype(np.int64)
     pairs = LengthPairs(capped[BURSTGPT_REQUEST_COLUMN].to_numpy(), capped[BURSTGPT_RESPONSE_COLUMN].to_numpy())
     return _nonempty(pairs, path, "rows with numeric request and response tokens")
+
+
+def burstgpt_served(table: pd.DataFrame) -> LengthPairs:
+    """The pairs of a BurstGPT table's served requests, as they are (a failure logs 0 request and 0 response
+    tokens): for measuring the log's own statistics, e.g. :func:`copula_rho`, where :func:`load_burstgpt` replays
+    every row the artifact's way."""
+    served = table[(table[BURSTGPT_REQUEST_COLUMN] > 0) & (table[BURSTGPT_RESPONSE_COLUMN] > 0)]
+    return LengthPairs(served[BURSTGPT_REQUEST_COLUMN].to_numpy(np.int64),
+                       served[BURSTGPT_RESPONSE_COLUMN].to_numpy(np.int64))
 
 
 def _nonempty(pairs: LengthPairs, path: Path, what: str) -> LengthPairs:
