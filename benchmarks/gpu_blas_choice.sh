@@ -7,17 +7,21 @@
 # split-K needing one) -> $OUT/<gpu>-decode-grid-blas-<name>.csv, and the GEMM kernels each one runs at batch 1 and 8
 # -> $OUT/<gpu>-blas-kernels-<name>.txt. Compare step times (the copy bandwidth is measured per run).
 # Found (one H200, torch 2.11 + CUDA 13.0, 2026-11-29; benchmarks/h200-*blas*): without a workspace cuBLAS drops split-K
-# (at M=1: o_proj 8.1 + 1.5 us reduction -> 8.4 us, down 25.0 + 1.6 -> 23.6 us), but the decode steps do not move
-# beyond run-to-run spread (ABAB over the whole grid: batch 1 within +-1%, 8 x 512 and 32 x 512 2% shorter, 8 x 8k and
-# 256 x 512 <1% longer) and prefill of 256-1024 tokens becomes 1.8-3x slower (14 -> 44 ms at 256); cuBLASLt preferred
-# is 1-5% slower, and cuBLASLt refuses to run without a workspace. Nothing adopted: the GEMMs' choice is not what
-# keeps batch 1-8 above 1.3x the floor.
+# (at M=1: o_proj 8.1 + 1.5 us reduction -> 8.4 us, down 25.0 + 1.6 -> 23.6 us; 64 fewer kernels a step). Inside the
+# replayed graph (host): the products 0.12-0.16 ms shorter, steps 4.60 -> 4.41 ms at 1 x 512, 5.76 -> 5.26 at 8 x 512,
+# 7.43 -> 7.17 at 32 x 512; but the grid, alternated twice (abab), moved less than its spread at batch 1 and 2% at 8 and
+# 32 x 512 (steps differ by up to 5% between processes of the same setting), and without a workspace prefill of
+# 256-1024 tokens is 1.8-3x slower (14 -> 44 ms at 256). cuBLASLt preferred is 1-5% slower and refuses to run without
+# a workspace. Not adopted: torch 2.11 sizes the cuBLAS workspace once per process (CUBLAS_WORKSPACE_CONFIG), so the
+# decode graphs cannot go without one while prefill keeps it; newer torch can override the size at run time.
 # Usage: bash benchmarks/gpu_blas_choice.sh [choice|abab]
 #   choice  the four settings above (the first run, 2026-11-29 -> benchmarks/h200-decode-grid-blas-*.csv, -kernels-*)
 #   abab    the whole grid (batch {1,8,32,128,256} x context {512,2048,8192}) with the defaults and without a cuBLAS
 #           workspace, alternated twice in separate processes (the copy bandwidth moved 3% between processes), and
 #           the prefill floor with each -> $OUT/<gpu>-decode-grid-blas-{default,noworkspace}-{1,2}.csv,
 #           <gpu>-prefill-floor-blas-{default,noworkspace}.csv
+#   host    where the step's time goes with each (benchmarks/gpu_step_host.py at 1, 8, 32 x 512, a process each)
+#           -> $OUT/<gpu>-step-host-blas-{default,noworkspace}.csv
 set -u
 WHAT=${1:-choice}
 . benchmarks/gpu_env.sh
@@ -49,6 +53,12 @@ PY
 }
 nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"
 NOWS="CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0"
+if [ "$WHAT" = host ]; then
+  timeout 200 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512 -o "$OUT/$G-step-host-blas-default.csv"
+  env $NOWS timeout 200 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512 \
+    -o "$OUT/$G-step-host-blas-noworkspace.csv"
+  exit 0
+fi
 if [ "$WHAT" = abab ]; then
   for i in 1 2; do
     for name in default noworkspace; do
