@@ -12,8 +12,9 @@
 # 7.43 -> 7.17 at 32 x 512; but the grid, alternated twice (abab), moved less than its spread at batch 1 and 2% at 8 and
 # 32 x 512 (steps differ by up to 5% between processes of the same setting), and without a workspace prefill of
 # 256-1024 tokens is 1.8-3x slower (14 -> 44 ms at 256). cuBLASLt preferred is 1-5% slower and refuses to run without
-# a workspace. Not adopted: torch 2.11 sizes the cuBLAS workspace once per process (CUBLAS_WORKSPACE_CONFIG), so the
-# decode graphs cannot go without one while prefill keeps it; newer torch can override the size at run time.
+# a workspace. So not process-wide: the engine captures its decode graphs alone without one
+# (runner.DECODE_GRAPH_BLAS_WORKSPACE; torch makes a workspace per stream, sized when made), measured with
+# `bash benchmarks/gpu_decode_grid.sh blasws`.
 # Usage: bash benchmarks/gpu_blas_choice.sh [choice|abab]
 #   choice  the four settings above (the first run, 2026-11-29 -> benchmarks/h200-decode-grid-blas-*.csv, -kernels-*)
 #   abab    the whole grid (batch {1,8,32,128,256} x context {512,2048,8192}) with the defaults and without a cuBLAS

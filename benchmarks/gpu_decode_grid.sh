@@ -51,6 +51,11 @@
 #                -> benchmarks/<gpu>-decode-grid-p256.csv
 #   p256         the engine with 256-token partitions again (the default since): its checks -> ...-p256b.csv (the
 #                grid: -decode-grid-p256b.csv), where a step's time goes -> ...-step-host-p256.csv; the profile
+#   blasws       captured decode steps with no cuBLAS workspace (runner.DECODE_GRAPH_BLAS_WORKSPACE: no split-K in
+#                their products): the engine's checks -> ...-blasws.csv, where a step's time goes ->
+#                ...-step-host-blasws.csv, prefill (keeps torch's workspace) -> ...-prefill-floor-blasws.csv, the
+#                engine's CUDA tests (-blasws-control.*: a first run whose setting did nothing, torch 2.11 having no
+#                cublas_workspace_size: the defaults' files)
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -185,6 +190,16 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
     engine_checks p256b
     timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x2048,32x2048,128x512,256x512 \
       -o "benchmarks/$G-step-host-p256.csv" && cp "benchmarks/$G-step-host-p256.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = blasws ]; then
+    python3 -c "import torch; print('cublas_workspace_size:', hasattr(torch.backends.cuda, 'cublas_workspace_size'))"
+    engine_checks blasws
+    timeout 100 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512,8x2048 \
+      -o "benchmarks/$G-step-host-blasws.csv" && cp "benchmarks/$G-step-host-blasws.csv" "$OUT/"
+    timeout 100 $L bench prefill-floor --device cuda --model llama-7b --dtype bfloat16 \
+      -o "benchmarks/$G-prefill-floor-blasws.csv" && cp "benchmarks/$G-prefill-floor-blasws.csv" "$OUT/"
+    timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_engine_model.py \
+      -k "cuda or static or graph or invariant or paged" 2>&1 | tail -3
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from llumnix.engine import (
     dense_logits,
     get_model_config,
 )
+from llumnix.engine import runner as runner_module
 from llumnix.engine.device import torch_threads
 from llumnix.engine.runner import group_by_length
 
@@ -366,3 +368,33 @@ def test_a_failed_graph_capture_falls_back_to_eager_decoding(monkeypatch):
     again.cuda_graphs = True  # as on CUDA
     assert paged_generate(again, prompts([5, 9], seed=1), 4, Blocks(64, seed=0)) == eager
     assert again.cuda_graphs is False and not again._static
+
+
+def test_decode_graph_blas_workspace_is_set_for_the_capture_and_restored(monkeypatch):
+    """runner._blas_workspace: torch's size setter where torch has one, else CUBLAS_WORKSPACE_CONFIG for the while
+    (torch 2.11 reads it whenever it makes a workspace); either way the size before comes back, also after an error;
+    None leaves everything alone."""
+    env = runner_module.CUBLAS_WORKSPACE_ENV
+    sizes = [32 << 20]
+
+    def set_size(size=None):
+        if size is not None:
+            sizes.append(size)
+        return sizes[-1]
+
+    monkeypatch.setattr(torch.backends.cuda, "cublas_workspace_size", set_size, raising=False)
+    with pytest.raises(RuntimeError), runner_module._blas_workspace(0):
+        assert set_size() == 0
+        raise RuntimeError("capture failed")
+    assert sizes == [32 << 20, 0, 32 << 20]
+    monkeypatch.delattr(torch.backends.cuda, "cublas_workspace_size")
+    for before in (None, ":4096:8"):
+        if before is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, before)
+        with runner_module._blas_workspace(0):
+            assert os.environ[env] == ":0:1"
+        assert os.environ.get(env) == before
+    with runner_module._blas_workspace(None):
+        assert os.environ.get(env) == before

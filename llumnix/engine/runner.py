@@ -5,7 +5,10 @@ It executes exactly the batch it is given; which sequences run, and which blocks
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +57,13 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_BUCKET = 256
 MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eagerly
+# The cuBLAS workspace (bytes) of the products in captured decode steps: none, so that cuBLAS does not split their K
+# dimension over programs and add a reduction kernel (LLaMA-7B on an H200: two of the four products per layer at
+# batch 1-32, 64 more kernels a step; inside the graph the products take 0.12-0.16 ms less without, benchmarks/
+# gpu_blas_choice.sh). Prefill and eager steps keep torch's workspace: without one, prefill of 256-1024 tokens is
+# 1.8-3x slower. None leaves the workspace alone (so does a torch without torch.backends.cuda.cublas_workspace_size).
+DECODE_GRAPH_BLAS_WORKSPACE: int | None = 0
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 
 def _fill_tables(out: np.ndarray, seqs: list[SeqInput], fill: int) -> None:
@@ -72,6 +82,35 @@ def _padded_tables(seqs: list[SeqInput], width: int, fill: int, rows: int) -> to
     out = np.empty((rows, width), dtype=np.int32)
     _fill_tables(out, seqs, fill)
     return torch.from_numpy(out)
+
+
+@contextlib.contextmanager
+def _blas_workspace(size: int | None) -> Iterator[None]:
+    """cuBLAS workspaces made inside take ``size`` bytes (torch makes one per handle and stream, when first used:
+    a graph's capture stream gets its own), then the size goes back to what it was. Through
+    ``torch.backends.cuda.cublas_workspace_size`` where torch has it; older torch (2.11) reads the size from
+    CUBLAS_WORKSPACE_CONFIG (":KiB:COUNT") whenever it makes a workspace, so that is set for the while instead."""
+    if size is None:
+        yield
+        return
+    set_size = getattr(torch.backends.cuda, "cublas_workspace_size", None)
+    if set_size is not None:
+        before = set_size()
+        set_size(size)
+        try:
+            yield
+        finally:
+            set_size(before)
+        return
+    before_env = os.environ.get(CUBLAS_WORKSPACE_ENV)
+    os.environ[CUBLAS_WORKSPACE_ENV] = f":{size // 1024}:1"
+    try:
+        yield
+    finally:
+        if before_env is None:
+            del os.environ[CUBLAS_WORKSPACE_ENV]
+        else:
+            os.environ[CUBLAS_WORKSPACE_ENV] = before_env
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -175,16 +214,17 @@ class StaticDecode:
 
     def capture(self, pool) -> None:
         """Record ``forward`` as a CUDA graph (after two warm-up runs on a side stream, which compute this step's
-        own KV writes: replaying writes the same values)."""
+        own KV writes: replaying writes the same values), its products with DECODE_GRAPH_BLAS_WORKSPACE."""
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.forward()
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self.forward()
+        with _blas_workspace(DECODE_GRAPH_BLAS_WORKSPACE):
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.forward()
+            torch.cuda.current_stream(self.runner.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = self.forward()
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
