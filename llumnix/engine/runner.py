@@ -61,7 +61,7 @@ MAX_DECODE_GRAPHS = 48  # captured shapes kept; a step of another shape runs eag
 # dimension over programs and add a reduction kernel (LLaMA-7B on an H200: two of the four products per layer at
 # batch 1-32, 64 more kernels a step; inside the graph the products take 0.12-0.17 ms less without, benchmarks/
 # gpu_blas_choice.sh). Prefill and eager steps keep torch's workspace: without one, prefill of 256-1024 tokens is
-# 1.8-3x slower. None leaves the workspace alone (so does a torch without torch.backends.cuda.cublas_workspace_size).
+# 1.8-3x slower. None leaves the workspace alone.
 DECODE_GRAPH_BLAS_WORKSPACE: int | None = 0
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
