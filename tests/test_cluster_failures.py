@@ -13,6 +13,7 @@ import asyncio
 import json
 import socket
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -85,6 +86,30 @@ def test_serve_refuses_more_cpus_than_ray_has_before_any_actor_starts(ray_local,
 
 
 # -- /admin/start-instance without a free CPU --------------------------------------------------------------------------
+def test_an_actor_the_actor_table_does_not_list_yet_is_not_placed(monkeypatch):
+    """RayLauncher.placed: Ray registers a new actor asynchronously, so just after launch its actor table may not
+    list it ({}): not placed yet. (Taken for placed, a start that could never be placed waited for the 600 s startup
+    timeout: a CI run's start-instance request below timed out that way.) Pending without a worker: not placed; with
+    a worker, or in any later state: placed; the private API gone: placed, left to the startup timeout."""
+    from ray._private import state
+
+    from llumnix.runtime.actors import RayLauncher
+
+    handle = SimpleNamespace(_actor_id=SimpleNamespace(hex=lambda: "ab"))
+    launcher = RayLauncher()
+    for info, placed in (({}, False), ({"State": "PENDING_CREATION", "Pid": 0}, False),
+                         ({"State": "DEPENDENCIES_UNREADY", "Pid": 0}, False), ({"State": "PENDING_CREATION", "Pid": 7}, True),
+                         ({"State": "ALIVE", "Pid": 7}, True), ({"State": "DEAD", "Pid": 0}, True)):
+        monkeypatch.setattr(state, "actors", lambda actor_id, info=info: info)
+        assert launcher.placed(handle) is placed, info
+
+    def moved(actor_id):
+        raise AttributeError("moved")
+
+    monkeypatch.setattr(state, "actors", moved)
+    assert launcher.placed(handle) is True
+
+
 def test_start_instance_without_a_free_cpu_answers_503_and_leaves_no_pending_actor(ray_local):
     """Two instances of 1 CPU hold the local Ray's 2: a third cannot be placed. The route answers 503 after
     --placement-timeout (not after --startup-timeout's 600 s), and the actor it launched is killed, not left queued

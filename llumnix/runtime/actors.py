@@ -77,13 +77,17 @@ class RayLauncher(ActorLauncher):
 
     def placed(self, handle: Any) -> bool:
         """From Ray's actor table (GCS): an actor waiting for resources is PENDING_CREATION without a worker process
-        (pid 0); once leased a worker, it has one while its constructor runs."""
+        (pid 0); once leased a worker, it has one while its constructor runs. An actor the table does not have yet
+        (Ray registers a new actor asynchronously: the table answers ``{}`` just after ``.remote()``) is not placed
+        either; taken for placed, a start that can never be placed waited for the startup timeout instead."""
         from ray._private import state
 
         try:
             info = state.actors(handle._actor_id.hex())
         except Exception:  # Ray's private state API moved: leave it to the startup timeout
             return True
+        if not info:
+            return False
         return bool(info.get("Pid")) or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
 
     def node_address(self) -> str:
