@@ -56,6 +56,12 @@
 #                ...-step-host-blasws.csv, prefill (keeps torch's workspace) -> ...-prefill-floor-blasws.csv, the
 #                engine's CUDA tests (-blasws-control.*: a first run whose setting did nothing, torch 2.11 having no
 #                cublas_workspace_size: the defaults' files)
+#   partitions   split-KV's constants (PARTITION/TILE/WARPS/PROGRAMS_PER_SM, $PARTITION_CONFIGS, the first the
+#                reference) at batch 1-16, LLaMA-7B's and SmolLM2's shapes, the kernel alone ->
+#                benchmarks/<gpu>-decode-kernel-partitions.csv; the engine's grid at batch 1-16 under each of
+#                $PARTITION_ENGINE (NAME=INT+NAME=INT entries, e.g. PARTITION=256 for the defaults) ->
+#                ...-decode-grid-part-<entry>.csv; where a step's time goes with the sampling inside the graph ->
+#                ...-step-host-argmax.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -200,6 +206,20 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       -o "benchmarks/$G-prefill-floor-blasws.csv" && cp "benchmarks/$G-prefill-floor-blasws.csv" "$OUT/"
     timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_engine_model.py \
       -k "cuda or static or graph or invariant or paged" 2>&1 | tail -3
+  fi
+  if [ "$WHAT" = partitions ]; then
+    # split-KV's constants at the batches that take it (1-16 for LLaMA-7B), the kernel alone; the engine's steps at
+    # batch 1-16 under candidates; where a step's time goes with the greedy sampling inside the graph
+    timeout 240 python3 benchmarks/gpu_decode_kernel.py --shapes llama-7b,smollm2-135m --batches 1,2,4,8,16 \
+      --contexts 512,2048,8192 --configs "$PARTITION_CONFIGS" \
+      -o "benchmarks/$G-decode-kernel-partitions.csv" && cp "benchmarks/$G-decode-kernel-partitions.csv" "$OUT/"
+    timeout 100 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512,8x2048 \
+      -o "benchmarks/$G-step-host-argmax.csv" && cp "benchmarks/$G-step-host-argmax.csv" "$OUT/"
+    for c in $PARTITION_ENGINE; do  # NAME=INT+NAME=INT...: paged_attention constants
+      timeout 100 python3 benchmarks/with_kernel.py ${c//+/ } -- -m llumnix.bench.cli bench decode-floor --device cuda \
+        --model llama-7b --dtype bfloat16 --batch 1,8,16 --context 512,2048,8192 \
+        -o "benchmarks/$G-decode-grid-part-${c//[=+]/-}.csv" && cp "benchmarks/$G-decode-grid-part-${c//[=+]/-}.csv" "$OUT/"
+    done
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

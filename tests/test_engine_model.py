@@ -290,7 +290,7 @@ def test_static_decode_matches_the_eager_step():
     logits = static.run()
     assert logits.shape[0] == 4 and torch.isfinite(logits).all()
     torch.testing.assert_close(logits[:3], eager, rtol=1e-4, atol=1e-4)
-    assert logits[:3].argmax(-1).tolist() == eager.argmax(-1).tolist()
+    assert logits[:3].argmax(-1).tolist() == eager.argmax(-1).tolist() == static.tokens[:3].tolist()
     # it rewrote the step's own KV (equal up to the rounding of a 4-row batch); the pad row wrote only scratch
     torch.testing.assert_close(runner.kv_cache.read_blocks(owned), before, rtol=1e-5, atol=1e-5)
     assert runner.kv_cache.scratch_slot == 64 * 4 and runner.kv_cache.cache.shape[2] == 65
@@ -349,6 +349,9 @@ def test_batch_invariant_decoding(kernel):
     everyone = runner.decode_logits(seqs[1:] + seqs[:1])  # 7 rows: chunks of 4 and 3 (+1 padding row)
     assert everyone[-1].equal(alone[0])
     assert everyone[:3].equal(runner.decode_logits(seqs[1:4]))
+    # the greedy tokens (in a static step, taken from its buffers chunk by chunk) are those logits' argmax
+    assert runner.decode(seqs[1:] + seqs[:1]) == everyone.argmax(-1).tolist()
+    assert runner.decode(seqs[:1]) == alone.argmax(-1).tolist()
     with pytest.raises(ValueError, match="invariant_batch"):
         ModelRunner("tiny", num_blocks=8, invariant_batch=0)
 

@@ -168,6 +168,7 @@ class StaticDecode:
             self.mask[..., 0] = True
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None  # the greedy tokens of ``logits``, taken inside the graph
 
     def fill(self, seqs: list[SeqInput], lens: list[int]) -> None:
         kv, scratch = self.runner.kv_cache, self.runner.kv_cache.scratch_slot
@@ -212,24 +213,33 @@ class StaticDecode:
 
         return model.compute_logits(model(self.ids, self.positions, attn))
 
+    def _forward_sample(self) -> None:
+        self.logits = self.forward()
+        self.tokens = self.logits.argmax(-1)
+
     def capture(self, pool) -> None:
-        """Record ``forward`` as a CUDA graph (after two warm-up runs on a side stream, which compute this step's
-        own KV writes: replaying writes the same values), its products with DECODE_GRAPH_BLAS_WORKSPACE."""
+        """Record ``forward`` and the greedy sampling as a CUDA graph (after two warm-up runs on a side stream,
+        which compute this step's own KV writes: replaying writes the same values), its products with
+        DECODE_GRAPH_BLAS_WORKSPACE. Sampling inside the graph saves the host two launches a step (a copy of the
+        logits and the argmax) while the GPU waits."""
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with _blas_workspace(DECODE_GRAPH_BLAS_WORKSPACE):
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.forward()
+                    self._forward_sample()
             torch.cuda.current_stream(self.runner.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = self.forward()
+                self._forward_sample()
 
     def run(self) -> torch.Tensor:
+        """One step: its ``logits`` (returned) and ``tokens`` (a graph's output buffers: the next replay overwrites
+        them)."""
         if self.graph is None:
-            return self.forward()
-        self.graph.replay()
+            self._forward_sample()
+        else:
+            self.graph.replay()
         return self.logits
 
 
@@ -295,8 +305,11 @@ class ModelRunner:
     def prefill(self, seqs: list[SeqInput]) -> list[int]:
         return self.prefill_logits(seqs).argmax(-1).tolist()
 
+    @torch.inference_mode()
     def decode(self, seqs: list[SeqInput]) -> list[int]:
-        return self.decode_logits(seqs).argmax(-1).tolist()
+        """Greedy next tokens: the argmax of ``decode_logits``' rows (taken inside a captured step's graph)."""
+        chunks = self._decode_chunks(seqs, tokens=True)
+        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).tolist()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -343,27 +356,37 @@ class ModelRunner:
         """Logits [B, vocab] (fp32) for one new token per sequence, attending to its whole paged KV history.
         With ``invariant_batch`` R, the step runs in chunks of R rows, the last one padded: every sequence then
         goes through the same shapes whatever else is in its batch."""
+        return torch.cat(self._decode_chunks(seqs, tokens=False))
+
+    def _decode_chunks(self, seqs: list[SeqInput], tokens: bool) -> list[torch.Tensor]:
+        """The step's logits, or greedy tokens, as one tensor per chunk of ``invariant_batch`` rows (one chunk
+        without it)."""
         self._check(seqs)
         if any(len(s.token_ids) != 1 for s in seqs):
             raise ValueError("decode takes exactly one token per sequence")
         lens = [s.start_pos + 1 for s in seqs]
         rows = self.invariant_batch
         if rows is None or len(seqs) <= rows:
-            return self._decode(seqs, lens, rows)
-        return torch.cat([self._decode(seqs[i : i + rows], lens[i : i + rows], rows)
-                          for i in range(0, len(seqs), rows)])
+            return [self._decode(seqs, lens, rows, tokens, keep=not tokens)]
+        return [self._decode(seqs[i : i + rows], lens[i : i + rows], rows, tokens, keep=True)
+                for i in range(0, len(seqs), rows)]
 
-    def _decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None) -> torch.Tensor:
-        """One decode step of ``seqs`` (padded to ``rows`` rows if given). Captured or static-shape steps where
-        they apply; otherwise eagerly: the paged kernel, or keys gathered per length group (see group_by_length),
-        padded and masked, one SDPA call per group (per sequence when ``rows`` is given: padding a sequence's
-        context to another's length could change its bits)."""
+    def _decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None, tokens: bool = False,
+                keep: bool = True) -> torch.Tensor:
+        """One decode step of ``seqs`` (padded to ``rows`` rows if given): their logits, or their greedy tokens.
+        Captured or static-shape steps where they apply; otherwise eagerly: the paged kernel, or keys gathered per
+        length group (see group_by_length), padded and masked, one SDPA call per group (per sequence when ``rows``
+        is given: padding a sequence's context to another's length could change its bits). ``keep``: a static
+        step's result is copied out of its output buffer, which the next replay overwrites (not needed by a caller
+        that reads it before the next step)."""
         # A static step pads contexts to a bucket: harmless for the kernel (it reads each row's own length), not for
         # the gather path's masked SDPA, whose padded length depends on the batch.
         if (self.cuda_graphs or rows) and (rows is None or self.paged_kernel):
             static = self._static_decode(seqs, lens, rows)
-            if static is not None:  # copied out: the next replay of this graph overwrites its output buffer
-                return static.run()[: len(seqs)].clone()
+            if static is not None:
+                static.run()
+                out = (static.tokens if tokens else static.logits)[: len(seqs)]
+                return out.clone() if keep else out
         kv, pad = self.kv_cache, (rows or len(seqs)) - len(seqs)
         ids = self._tensor([s.token_ids[0] for s in seqs] + [0] * pad)
         positions = self._tensor([s.start_pos for s in seqs] + [0] * pad)
@@ -374,7 +397,8 @@ class ModelRunner:
             tables = _padded_tables(seqs, width, kv.scratch_slot // kv.block_size, len(seqs) + pad).to(self.device)
             lens_t = torch.tensor(lens + [1] * pad, dtype=torch.int32, device=self.device)
             paged = PagedDecodeAttention(kv, slots, tables, lens_t)
-            return self.model.compute_logits(self.model(ids, positions, paged))[: len(seqs)]
+            logits = self.model.compute_logits(self.model(ids, positions, paged))[: len(seqs)]
+            return logits.argmax(-1) if tokens else logits
         groups = []  # (sequence indices, padded slots [b, L], key mask [b, 1, 1, L])
         for g in group_by_length(lens) if rows is None else [[i] for i in range(len(seqs))]:
             ctx = pad_sequence([kv.slot_mapping(seqs[i].block_table, 0, lens[i]) for i in g], batch_first=True)
@@ -389,7 +413,8 @@ class ModelRunner:
                 out[idx] = F.scaled_dot_product_attention(q[idx][:, :, None], ks, vs, attn_mask=mask)[:, :, 0]
             return out
 
-        return self.model.compute_logits(self.model(ids, positions, attn))[: len(seqs)]
+        logits = self.model.compute_logits(self.model(ids, positions, attn))[: len(seqs)]
+        return logits.argmax(-1) if tokens else logits
 
     def _static_decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None) -> StaticDecode | None:
         """The static-shape step for this batch's shape (``rows`` rows, or the batch's bucket), its inputs filled
