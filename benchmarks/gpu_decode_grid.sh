@@ -62,6 +62,11 @@
 #                $PARTITION_ENGINE (NAME=INT+NAME=INT entries, e.g. PARTITION=256 for the defaults) ->
 #                ...-decode-grid-part-<entry>.csv; where a step's time goes with the sampling inside the graph ->
 #                ...-step-host-argmax.csv
+#   tilescale    split-KV's constants for one 128-token tile (2 warps, 16 programs per SM; scaled with smaller tiles,
+#                paged_attention.split_constants): the CUDA tests; one pass's warps at batch 32-256, the kernel alone ->
+#                benchmarks/<gpu>-decode-kernel-full-warps.csv; the grid -> ...-decode-grid-tilescale.csv; where a
+#                step's time goes -> ...-step-host-tilescale.csv
+#   tilescale-checks  the CUDA tests, the engine's checks -> ...-tilescale.csv, prefill -> ...-prefill-floor-tilescale.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -220,6 +225,26 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
         --model llama-7b --dtype bfloat16 --batch 1,8,16 --context 512,2048,8192 \
         -o "benchmarks/$G-decode-grid-part-${c//[=+]/-}.csv" && cp "benchmarks/$G-decode-grid-part-${c//[=+]/-}.csv" "$OUT/"
     done
+  fi
+  if [ "$WHAT" = tilescale ] || [ "$WHAT" = tilescale-checks ]; then
+    # split-KV's constants for one tile (128 tokens, 2 warps, 16 programs per SM for LLaMA-7B; scaled with smaller
+    # tiles): the kernel's and the engine's CUDA tests; one pass's warps at batch 32-256 (the kernel alone)
+    timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_paged_attention.py tests/test_fused_ops.py \
+      tests/test_engine_model.py 2>&1 | tail -2
+  fi
+  if [ "$WHAT" = tilescale ]; then
+    timeout 200 python3 benchmarks/gpu_kernel_variants.py --batches 32,64,128,256 --contexts 512,2048,8192 \
+      --variants FULL_NUM_WARPS=4,FULL_NUM_WARPS=2,FULL_NUM_WARPS=1,FULL_PROGRAMS_PER_SM=8 \
+      -o "benchmarks/$G-decode-kernel-full-warps.csv" && cp "benchmarks/$G-decode-kernel-full-warps.csv" "$OUT/"
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-tilescale.csv" && cp "benchmarks/$G-decode-grid-tilescale.csv" "$OUT/"
+    timeout 100 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512,8x2048 \
+      -o "benchmarks/$G-step-host-tilescale.csv" && cp "benchmarks/$G-step-host-tilescale.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = tilescale-checks ]; then
+    engine_checks tilescale
+    timeout 100 $L bench prefill-floor --device cuda --model llama-7b --dtype bfloat16 \
+      -o "benchmarks/$G-prefill-floor-tilescale.csv" && cp "benchmarks/$G-prefill-floor-tilescale.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

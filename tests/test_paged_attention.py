@@ -13,9 +13,15 @@ from llumnix.engine import paged_attention
 DEVICE = paged_attention.triton_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs Triton: a CUDA device, or TRITON_INTERPRET=1")
 BLOCK = 16
-# around the partition (PARTITION tokens): one partition, exactly one, one more token, several, a partial last one
-_P = paged_attention.PARTITION
-CONTEXTS = [1, 15, 16, _P - 1, _P, _P + 1, 2 * _P + 1, 1500, 3000]
+
+
+def _contexts(heads: int, kv_heads: int) -> list[int]:
+    """Around the shape's partition: one partition, exactly one, one more token, several, a partial last one."""
+    p = paged_attention.partition_tokens(heads, kv_heads)
+    return [1, 15, 16, p - 1, p, p + 1, 2 * p + 1, 1500, 3000]
+
+
+CONTEXTS = _contexts(2, 2)
 
 
 def _case(lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0, head_dim: int = 16):
@@ -67,7 +73,7 @@ def test_the_address_arithmetic_switches_keep_the_bits(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (3, 1)], ids=["mha", "gqa3"])
 def test_split_kernel_matches_float64_reference(dtype, heads, kv_heads):
-    q, k_pool, v_pool, tables, lens = _case(CONTEXTS, heads, kv_heads, dtype)
+    q, k_pool, v_pool, tables, lens = _case(_contexts(heads, kv_heads), heads, kv_heads, dtype)
     out = paged_attention.paged_decode_attention(q, k_pool, v_pool, tables, lens, BLOCK)
     assert out.shape == q.shape and out.dtype == dtype
     tol = 2e-6 if dtype == torch.float32 else 1.6e-2  # bf16: the output's own rounding (2^-7 relative) and q's
@@ -76,9 +82,9 @@ def test_split_kernel_matches_float64_reference(dtype, heads, kv_heads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_kernel_is_batch_invariant_and_deterministic(dtype):
-    """A 1100-token sequence (3 partitions) and a 40-token one (1): the same bits alone (table as wide as their own
-    context), in a batch of others of different lengths (a wider table, other rows, other positions), again, and
-    with the partitions split among fewer programs."""
+    """A 1100-token sequence and a 40-token one (35 and 2 of this shape's 32-token partitions): the same bits alone
+    (table as wide as their own context), in a batch of others of different lengths (a wider table, other rows, other
+    positions), again, and with the partitions split among fewer programs."""
     lens = [1100, 2100, 40, 513, 7]
     q, k_pool, v_pool, tables, lens_t = _case(lens, 3, 1, dtype, seed=3)
 

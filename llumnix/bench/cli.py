@@ -154,8 +154,8 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
 @click.option("--fused-ops/--no-fused-ops", default=None,
               help="Residual add + norm, rotary and SiLU-times-up as one Triton kernel each (default: on CUDA).")
 @click.option("--kernel-configs", default=None,
-              help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM]]] "
-                   "(e.g. 512,8192/64/4/1; default: the engine's).")
+              help="Comma-separated paged-kernel constants to compare, each PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM"
+                   "[/FULL[/FULL_WARPS]]]]] (e.g. 512,8192/64/4/1; default: the engine's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output: JSON with the step time, the floor and their ratio (one cell), or a CSV of every cell "
                    "(an output named *.csv; a grid).")

@@ -429,18 +429,19 @@ class KernelConfig:
     num_warps: int | None = None
     programs_per_sm: int | None = None
     full_programs_per_sm: int | None = None
+    full_num_warps: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> KernelConfig:
-        """'512', '512/32', ... '512/32/4/4/1': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM[/FULL]]]] (FULL:
-        ``FULL_PROGRAMS_PER_SM``, 0 for never one pass)."""
+        """'512', '512/32', ... '512/32/4/4/1/4': PARTITION[/BLOCK_N[/NUM_WARPS[/PROGRAMS_PER_SM[/FULL[/FULL_WARPS]]]]]
+        (FULL: ``FULL_PROGRAMS_PER_SM``, 0 for never one pass; FULL_WARPS: ``FULL_NUM_WARPS``)."""
         try:
             parts = [int(x) for x in text.split("/")]
         except ValueError:
             parts = []
-        if not 1 <= len(parts) <= 5 or min(parts[:4]) < 1 or min(parts) < 0:
-            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM[/FULL]]]] of "
-                             "positive integers (FULL may be 0)")
+        if not 1 <= len(parts) <= 6 or min(parts[:4]) < 1 or min(parts) < 0 or (len(parts) == 6 and parts[5] < 1):
+            raise ValueError(f"kernel config {text!r}: expected PARTITION[/TILE[/WARPS[/PROGRAMS_PER_SM[/FULL[/FULL_WARPS]"
+                             "]]]] of positive integers (FULL may be 0)")
         return cls(*parts)
 
 
@@ -450,7 +451,8 @@ def _kernel_constants(config: KernelConfig) -> Iterator[dict[str, int]]:
     from llumnix.engine import paged_attention as pa
 
     names = {"partition": "PARTITION", "tile": "BLOCK_N", "num_warps": "NUM_WARPS",
-             "programs_per_sm": "PROGRAMS_PER_SM", "full_programs_per_sm": "FULL_PROGRAMS_PER_SM"}
+             "programs_per_sm": "PROGRAMS_PER_SM", "full_programs_per_sm": "FULL_PROGRAMS_PER_SM",
+             "full_num_warps": "FULL_NUM_WARPS"}
     saved = {key: getattr(pa, name) for key, name in names.items()}
     for key, name in names.items():
         value = getattr(config, key)

@@ -2,7 +2,8 @@
 keys and values into a padded copy first.
 
 Split-KV ("flash-decoding", as vLLM's paged attention v2): each sequence's context is cut into partitions of
-``PARTITION`` tokens. The partition kernel walks a partition in tiles of ``BLOCK_N`` tokens, looks each token's slot
+``PARTITION`` tokens (scaled with the tile where it is smaller than ``BLOCK_N``: ``split_constants``). The partition
+kernel walks a partition in tiles of ``BLOCK_N`` tokens (fewer with GQA: ``TILE_ROWS``), looks each token's slot
 up in the block table, loads its key and value from the pool once for all the query heads that share that KV head
 (GQA), and keeps an online softmax; it writes the partition's partial output with its max and sum of exponentials.
 A second kernel, one program per (sequence, query head), combines a sequence's partitions in a fixed order (chunks of
@@ -22,7 +23,7 @@ The mode depends on the launch's shapes only (batch, KV heads, SMs), so ``--inva
 decode step as launches of exactly R rows, keeps one mode and a sequence's bits; without it, a sequence's bits may
 differ between a batch that fills the GPU and one that does not.
 
-Determinism and batch invariance within a mode: the partition size is a constant, every partition is computed from scratch the
+Determinism and batch invariance within a mode: the partition size is a constant of the shape, every partition is computed from scratch the
 same way whichever program takes it, and every program reads only its own sequence's length, so a sequence's output
 is computed by the same operations in the same order whatever batch it is in, however wide its block table is padded,
 however the partitions are split among programs, and run after run. The grid depends only on the tensors' shapes
@@ -49,11 +50,13 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 # Constants of a process (each one changes the order of the floating-point operations: a sequence's bits must not
 # depend on its batch, or on the run). Read at each call, so that a tuning benchmark can set them before its runs.
-PARTITION = 256  # context tokens per partition
+# Split-KV's constants are for MHA's tiles of BLOCK_N tokens; a smaller tile (several query heads a KV head: TILE_ROWS)
+# scales them with it, so that a program's work stays one tile's worth (``split_constants``).
+PARTITION = 128  # context tokens per partition
 BLOCK_N = 128  # context tokens per tile (MHA; fewer with several query heads per KV head: TILE_ROWS)
 TILE_ROWS = 128  # (query heads of a KV head, padded) x tile tokens at most: the [G, tile, D] products in registers
-NUM_WARPS = 4  # per program of the partition kernel
-PROGRAMS_PER_SM = 4  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
+NUM_WARPS = 2  # per program of the partition kernel
+PROGRAMS_PER_SM = 16  # partition-kernel programs to launch per SM (fewer: a program walks several partitions)
 COMBINE_CHUNK = 16  # partitions the combine kernel reduces at a time
 # Address arithmetic is a visible part of the kernel's time (benchmarks/h200-decode-kernel-variants.csv, the kernel
 # alone on one H200: both on, 5-9% faster at every cell, the same bits): a tile's block ids are loaded once per block
@@ -87,8 +90,15 @@ DYNAMIC_SPLIT = False
 # SmolLM2's shape (32-token tiles) walked 512-token partitions (16 tiles) 1.7-1.9x slower up to batch 8
 # (h200-decode-kernel-smollm2-tiles.csv). Loading V with K, or the next tile's block ids a tile ahead, was 1-50% slower
 # (h200-decode-kernel-loads.csv).
+# Split-KV from 256-token partitions, 4 warps and 4 programs per SM to one-tile partitions, 2 warps and 16 programs per
+# SM (the kernel alone on one H200 over batch 1-16 x 512-8k tokens, h200-decode-kernel-partitions*.csv): LLaMA-7B's
+# 128 x 128 tiles 9-22% faster at every cell but 1 x 512-8k (9-13%), SmolLM2's 4 x 32 x 64 ones (then 32-token
+# partitions, 1 warp, 64 programs per SM) 24-69% faster. Smaller partitions without fewer warps, or fewer warps
+# without them, were slower somewhere (64-token ones with 4 warps up to 28% at 1 x 8k; 256 with 2 warps up to 24% at
+# 1 x 512).
 FULL_PROGRAMS_PER_SM = 4
 FULL_BLOCK_N = 128
+FULL_NUM_WARPS = 4  # per program in one pass
 
 
 def available(device: torch.device) -> bool:
@@ -252,13 +262,32 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _splits(parts: int, batch: int, kv_heads: int, device: torch.device) -> int:
-    """Programs per (sequence, KV head): about ``PROGRAMS_PER_SM`` per SM (rounded down to a power of two), at most
+def split_constants(tile: int) -> tuple[int, int, int]:
+    """Split-KV's partition (tokens), warps and programs per SM for tiles of ``tile`` tokens: the constants, which are
+    for tiles of BLOCK_N tokens, scaled with the tile (a partition of as many tiles, warps in proportion, programs per
+    SM inversely)."""
+    return (max(tile, PARTITION * tile // BLOCK_N), max(1, NUM_WARPS * tile // BLOCK_N),
+            PROGRAMS_PER_SM * BLOCK_N // tile)
+
+
+def _tile_of(heads: int, kv_heads: int, block_n: int) -> int:
+    """Tokens per tile: ``block_n``, fewer with several query heads a KV head ([G, tile, D] products in registers)."""
+    group_pad = 1 << (heads // kv_heads - 1).bit_length()
+    return min(block_n, max(16, TILE_ROWS // group_pad))
+
+
+def partition_tokens(heads: int, kv_heads: int) -> int:
+    """The split-KV partition of a shape with ``heads`` query heads and ``kv_heads`` KV heads (tokens)."""
+    return split_constants(_tile_of(heads, kv_heads, BLOCK_N))[0]
+
+
+def _splits(parts: int, batch: int, kv_heads: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): about ``programs_per_sm`` per SM (rounded down to a power of two), at most
     one per partition. From shapes only (a CUDA graph's grid stays fixed); it schedules the work, the partitions'
     arithmetic is the same."""
     if device.type != "cuda":
         return parts
-    wanted = -(-PROGRAMS_PER_SM * _sm_count(device) // (batch * kv_heads))
+    wanted = -(-programs_per_sm * _sm_count(device) // (batch * kv_heads))
     return min(parts, 1 << (wanted.bit_length() - 1))  # a power of two (few compiled variants), dividing parts
 
 
@@ -286,17 +315,19 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    partition, block_n = PARTITION, BLOCK_N
     one_pass = splits is None and _fills_gpu(batch, kv_heads, q.device)
     if one_pass:  # one pass over the whole table
-        partition = max(PARTITION, triton.next_power_of_2(tables.shape[1] * block_size))
-        block_n = FULL_BLOCK_N
-    tile = min(block_n, max(16, TILE_ROWS // group_pad))  # [G, tile, D] products: keep them in registers
+        tile = _tile_of(heads, kv_heads, FULL_BLOCK_N)
+        partition = max(tile, triton.next_power_of_2(tables.shape[1] * block_size))
+        warps, programs_per_sm = FULL_NUM_WARPS, PROGRAMS_PER_SM
+    else:
+        tile = _tile_of(heads, kv_heads, BLOCK_N)
+        partition, warps, programs_per_sm = split_constants(tile)
     if partition % tile:
         raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
     # from the table's width (fixed under a graph), up to a power of two: few compiled variants when run eagerly
     parts = triton.next_power_of_2(max(1, -(-tables.shape[1] * block_size // partition)))
-    splits = min(parts, splits or _splits(parts, batch, kv_heads, q.device))
+    splits = min(parts, splits or _splits(parts, batch, kv_heads, programs_per_sm, q.device))
     part_o = torch.empty(batch, heads, parts, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, heads, parts, 2, dtype=torch.float32, device=q.device)
     _partition_kernel[(kv_heads, batch, splits) if HEAD_MAJOR else (batch, kv_heads, splits)](
@@ -304,7 +335,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), k_pool.stride(0),
         heads * parts, parts,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=tile,
-        PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=NUM_WARPS,
+        PARTITION=partition, SPLITS=splits, ITERS=-(-parts // splits), num_warps=warps,
         TABLE_PER_BLOCK=TABLE_PER_BLOCK and tile % block_size == 0, OFFS32=OFFS32 and k_pool.numel() < 2**31,
         HEAD_MAJOR=HEAD_MAJOR, DYNAMIC=DYNAMIC_ONE_PASS if one_pass else DYNAMIC_SPLIT,
     )  # fmt: skip
