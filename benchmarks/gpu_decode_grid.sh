@@ -66,7 +66,10 @@
 #                paged_attention.split_constants): the CUDA tests; one pass's warps at batch 32-256, the kernel alone ->
 #                benchmarks/<gpu>-decode-kernel-full-warps.csv; the grid -> ...-decode-grid-tilescale.csv; where a
 #                step's time goes -> ...-step-host-tilescale.csv
-#   tilescale-checks  the CUDA tests, the engine's checks -> ...-tilescale.csv, prefill -> ...-prefill-floor-tilescale.csv
+#   tilescale-checks  with one pass's 2 warps from 8 programs per SM: the CUDA tests, the engine's checks ->
+#                ...-tilescale.csv (the grid's: -decode-grid-tilescale.csv, replacing the first run's), where a step's
+#                time goes, with a profiled timeline of host and GPU per call -> ...-step-host-timeline.csv; SmolLM2's
+#                one pass with 1, 2 and 4 warps, the kernel alone -> ...-decode-kernel-smollm2-full-warps.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -242,9 +245,13 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       -o "benchmarks/$G-step-host-tilescale.csv" && cp "benchmarks/$G-step-host-tilescale.csv" "$OUT/"
   fi
   if [ "$WHAT" = tilescale-checks ]; then
+    # with one pass's 2 warps from 8 programs per SM (FULL_NUM_WARPS, FULL_PROGRAMS_PER_SM)
     engine_checks tilescale
-    timeout 100 $L bench prefill-floor --device cuda --model llama-7b --dtype bfloat16 \
-      -o "benchmarks/$G-prefill-floor-tilescale.csv" && cp "benchmarks/$G-prefill-floor-tilescale.csv" "$OUT/"
+    timeout 100 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512,8x2048 --timeline 20 \
+      -o "benchmarks/$G-step-host-timeline.csv" && cp "benchmarks/$G-step-host-timeline.csv" "$OUT/"
+    timeout 100 python3 benchmarks/gpu_kernel_variants.py --shape smollm2-135m --batches 384,512 --contexts 512,2048 \
+      --variants FULL_NUM_WARPS=2,FULL_NUM_WARPS=8,FULL_NUM_WARPS=16 \
+      -o "benchmarks/$G-decode-kernel-smollm2-full-warps.csv" && cp "benchmarks/$G-decode-kernel-smollm2-full-warps.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

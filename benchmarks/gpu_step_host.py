@@ -71,6 +71,37 @@ def _traced_replays(static, sync, n: int) -> dict:
             "graph_span_s": span / 1e6 / n, **{f"graph_{k}_s": v for k, v in sorted(by_kind.items())}}
 
 
+def _timeline(step, sync, n: int) -> dict:
+    """``n`` calls of ``step`` under torch.profiler (CPU and CUDA): per call, the host's time from the call's start to
+    its first GPU work (kernel or copy) starting, the GPU's busy time and span, and from the last GPU work's end to the
+    call's return; medians. The profiler adds host time of its own: compare cells, not absolute values."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            with record_function("decode_call"):
+                step()
+            sync()
+    events = prof.events()
+    calls = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "decode_call")
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    rows = []
+    for start, end in calls:
+        mine = [(a, b) for a, b in gpu if start <= a <= end]
+        if mine:
+            rows.append((mine[0][0] - start, sum(b - a for a, b in mine), max(b for _, b in mine) - mine[0][0],
+                         end - max(b for _, b in mine), end - start))
+    if not rows:
+        return {}
+    med = [statistics.median(col) / 1e6 for col in zip(*rows, strict=True)]
+    return dict(zip(("tl_host_before_gpu_s", "tl_gpu_busy_s", "tl_gpu_span_s", "tl_host_after_gpu_s", "tl_call_s"),
+                    med, strict=True))
+
+
 @torch.inference_mode()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,6 +111,8 @@ def main() -> int:
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS decode steps of each cell under cProfile and print where the host's time goes")
+    ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS decode calls of each cell: host time before and after the GPU's work")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
     cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
@@ -108,6 +141,8 @@ def main() -> int:
             torch.cuda.synchronize()
             gpu = start.elapsed_time(end) / 1e3 / args.repeats
         traced = _traced_replays(static, sync, 3) if dev.type == "cuda" else {}
+        if args.timeline:
+            traced |= _timeline(functools.partial(runner.decode, seqs), sync, args.timeline)
         if args.cprofile:
             _host_profile(functools.partial(runner.decode, seqs), args.cprofile, f"batch {batch} x {ctx}")
         rows.append({"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

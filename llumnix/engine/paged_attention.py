@@ -96,9 +96,13 @@ DYNAMIC_SPLIT = False
 # partitions, 1 warp, 64 programs per SM) 24-69% faster. Smaller partitions without fewer warps, or fewer warps
 # without them, were slower somewhere (64-token ones with 4 warps up to 28% at 1 x 8k; 256 with 2 warps up to 24% at
 # 1 x 512).
-FULL_PROGRAMS_PER_SM = 4
+FULL_PROGRAMS_PER_SM = 8
 FULL_BLOCK_N = 128
-FULL_NUM_WARPS = 4  # per program in one pass
+# Warps per program in one pass, for tiles of FULL_BLOCK_N tokens (fewer with smaller tiles, as in split-KV). 2 rather
+# than 4, and one pass from 8 programs per SM rather than 4 (LLaMA-7B's batch 32 then splits), the kernel alone on one
+# H200 (h200-decode-kernel-full-warps.csv): at batch 64-256 0.99-1.09x the KV's copy time instead of 1.12-1.34x; at
+# batch 32 split-KV 1.02-1.27x where one pass took 1.21-1.32x (1.19-1.25x with 2 warps); 1 warp 1.6-1.8x.
+FULL_NUM_WARPS = 2
 
 
 def available(device: torch.device) -> bool:
@@ -319,7 +323,7 @@ def paged_decode_attention(
     if one_pass:  # one pass over the whole table
         tile = _tile_of(heads, kv_heads, FULL_BLOCK_N)
         partition = max(tile, triton.next_power_of_2(tables.shape[1] * block_size))
-        warps, programs_per_sm = FULL_NUM_WARPS, PROGRAMS_PER_SM
+        warps, programs_per_sm = max(1, FULL_NUM_WARPS * tile // FULL_BLOCK_N), PROGRAMS_PER_SM
     else:
         tile = _tile_of(heads, kv_heads, BLOCK_N)
         partition, warps, programs_per_sm = split_constants(tile)
