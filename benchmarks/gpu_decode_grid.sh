@@ -70,6 +70,8 @@
 #                ...-tilescale.csv (the grid's: -decode-grid-tilescale.csv, replacing the first run's), where a step's
 #                time goes, with a profiled timeline of host and GPU per call -> ...-step-host-timeline.csv; SmolLM2's
 #                one pass with 1, 2 and 4 warps, the kernel alone -> ...-decode-kernel-smollm2-full-warps.csv
+#   hostsplit    a decode call's parts chained, one part fewer each -> ...-step-host-decompose.csv; the grid again ->
+#                ...-decode-grid-tilescale-2.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -252,6 +254,13 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
     timeout 100 python3 benchmarks/gpu_kernel_variants.py --shape smollm2-135m --batches 384,512 --contexts 512,2048 \
       --variants FULL_NUM_WARPS=2,FULL_NUM_WARPS=8,FULL_NUM_WARPS=16 \
       -o "benchmarks/$G-decode-kernel-smollm2-full-warps.csv" && cp "benchmarks/$G-decode-kernel-smollm2-full-warps.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = hostsplit ]; then
+    # a decode call's parts chained, one fewer each (gpu_step_host.py --decompose); the grid a second time
+    timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512 --decompose \
+      -o "benchmarks/$G-step-host-decompose.csv" && cp "benchmarks/$G-step-host-decompose.csv" "$OUT/"
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-tilescale-2.csv" && cp "benchmarks/$G-decode-grid-tilescale-2.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \

@@ -102,6 +102,34 @@ def _timeline(step, sync, n: int) -> dict:
                     med, strict=True))
 
 
+def _decomposed(runner, static, seqs, lens, sync, repeats: int) -> dict:
+    """A decode call's parts chained in one timed call, each chain one part fewer (medians, synchronised): which part
+    costs more together than alone. ``dc_call``: runner.decode; ``dc_chain``: fill, replay, tokens to the host;
+    ``dc_fill_synced``: the same with a synchronisation after the fill; ``dc_no_copy``: the host buffers filled but not
+    sent; ``dc_replay_tokens``: replay and tokens only; ``dc_replay``: the replay alone."""
+    n = len(seqs)
+
+    def chain(fill: bool = True, copy: bool = True, synced: bool = False) -> list[int]:
+        if fill:
+            if copy:
+                static.fill(seqs, lens)
+            else:
+                static._host_longs.numpy()[0, :n] = [s.token_ids[0] for s in seqs]
+            if synced:
+                sync()
+        static.run()
+        return static.tokens[:n].tolist()
+
+    parts = {"dc_call": functools.partial(runner.decode, seqs), "dc_chain": chain,
+             "dc_fill_synced": functools.partial(chain, synced=True), "dc_no_copy": functools.partial(chain, copy=False),
+             "dc_replay_tokens": functools.partial(chain, fill=False), "dc_replay": static.run}
+    out = {}
+    for _ in range(2):  # twice, interleaved: drift shows as a difference between the rounds
+        for name, f in parts.items():
+            out.setdefault(name + "_s", []).append(_median_time_s(f, sync, 3, repeats))
+    return {k: min(v) for k, v in out.items()} | {"dc_rounds_spread": max(max(v) / min(v) for v in out.values())}
+
+
 @torch.inference_mode()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,6 +139,7 @@ def main() -> int:
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS decode steps of each cell under cProfile and print where the host's time goes")
+    ap.add_argument("--decompose", action="store_true", help="also time a decode call's parts chained, one fewer each")
     ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS decode calls of each cell: host time before and after the GPU's work")
     ap.add_argument("-o", "--output", required=True)
@@ -141,6 +170,8 @@ def main() -> int:
             torch.cuda.synchronize()
             gpu = start.elapsed_time(end) / 1e3 / args.repeats
         traced = _traced_replays(static, sync, 3) if dev.type == "cuda" else {}
+        if args.decompose:
+            traced |= _decomposed(runner, static, seqs, lens, sync, args.repeats)
         if args.timeline:
             traced |= _timeline(functools.partial(runner.decode, seqs), sync, args.timeline)
         if args.cprofile:
