@@ -72,6 +72,9 @@
 #                one pass with 1, 2 and 4 warps, the kernel alone -> ...-decode-kernel-smollm2-full-warps.csv
 #   hostsplit    a decode call's parts chained, one part fewer each -> ...-step-host-decompose.csv; the grid again ->
 #                ...-decode-grid-tilescale-2.csv
+#   copy1        the static step's inputs in one packed buffer, one copy a step: the engine's CUDA tests, its checks ->
+#                ...-copy1.csv, a decode call's parts -> ...-step-host-copy1.csv, the grid again ->
+#                ...-decode-grid-copy1-2.csv; the profile
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -262,7 +265,16 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
     timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
       --context 512,2048,8192 -o "benchmarks/$G-decode-grid-tilescale-2.csv" && cp "benchmarks/$G-decode-grid-tilescale-2.csv" "$OUT/"
   fi
-  if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ]; then
+  if [ "$WHAT" = copy1 ]; then
+    # the static step's inputs sent with one copy a step (one packed buffer) instead of two
+    timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_engine_model.py 2>&1 | tail -2
+    engine_checks copy1
+    timeout 150 python3 benchmarks/gpu_step_host.py --cells 1x512,8x512,32x512 --decompose \
+      -o "benchmarks/$G-step-host-copy1.csv" && cp "benchmarks/$G-step-host-copy1.csv" "$OUT/"
+    timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
+      --context 512,2048,8192 -o "benchmarks/$G-decode-grid-copy1-2.csv" && cp "benchmarks/$G-decode-grid-copy1-2.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ] || [ "$WHAT" = copy1 ]; then
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \
       -o llumnix/profiles/h200-llama-7b.json && cp llumnix/profiles/h200-llama-7b.json "$OUT/"
   fi

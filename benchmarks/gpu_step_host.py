@@ -114,7 +114,7 @@ def _decomposed(runner, static, seqs, lens, sync, repeats: int) -> dict:
             if copy:
                 static.fill(seqs, lens)
             else:
-                static._host_longs.numpy()[0, :n] = [s.token_ids[0] for s in seqs]
+                static._host_longs[0, :n] = [s.token_ids[0] for s in seqs]
             if synced:
                 sync()
         static.run()

@@ -143,23 +143,29 @@ class StaticDecode:
         dev = runner.device
         self.runner, self.batch, self.context = runner, batch, context
         scratch, bs = runner.kv_cache.scratch_slot, runner.kv_cache.block_size
-        # The inputs are packed: one buffer of longs (ids, positions, slots) and, for the kernel, one of int32 (context
-        # lengths, then the block tables), each filled in numpy in a pinned host copy and sent with one asynchronous
-        # copy a step instead of five synchronous ones (the fill on an H200's host: batch 1 94 -> 45-62 us, batch 128
-        # 581 -> 270-490 us, but batch 256 627 -> 780-920 us, not understood; benchmarks/h200-step-host*.csv).
+        # The inputs are packed in one buffer: longs (ids, positions, slots), then for the kernel int32s (context
+        # lengths, then the block tables), filled in numpy in a pinned host copy and sent with one asynchronous copy a
+        # step (five synchronous ones before: the fill on an H200's host, batch 1 94 -> 45-62 us, batch 128 581 ->
+        # 270-490 us, but batch 256 627 -> 780-920 us, not understood; benchmarks/h200-step-host*.csv; then two
+        # copies, one longer than one: h200-step-host-decompose.csv).
         pinned = dev.type == "cuda"
-        self._longs = torch.zeros(3, batch, dtype=torch.long, device=dev)
-        self._host_longs = torch.zeros(3, batch, dtype=torch.long, pin_memory=pinned)
-        self.ids, self.positions, self.slots = self._longs.unbind(0)
-        self._longs[2].fill_(scratch)
-        self._ints = self._host_ints = None
-        self._sent: torch.cuda.Event | None = None  # the last copies out of the host buffers
+        width = -(-context // bs) if runner.paged_kernel else 0
+        nbytes = 3 * batch * 8 + (batch * (1 + width) * 4 if runner.paged_kernel else 0)
+        self._buf = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        self._host_buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        longs = self._buf[: 24 * batch].view(torch.long).view(3, batch)
+        self.ids, self.positions, self.slots = longs.unbind(0)
+        self.slots.fill_(scratch)
+        self._host_longs = self._host_buf[: 24 * batch].numpy().view(np.int64).reshape(3, batch)
+        self._host_ints = self._host_buf[24 * batch :].numpy().view(np.int32)
+        # the last copy out of the host buffer (recorded once it has been sent)
+        self._sent = torch.cuda.Event() if pinned else None
+        self._sent_pending = False
         if runner.paged_kernel:  # the kernel's inputs: context lengths, block tables (padding: the scratch block)
-            width = -(-context // bs)
-            self._ints = torch.full((batch * (1 + width),), scratch // bs, dtype=torch.int32, device=dev)
-            self._host_ints = torch.zeros(batch * (1 + width), dtype=torch.int32, pin_memory=pinned)
-            self.lens, self.tables = self._ints[:batch], self._ints[batch:].view(batch, width)
+            ints = self._buf[24 * batch :].view(torch.int32)
+            self.lens, self.tables = ints[:batch], ints[batch:].view(batch, width)
             self.lens.fill_(1)
+            self.tables.fill_(scratch // bs)
         else:  # the gather path's: every context slot (padding: the scratch slot) and the key mask
             self.ctx = torch.full((batch, context), scratch, dtype=torch.long, device=dev)
             # Every row attends at least one position: a fully masked row would give NaN, and NaN in the scratch
@@ -173,24 +179,23 @@ class StaticDecode:
     def fill(self, seqs: list[SeqInput], lens: list[int]) -> None:
         kv, scratch = self.runner.kv_cache, self.runner.kv_cache.scratch_slot
         bs, n = kv.block_size, len(seqs)
-        if self._sent is not None:  # the host buffers are still being read by the last step's copies
+        if self._sent_pending:  # the host buffer is still being read by the last step's copy
             self._sent.synchronize()
-        longs = self._host_longs.numpy()
+        longs = self._host_longs
         longs[0, :n] = [s.token_ids[0] for s in seqs]
         longs[1, :n] = [s.start_pos for s in seqs]
         longs[2, :n] = [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs]
         longs[:2, n:] = 0
         longs[2, n:] = scratch
-        self._longs.copy_(self._host_longs, non_blocking=True)
         if self.runner.paged_kernel:
-            ints = self._host_ints.numpy()
+            ints = self._host_ints
             ints[:n] = lens
             ints[n : self.batch] = 1
             _fill_tables(ints[self.batch :].reshape(self.batch, -1), seqs, scratch // bs)
-            self._ints.copy_(self._host_ints, non_blocking=True)
-        if self._longs.is_cuda:
-            self._sent = torch.cuda.Event()
-            self._sent.record(torch.cuda.current_stream(self._longs.device))
+        self._buf.copy_(self._host_buf, non_blocking=True)
+        if self._sent is not None:
+            self._sent.record(torch.cuda.current_stream(self._buf.device))
+            self._sent_pending = True
         if self.runner.paged_kernel:
             return
         ctx = torch.full((self.batch, self.context), scratch, dtype=torch.long)
