@@ -275,7 +275,10 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       --context 512,2048,8192 -o "benchmarks/$G-decode-grid-copy1-2.csv" && cp "benchmarks/$G-decode-grid-copy1-2.csv" "$OUT/"
   fi
   if [ "$WHAT" = profile ] || [ "$WHAT" = p256 ] || [ "$WHAT" = copy1 ]; then
+    # 3 warm-up runs and 5 timed ones a point: with 1 and 3, the small prefills (host-bound, right after the start)
+    # moved by up to 70% between runs (the logs of p256 and copy1)
     timeout 300 $L profile --device cuda --model llama-7b --dtype bfloat16 --num-blocks 792 --transport host \
+      --warmup 3 --repeats 5 \
       -o llumnix/profiles/h200-llama-7b.json && cp llumnix/profiles/h200-llama-7b.json "$OUT/"
   fi
   date -u
