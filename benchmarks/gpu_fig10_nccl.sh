@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|more]; writes the CSVs and log-WHAT.txt under $OUT.
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|more]; writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-smoke}
@@ -37,6 +37,13 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
       timeout 300 $L bench migration --model llama-7b $ARGS --lengths $LENGTHS --transport nccl \
         -o "$OUT/${G}x2-nccl-llama-7b-graphs.csv"
+      ;;
+    paced)
+      # 2026-11-29: the nccl line with the engine as it is (one-tile split-KV, 2-warp one pass) and the bulk stage
+      # paced in chunks (the default), fewer lengths and samples: the source's decode step while the bulk copies
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      timeout 220 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 48 \
+        --migrations 2 --repeats 1 --lengths 512,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced.csv"
       ;;
     more)
       # the paper's transport (gloo: through host memory) between the same two processes / GPUs, fewer samples
