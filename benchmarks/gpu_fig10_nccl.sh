@@ -42,7 +42,7 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       # 2026-11-29: the nccl line with the engine as it is (one-tile split-KV, 2-warp one pass) and the bulk stage
       # paced in chunks (the default), fewer lengths and samples: the source's decode step while the bulk copies
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
-      timeout 220 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 48 \
+      timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 100 \
         --migrations 2 --repeats 1 --lengths 512,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced.csv"
       ;;
     more)
