@@ -67,7 +67,8 @@
 #                benchmarks/<gpu>-decode-kernel-full-warps.csv; the grid -> ...-decode-grid-tilescale.csv; where a
 #                step's time goes -> ...-step-host-tilescale.csv
 #   tilescale-checks  with one pass's 2 warps from 8 programs per SM: the CUDA tests, the engine's checks ->
-#                ...-tilescale.csv (the grid's: -decode-grid-tilescale.csv, replacing the first run's), where a step's
+#                ...-tilescale.csv (the grid's: -decode-grid-tilescale.csv; tilescale's own grid, one pass still with 4
+#                warps then, was kept as -decode-grid-tilescale-4warps.csv), where a step's
 #                time goes, with a profiled timeline of host and GPU per call -> ...-step-host-timeline.csv; SmolLM2's
 #                one pass with 1, 2 and 4 warps, the kernel alone -> ...-decode-kernel-smollm2-full-warps.csv
 #   hostsplit    a decode call's parts chained, one part fewer each -> ...-step-host-decompose.csv; the grid again ->
