@@ -23,13 +23,13 @@ The mode depends on the launch's shapes only (batch, KV heads, SMs), so ``--inva
 decode step as launches of exactly R rows, keeps one mode and a sequence's bits; without it, a sequence's bits may
 differ between a batch that fills the GPU and one that does not.
 
-Determinism and batch invariance within a mode: the partition size is a constant of the shape, every partition is computed from scratch the
-same way whichever program takes it, and every program reads only its own sequence's length, so a sequence's output
-is computed by the same operations in the same order whatever batch it is in, however wide its block table is padded,
-however the partitions are split among programs, and run after run. The grid depends only on the tensors' shapes
-(the partition count comes from the block table's width, not from the lengths): a CUDA graph captured for the widest
-table replays for any lengths, partitions past a sequence's length are skipped. The partial results are allocated in
-the call (torch's caching allocator: from the graph's own pool under capture).
+Determinism and batch invariance within a mode: the partition size is a constant of the shape, every partition is
+computed from scratch the same way whichever program takes it, and every program reads only its own sequence's
+length, so a sequence's output is computed by the same operations in the same order whatever batch it is in, however
+wide its block table is padded, however the partitions are split among programs, and run after run. The grid depends
+only on the tensors' shapes (the partition count comes from the block table's width, not from the lengths): a CUDA
+graph captured for the widest table replays for any lengths, partitions past a sequence's length are skipped. The
+partial results are allocated in the call (torch's caching allocator: from the graph's own pool under capture).
 
 Without Triton (CPU torch wheels ship none) ``available()`` is False and the runner keeps its gather + SDPA path;
 ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
@@ -92,8 +92,8 @@ DYNAMIC_SPLIT = False
 # (h200-decode-kernel-loads.csv).
 # Split-KV from 256-token partitions, 4 warps and 4 programs per SM to one-tile partitions, 2 warps and 16 programs per
 # SM (the kernel alone on one H200 over batch 1-16 x 512-8k tokens, h200-decode-kernel-partitions*.csv): LLaMA-7B's
-# 128 x 128 tiles 9-22% faster at every cell but 1 x 512-8k (9-13%), SmolLM2's 4 x 32 x 64 ones (then 32-token
-# partitions, 1 warp, 64 programs per SM) 24-69% faster. Smaller partitions without fewer warps, or fewer warps
+# 128 x 128 tiles 9-22% faster at every cell (9-13% at batch 1), SmolLM2's 4 x 32 x 64 ones (then 32-token
+# partitions, 1 warp, 64 programs per SM) 24-70% faster. Smaller partitions without fewer warps, or fewer warps
 # without them, were slower somewhere (64-token ones with 4 warps up to 28% at 1 x 8k; 256 with 2 warps up to 24% at
 # 1 x 512).
 FULL_PROGRAMS_PER_SM = 8
