@@ -313,8 +313,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[SeqInput]) -> list[int]:
         """Greedy next tokens: the argmax of ``decode_logits``' rows (taken inside a captured step's graph)."""
-        chunks = self._decode_chunks(seqs, tokens=True)
-        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).tolist()
+        return self._decode_steps(seqs, tokens=True).tolist()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -361,20 +360,20 @@ class ModelRunner:
         """Logits [B, vocab] (fp32) for one new token per sequence, attending to its whole paged KV history.
         With ``invariant_batch`` R, the step runs in chunks of R rows, the last one padded: every sequence then
         goes through the same shapes whatever else is in its batch."""
-        return torch.cat(self._decode_chunks(seqs, tokens=False))
+        return self._decode_steps(seqs, tokens=False)
 
-    def _decode_chunks(self, seqs: list[SeqInput], tokens: bool) -> list[torch.Tensor]:
-        """The step's logits, or greedy tokens, as one tensor per chunk of ``invariant_batch`` rows (one chunk
-        without it)."""
+    def _decode_steps(self, seqs: list[SeqInput], tokens: bool) -> torch.Tensor:
+        """The step's logits, or greedy tokens, of every sequence: one step, or one per chunk of ``invariant_batch``
+        rows."""
         self._check(seqs)
         if any(len(s.token_ids) != 1 for s in seqs):
             raise ValueError("decode takes exactly one token per sequence")
         lens = [s.start_pos + 1 for s in seqs]
         rows = self.invariant_batch
         if rows is None or len(seqs) <= rows:
-            return [self._decode(seqs, lens, rows, tokens, keep=not tokens)]
-        return [self._decode(seqs[i : i + rows], lens[i : i + rows], rows, tokens, keep=True)
-                for i in range(0, len(seqs), rows)]
+            return self._decode(seqs, lens, rows, tokens, keep=not tokens)
+        return torch.cat([self._decode(seqs[i : i + rows], lens[i : i + rows], rows, tokens, keep=True)
+                          for i in range(0, len(seqs), rows)])
 
     def _decode(self, seqs: list[SeqInput], lens: list[int], rows: int | None, tokens: bool = False,
                 keep: bool = True) -> torch.Tensor:
