@@ -21,9 +21,6 @@ def _contexts(heads: int, kv_heads: int) -> list[int]:
     return [1, 15, 16, p - 1, p, p + 1, 2 * p + 1, 1500, 3000]
 
 
-CONTEXTS = _contexts(2, 2)
-
-
 def _case(lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0, head_dim: int = 16):
     """q [B, H, D], K/V pools with every sequence's blocks at shuffled places (and spare blocks), tables, lens."""
     gen = torch.Generator().manual_seed(seed)

@@ -274,15 +274,19 @@ def split_constants(tile: int) -> tuple[int, int, int]:
             PROGRAMS_PER_SM * BLOCK_N // tile)
 
 
-def _tile_of(heads: int, kv_heads: int, block_n: int) -> int:
+def _group_pad(heads: int, kv_heads: int) -> int:
+    """Query heads a KV head, up to a power of two (the kernel's GROUP_PAD rows)."""
+    return 1 << (heads // kv_heads - 1).bit_length()
+
+
+def _tile_of(group_pad: int, block_n: int) -> int:
     """Tokens per tile: ``block_n``, fewer with several query heads a KV head ([G, tile, D] products in registers)."""
-    group_pad = 1 << (heads // kv_heads - 1).bit_length()
     return min(block_n, max(16, TILE_ROWS // group_pad))
 
 
 def partition_tokens(heads: int, kv_heads: int) -> int:
     """The split-KV partition of a shape with ``heads`` query heads and ``kv_heads`` KV heads (tokens)."""
-    return split_constants(_tile_of(heads, kv_heads, BLOCK_N))[0]
+    return split_constants(_tile_of(_group_pad(heads, kv_heads), BLOCK_N))[0]
 
 
 def _splits(parts: int, batch: int, kv_heads: int, programs_per_sm: int, device: torch.device) -> int:
@@ -318,14 +322,14 @@ def paged_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     group = heads // kv_heads
-    group_pad = triton.next_power_of_2(group)
+    group_pad = _group_pad(heads, kv_heads)
     one_pass = splits is None and _fills_gpu(batch, kv_heads, q.device)
     if one_pass:  # one pass over the whole table
-        tile = _tile_of(heads, kv_heads, FULL_BLOCK_N)
+        tile = _tile_of(group_pad, FULL_BLOCK_N)
         partition = max(tile, triton.next_power_of_2(tables.shape[1] * block_size))
         warps, programs_per_sm = max(1, FULL_NUM_WARPS * tile // FULL_BLOCK_N), PROGRAMS_PER_SM
     else:
-        tile = _tile_of(heads, kv_heads, BLOCK_N)
+        tile = _tile_of(group_pad, BLOCK_N)
         partition, warps, programs_per_sm = split_constants(tile)
     if partition % tile:
         raise ValueError(f"PARTITION ({partition}) must be a multiple of the tile ({tile} tokens)")
