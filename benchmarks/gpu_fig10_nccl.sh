@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|more]; writes the CSVs and log-WHAT.txt under $OUT.
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|more]; writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-smoke}
@@ -44,6 +44,51 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
       timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 100 \
         --migrations 2 --repeats 1 --lengths 512,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced.csv"
+      ;;
+    paced-more)
+      # 2026-11-30: more samples of the paced bulk stage at the shorter lengths, chunks of 16 blocks (the default)
+      # and of 8
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for c in 16 8; do
+        timeout 240 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 100 \
+          --migrations 4 --repeats 2 --lengths 256,512,1024 --transport nccl --chunk-blocks $c \
+          -o "$OUT/${G}x2-nccl-llama-7b-paced-c$c.csv"
+      done
+      ;;
+    paced2)
+      # 2026-11-30: the paced line at every length with more samples; run with a change since reverted (block ids
+      # through pinned memory, the receive on the channel's own stream: benchmarks/logs/h200x2-serve-migration-2.txt)
+      # -> benchmarks/h200x2-nccl-llama-7b-paced-change.csv. The same change against the code as it is, interleaved,
+      # twice (ab: the change applied for the -change runs) -> benchmarks/h200x2-nccl-ab-{head,change}-{1,2}.csv
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      timeout 300 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
+        --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced-2.csv"
+      ;;
+    ab)
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for i in 1 2; do
+        timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
+          --migrations 4 --repeats 1 --lengths 512,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-ab-$i.csv"
+      done
+      ;;
+    nccl-sms)
+      # 2026-11-30: NCCL's own kernels share the source's SMs with its decode step while the bulk stage copies: the
+      # paced line under NCCL settings that give the transfer fewer of them (or the copy engines), default first
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for v in default NCCL_MAX_CTAS=1 NCCL_MAX_P2P_NCHANNELS=1 NCCL_P2P_USE_CUDA_MEMCPY=1; do
+        env $([ $v = default ] || echo $v) timeout 150 $L bench migration --model llama-7b --device cuda \
+          --dtype bfloat16 --output-tokens 160 --migrations 4 --repeats 1 --lengths 512,2048,8192 --transport nccl \
+          -o "$OUT/${G}x2-nccl-sms-${v%%=*}.csv" 2>&1 | grep -A4 "^transport"
+      done
+      ;;
+    ctas1)
+      # NCCL_MAX_CTAS=1 broke token and KV identity at 8k (3 stages) in nccl-sms: again, paced and in one go
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for c in 16 0; do
+        NCCL_MAX_CTAS=1 timeout 120 $L bench migration --model llama-7b --device cuda --dtype bfloat16 \
+          --output-tokens 160 --migrations 4 --repeats 1 --lengths 4096,8192 --transport nccl --chunk-blocks $c \
+          -o "$OUT/${G}x2-nccl-ctas1-c$c.csv"
+      done
       ;;
     more)
       # the paper's transport (gloo: through host memory) between the same two processes / GPUs, fewer samples

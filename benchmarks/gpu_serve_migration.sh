@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 19, item 2 in the serving cluster: benchmarks/serve_migration.py on two GPUs (`llumnix serve`'s two instance
+# actors under Ray, one per GPU, LLaMA-7B's shape in bf16, KV over NCCL, 8 background requests decoding): the
+# source's decode steps during a migration's non-final stages against before, the downtime, per prompt length.
+# Usage: bash benchmarks/gpu_serve_migration.sh RUN -> benchmarks/<gpu>x2-serve-migration-nccl-RUN.csv, and the log
+# under $OUT. First the serving test over NCCL (tests/test_dist_transport.py: migrations both ways, a broken channel,
+# tokens equal to an unmigrated run's, no leaked block).
+#   1  2026-11-30, the serving path as it was: block ids sent to the GPU from pageable memory (the event loop waited
+#      for the decode step in flight at every chunk read or written), the destination's receive behind its step
+#   2  block ids through pinned memory, the receive on the channel's own stream (no better: reverted, the change is
+#      in benchmarks/logs/h200x2-serve-migration-2.txt's header)
+#   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
+#      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
+#      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
+#   trace  512 and 2048 tokens once each with the migration path's calls timed (the probe's LLUMNIX_PROBE_TRACE) ->
+#      ...-serve-migration-trace.csv and -trace.tgz (one CSV per process: call, start, end, thread)
+# (1, 2, probe and trace ran an earlier serve_migration.py: a 160-token warm-up, mean intervals; the probe "both"
+# failed there, its warm-up's second migration not started by its last token: the warm-up is longer since.)
+# Ray and the server's other needs travel as wheels in .whl2/ (how to make them: benchmarks/gpu_serve_nccl.sh);
+# carry .whl and .whl2.
+set -u
+RUN=${1:?usage: gpu_serve_migration.sh RUN}
+WHAT=serve
+. benchmarks/gpu_env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl2/*.whl
+{
+  date -u
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+  python3 -c "import torch, ray, httpx, pandas; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', \
+torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_count())"
+  if [ "$RUN" = trace ]; then
+    mkdir -p /tmp/trace
+    LLUMNIX_PROBE_TRACE=/tmp/trace PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 150 python3 \
+      benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
+      --lengths 512,2048 --repeats 1 --background 8 -o "$OUT/${G}x2-serve-migration-trace.csv"
+    tar czf "$OUT/${G}x2-serve-migration-trace.tgz" -C /tmp/trace .
+  elif [ "$RUN" = probe ]; then
+    for p in default:: switch:0.0005: poll::0.001 both:0.0005:0.001; do
+      IFS=: read -r name sw poll <<< "$p"
+      LLUMNIX_PROBE_SWITCH_S=$sw LLUMNIX_PROBE_POLL_S=$poll PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 150 \
+        python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
+        --lengths 512,2048 --repeats 2 --background 8 -o "benchmarks/${G}x2-serve-migration-probe-$name.csv" \
+        && cp "benchmarks/${G}x2-serve-migration-probe-$name.csv" "$OUT/"
+    done
+  else
+    timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_dist_transport.py -k nccl --durations=3
+    timeout 420 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+      --kv-transport nccl --lengths 512,2048,7680 --repeats 3 --background 8 \
+      -o "benchmarks/${G}x2-serve-migration-nccl-$RUN.csv" && cp "benchmarks/${G}x2-serve-migration-nccl-$RUN.csv" "$OUT/"
+  fi
+  date -u
+} 2>&1 | tee "$OUT/log-serve-migration-$RUN.txt"

@@ -1,0 +1,208 @@
+"""Issue 19, item 2 in the serving cluster: how much a live migration slows its source's decode steps, and its
+downtime, with ``llumnix serve``'s instance actors under Ray (two GPUs and ``--kv-transport nccl`` on the device
+machine; CPU and gloo or the object store elsewhere).
+
+For each prompt length, ``--repeats`` times: ``--background`` streamed requests (64 prompt tokens) keep both instances
+decoding; a streamed request of the length is migrated by ``POST /admin/migrate`` once it has ``--migrate-after``
+tokens. Afterwards ``GET /admin/migrations`` and ``GET /admin/steps`` give, per committed migration, its stages,
+blocks and downtime (freeze to commit, on the source's clock), and the source's decode steps that overlap the
+non-final stages (start to the stop-and-copy stage) against the source's last ``--baseline-steps`` decode steps
+before the migration began with the same batch size. A warm-up round first opens the KV channels both ways and
+captures the decode graphs; its rows are not written.
+
+    python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
+        --lengths 512,2048,7680 -o benchmarks/h200x2-serve-migration-nccl.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import threading
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from llumnix.runtime.frontend import BackgroundServer, init_ray
+from llumnix.runtime.serve_config import build_serve_config
+
+BACKGROUND_PROMPT = 64
+
+
+def stream(url: str, body: dict, on_tokens=None) -> tuple[str, list[int]]:
+    """Stream one completion; ``on_tokens(request_id, tokens so far)`` after each chunk. Its id and tokens."""
+    rid, tokens = "", []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=600) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"completion failed ({resp.status_code}): {resp.read()!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"completion failed: {chunk}")
+            rid = chunk["id"]
+            tokens += chunk["choices"][0]["token_ids"]
+            if on_tokens is not None:
+                on_tokens(rid, tokens)
+    return rid, tokens
+
+
+def one_round(srv: BackgroundServer, prompt: list[int], output_tokens: int, background: int,
+              migrate_at: list[int], seed: int) -> str:
+    """Background requests on both instances, then the migrated one; returns its client request id once every
+    request has finished. ``migrate_at``: its token counts at which a migration is asked for (again each chunk until
+    one starts)."""
+    rng = np.random.default_rng(seed)
+    ready = threading.Barrier(background + 1)
+    errors: list[BaseException] = []
+
+    def bg(i: int) -> None:
+        first = threading.Event()
+        body = {"prompt": rng.integers(0, 1000, BACKGROUND_PROMPT).tolist(), "max_tokens": output_tokens + 32,
+                "ignore_eos": True}
+        try:
+            stream(srv.url, body, lambda rid, toks: first.is_set() or (first.set(), ready.wait()))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+            ready.abort()
+
+    threads = [threading.Thread(target=bg, args=(i,)) for i in range(background)]
+    for t in threads:
+        t.start()
+    if background:
+        ready.wait(timeout=600)  # every background request decoding: its prefill is not in the measured steps
+    asked: list[int] = []
+
+    def on_tokens(rid: str, tokens: list[int]) -> None:
+        if len(asked) < len(migrate_at) and len(tokens) >= migrate_at[len(asked)]:
+            got = httpx.post(f"{srv.url}/admin/migrate", json={"request_id": rid}, headers=srv.admin_headers,
+                             timeout=60).json()
+            if got.get("started"):
+                asked.append(len(tokens))
+
+    rid, tokens = stream(srv.url, {"prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True}, on_tokens)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    if len(asked) != len(migrate_at) or len(tokens) != output_tokens:
+        raise RuntimeError(f"request {rid}: migrations started after tokens {asked} of {migrate_at}, "
+                           f"{len(tokens)} of {output_tokens} tokens")
+    return rid
+
+
+def admin_pages(srv: BackgroundServer, path: str, **params) -> list[dict]:
+    rows: list[dict] = []
+    while True:
+        page = httpx.get(f"{srv.url}{path}", params={**params, "start": len(rows)}, headers=srv.admin_headers,
+                         timeout=60).json()
+        if not page:
+            return rows
+        rows += page
+
+
+def slowdown_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: int) -> list[dict]:
+    """One row per committed migration: the source's decode steps during its non-final stages against before."""
+    rows = []
+    steps = steps.sort_values("start_s")
+    # a step's start to its instance's next: its duration and the gap before the next (the event loop's, the locks')
+    steps["interval_s"] = steps.groupby("instance_id")["start_s"].shift(-1) - steps["start_s"]
+    decode = steps[steps["kind"] == "decode"]
+    for m in migrations:
+        src = decode[decode["instance_id"] == m["src"]]
+        bulk_end = m["end_s"] - m["downtime_s"]
+        during = src[(src["end_s"] > m["start_s"]) & (src["start_s"] < bulk_end)]
+        batch = int(during["batch_size"].mode().iloc[0]) if len(during) else 0
+        before = src[(src["end_s"] <= m["start_s"]) & (src["batch_size"] == batch)].tail(baseline_steps)
+        step_before = float(before["duration_s"].mean()) if len(before) else float("nan")
+        step_during = float(during["duration_s"].mean()) if len(during) else float("nan")
+        rows.append({
+            "client_request_id": m["client_request_id"], "src": m["src"], "dst": m["dst"], "stages": m["stages"],
+            "blocks": m["blocks"], "downtime_s": m["downtime_s"], "migration_s": m["end_s"] - m["start_s"],
+            "bulk_s": bulk_end - m["start_s"], "source_batch": batch, "steps_before": len(before),
+            "steps_during": len(during), "decode_step_s": step_before, "decode_step_migrating_s": step_during,
+            "decode_slowdown": step_during / step_before - 1, "downtime_over_step": m["downtime_s"] / step_before,
+            "decode_interval_s": before["interval_s"].median(),
+            "decode_interval_migrating_s": during["interval_s"].median(),
+            "interval_slowdown": during["interval_s"].median() / before["interval_s"].median() - 1,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-transport", default="object-store", choices=["object-store", "gloo", "nccl"])
+    parser.add_argument("--kv-chunk-blocks", type=int, default=None, help="blocks per send (default: the server's)")
+    parser.add_argument("--lengths", default="512,2048", help="prompt tokens of the migrated request")
+    parser.add_argument("--repeats", type=int, default=3, help="migrations per length")
+    parser.add_argument("--background", type=int, default=8, help="other requests decoding (both instances)")
+    parser.add_argument("--output-tokens", type=int, default=160)
+    parser.add_argument("--migrate-after", type=int, default=64, help="tokens the request has when it is migrated")
+    parser.add_argument("--baseline-steps", type=int, default=30)
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: enough)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args()
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows_needed = args.background * (BACKGROUND_PROMPT + args.output_tokens + 32) + max(lengths) + args.output_tokens
+    values = {"instances": 2, "port": 0, "policy": "infaas++", "device": args.device, "model": args.model,
+              "dtype": args.dtype, "kv_transport": args.kv_transport, "kv_timeout_s": 60.0,
+              "num_blocks": args.num_blocks or 2 * rows_needed // 16, "num_cpus_per_instance": 1}
+    if args.kv_chunk_blocks is not None:
+        values["kv_chunk_blocks"] = args.kv_chunk_blocks
+    config = build_serve_config({}, values)
+    init_ray(None, log_to_driver=False)
+    rng = np.random.default_rng(args.seed)
+    with BackgroundServer(config, startup_timeout_s=600) as srv:
+        info = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["data"][0]
+        # warm-up: the KV channels both ways (opening one takes seconds while the request decodes), the decode
+        # graphs of the batch sizes to come
+        warm = one_round(srv, rng.integers(0, 1000, 256).tolist(), 4 * args.output_tokens, args.background,
+                         [8, 2 * args.output_tokens], 1)
+        targets: dict[str, int] = {}
+        for length in lengths:
+            for r in range(args.repeats):
+                prompt = rng.integers(0, 1000, length).tolist()
+                rid = one_round(srv, prompt, args.output_tokens, args.background, [args.migrate_after], 100 + r)
+                targets[rid] = length
+                print(f"prompt {length}: migration {r + 1} of {args.repeats} done", flush=True)
+        migrations = [m for m in admin_pages(srv, "/admin/migrations")
+                      if m["committed"] and m["client_request_id"] != warm]
+        steps = pd.DataFrame(admin_pages(srv, "/admin/steps"))
+    steps["duration_s"] = steps["end_s"] - steps["start_s"]
+    rows = pd.DataFrame(slowdown_rows(migrations, steps, args.baseline_steps))
+    rows.insert(0, "prompt_tokens", rows["client_request_id"].map(targets))
+    rows.insert(1, "seq_len_at_start", rows["prompt_tokens"] + args.migrate_after)
+    import torch
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    rows = rows.assign(
+        device_name=device_name, model=args.model, dtype=args.dtype, transport=args.kv_transport,
+        chunk_blocks=config.kv_chunk_blocks, kv_bytes=rows["blocks"] * info["kv_bytes_per_block"],
+        background=args.background, torch_version=torch.__version__, cuda_version=torch.version.cuda or "",
+        host=platform.node(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        notes=("llumnix serve (Ray instance actors, policy infaas++: no migration of its own), two instances"
+               + (", one GPU each" if args.device == "cuda" else "") + f"; {args.background} background requests of "
+               f"{BACKGROUND_PROMPT} prompt tokens decoding on both; the request migrated by POST /admin/migrate after "
+               f"{args.migrate_after} tokens; decode_step_migrating_s: mean of the source's decode steps overlapping "
+               "the non-final stages, decode_step_s: its last decode steps before the migration with the same batch; "
+               "decode_interval(_migrating)_s: the median of the same steps' start to the source's next step's (their "
+               "duration and the gap after; median: the last step of the bulk stage is followed by the stop-and-copy)"
+               "; downtime: freeze to commit on the source's clock"),
+    )
+    rows.to_csv(args.output, index=False)
+    print(rows.groupby("prompt_tokens")[["stages", "blocks", "downtime_s", "decode_step_s",
+                                         "decode_step_migrating_s", "decode_slowdown", "interval_slowdown", "steps_during"]]
+          .median().to_string())
+
+
+if __name__ == "__main__":
+    main()
