@@ -76,6 +76,9 @@
 #   copy1        the static step's inputs in one packed buffer, one copy a step: the engine's CUDA tests, its checks ->
 #                ...-copy1.csv, a decode call's parts -> ...-step-host-copy1.csv, the grid again ->
 #                ...-decode-grid-copy1-2.csv; the profile
+#   spread       the decode step at batch 1 and 8 x 512 and 2k in four processes one after another, the GPU's clocks,
+#                power and throttle reasons logged every 250 ms meanwhile: is the first process's slower step the GPU's
+#                or the host's -> ...-decode-spread-{1..4}.csv, ...-decode-spread-clocks.csv
 #   profile      the simulator's h200-llama-7b profile re-measured with the engine as it is -> llumnix/profiles/
 # Everything also goes under $OUT, with the log. Expected: about 6-7 minutes for all on an H200.
 set -u
@@ -265,6 +268,17 @@ sys.argv[0] = 'llumnix.bench.cli'; runpy.run_module('llumnix.bench.cli', run_nam
       -o "benchmarks/$G-step-host-decompose.csv" && cp "benchmarks/$G-step-host-decompose.csv" "$OUT/"
     timeout 200 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8,32,128,256 \
       --context 512,2048,8192 -o "benchmarks/$G-decode-grid-tilescale-2.csv" && cp "benchmarks/$G-decode-grid-tilescale-2.csv" "$OUT/"
+  fi
+  if [ "$WHAT" = spread ]; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,pstate,clocks_throttle_reasons.active \
+      --format=csv -lms 250 > "$OUT/$G-decode-spread-clocks.csv" &
+    CLOCKS=$!
+    for i in 1 2 3 4; do
+      date -u +%T.%N
+      timeout 100 $L bench decode-floor --device cuda --model llama-7b --dtype bfloat16 --batch 1,8 --context 512,2048 \
+        -o "$OUT/$G-decode-spread-$i.csv" 2>&1 | grep "decode batch"
+    done
+    kill $CLOCKS
   fi
   if [ "$WHAT" = copy1 ]; then
     # the static step's inputs sent with one copy a step (one packed buffer) instead of two
