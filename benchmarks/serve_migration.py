@@ -2,8 +2,9 @@
 downtime, with ``llumnix serve``'s instance actors under Ray (two GPUs and ``--kv-transport nccl`` on the device
 machine; CPU and gloo or the object store elsewhere).
 
-For each prompt length, ``--repeats`` times: ``--background`` streamed requests (64 prompt tokens) keep both instances
-decoding; a streamed request of the length is migrated by ``POST /admin/migrate`` once it has ``--migrate-after``
+For each prompt length, ``--repeats`` times: ``--background`` streamed requests (64 prompt tokens) keep the instances
+decoding (where the dispatch policy puts them: ``source_batch`` in the CSV says how many the source had); a streamed
+request of the length is migrated by ``POST /admin/migrate`` once it has ``--migrate-after``
 tokens. Afterwards ``GET /admin/migrations`` and ``GET /admin/steps`` give, per committed migration, its stages,
 blocks and downtime (freeze to commit, on the source's clock), and the source's decode steps that overlap the
 non-final stages (start to the stop-and-copy stage) against the source's last ``--baseline-steps`` decode steps
@@ -53,17 +54,17 @@ def stream(url: str, body: dict, on_tokens=None) -> tuple[str, list[int]]:
 
 def one_round(srv: BackgroundServer, prompt: list[int], output_tokens: int, background: int,
               migrate_at: list[int], seed: int) -> str:
-    """Background requests on both instances, then the migrated one; returns its client request id once every
-    request has finished. ``migrate_at``: its token counts at which a migration is asked for (again each chunk until
-    one starts)."""
+    """Background requests (their prompts drawn from ``seed``), then the migrated one; returns its client request id
+    once every request has finished. ``migrate_at``: its token counts at which a migration is asked for (again each
+    chunk until one starts)."""
     rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 1000, BACKGROUND_PROMPT).tolist() for _ in range(background)]
     ready = threading.Barrier(background + 1)
     errors: list[BaseException] = []
 
     def bg(i: int) -> None:
         first = threading.Event()
-        body = {"prompt": rng.integers(0, 1000, BACKGROUND_PROMPT).tolist(), "max_tokens": output_tokens + 32,
-                "ignore_eos": True}
+        body = {"prompt": prompts[i], "max_tokens": output_tokens + 32, "ignore_eos": True}
         try:
             stream(srv.url, body, lambda rid, toks: first.is_set() or (first.set(), ready.wait()))
         except BaseException as e:  # noqa: BLE001 (reported below)
