@@ -12,10 +12,13 @@
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
+#   gloo   the paper's transport (torch.distributed gloo: through host memory) between the same two GPUs, 600 output
+#      tokens (a bulk stage through the host takes longer), 2 migrations a length -> ...-serve-migration-gloo.csv
 #   trace  512 and 2048 tokens once each with the migration path's calls timed (the probe's LLUMNIX_PROBE_TRACE) ->
 #      ...-serve-migration-trace.csv and -trace.tgz (one CSV per process: call, start, end, thread)
 # (1, 2, probe and trace ran an earlier serve_migration.py: a 160-token warm-up, mean intervals; the probe "both"
-# failed there, its warm-up's second migration not started by its last token: the warm-up is longer since.)
+# failed there, its warm-up's second migration not started by its last token: the warm-up is longer since; gloo ran
+# before the median step durations were written.)
 # Ray and the server's other needs travel as wheels in .whl2/ (how to make them: benchmarks/gpu_serve_nccl.sh);
 # carry .whl and .whl2.
 set -u
@@ -28,7 +31,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
   python3 -c "import torch, ray, httpx, pandas; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', \
 torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_count())"
-  if [ "$RUN" = trace ]; then
+  if [ "$RUN" = gloo ]; then
+    timeout 400 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+      --kv-transport gloo --lengths 512,2048,7680 --repeats 2 --background 8 --output-tokens 600 \
+      -o "benchmarks/${G}x2-serve-migration-gloo.csv" && cp "benchmarks/${G}x2-serve-migration-gloo.csv" "$OUT/"
+  elif [ "$RUN" = trace ]; then
     mkdir -p /tmp/trace
     LLUMNIX_PROBE_TRACE=/tmp/trace PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 150 python3 \
       benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \

@@ -127,6 +127,8 @@ def slowdown_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: i
             "bulk_s": bulk_end - m["start_s"], "source_batch": batch, "steps_before": len(before),
             "steps_during": len(during), "decode_step_s": step_before, "decode_step_migrating_s": step_during,
             "decode_slowdown": step_during / step_before - 1, "downtime_over_step": m["downtime_s"] / step_before,
+            "decode_step_median_s": before["duration_s"].median(),
+            "decode_step_migrating_median_s": during["duration_s"].median(),
             "decode_interval_s": before["interval_s"].median(),
             "decode_interval_migrating_s": during["interval_s"].median(),
             "interval_slowdown": during["interval_s"].median() / before["interval_s"].median() - 1,
@@ -195,7 +197,7 @@ def main() -> None:
                f"{BACKGROUND_PROMPT} prompt tokens decoding on both; the request migrated by POST /admin/migrate after "
                f"{args.migrate_after} tokens; decode_step_migrating_s: mean of the source's decode steps overlapping "
                "the non-final stages, decode_step_s: its last decode steps before the migration with the same batch; "
-               "decode_interval(_migrating)_s: the median of the same steps' start to the source's next step's (their "
+               "decode_step(_migrating)_median_s: their medians; decode_interval(_migrating)_s: the median of the same steps' start to the source's next step's (their "
                "duration and the gap after; median: the last step of the bulk stage is followed by the stop-and-copy)"
                "; downtime: freeze to commit on the source's clock"),
     )
