@@ -34,7 +34,7 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
   if [ "$RUN" = gloo ]; then
     timeout 400 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
       --kv-transport gloo --lengths 512,2048,7680 --repeats 2 --background 8 --output-tokens 600 \
-      -o "benchmarks/${G}x2-serve-migration-gloo.csv" && cp "benchmarks/${G}x2-serve-migration-gloo.csv" "$OUT/"
+      -o "benchmarks/${G}x2-serve-migration-gloo.csv" && cp benchmarks/${G}x2-serve-migration-gloo*.csv "$OUT/"
   elif [ "$RUN" = trace ]; then
     mkdir -p /tmp/trace
     LLUMNIX_PROBE_TRACE=/tmp/trace PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 150 python3 \
@@ -47,13 +47,13 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
       LLUMNIX_PROBE_SWITCH_S=$sw LLUMNIX_PROBE_POLL_S=$poll PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 150 \
         python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
         --lengths 512,2048 --repeats 2 --background 8 -o "benchmarks/${G}x2-serve-migration-probe-$name.csv" \
-        && cp "benchmarks/${G}x2-serve-migration-probe-$name.csv" "$OUT/"
+        && cp "benchmarks/${G}x2-serve-migration-probe-$name.csv" "$OUT/"  # not the raw logs: $OUT returns 8 files at most
     done
   else
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_dist_transport.py -k nccl --durations=3
     timeout 420 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
       --kv-transport nccl --lengths 512,2048,7680 --repeats 3 --background 8 \
-      -o "benchmarks/${G}x2-serve-migration-nccl-$RUN.csv" && cp "benchmarks/${G}x2-serve-migration-nccl-$RUN.csv" "$OUT/"
+      -o "benchmarks/${G}x2-serve-migration-nccl-$RUN.csv" && cp benchmarks/${G}x2-serve-migration-nccl-$RUN*.csv "$OUT/"
   fi
   date -u
 } 2>&1 | tee "$OUT/log-serve-migration-$RUN.txt"

@@ -9,7 +9,8 @@ tokens. Afterwards ``GET /admin/migrations`` and ``GET /admin/steps`` give, per 
 blocks and downtime (freeze to commit, on the source's clock), and the source's decode steps that overlap the
 non-final stages (start to the stop-and-copy stage) against the source's last ``--baseline-steps`` decode steps
 before the migration began with the same batch size. A warm-up round first opens the KV channels both ways and
-captures the decode graphs; its rows are not written.
+captures the decode graphs; its rows are not written. The raw step and migration logs go beside the output
+(``-steps.csv``, ``-migrations.csv``).
 
     python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
         --lengths 512,2048,7680 -o benchmarks/h200x2-serve-migration-nccl.csv
@@ -202,6 +203,10 @@ def main() -> None:
                "; downtime: freeze to commit on the source's clock"),
     )
     rows.to_csv(args.output, index=False)
+    # the raw logs beside it, for what the summary leaves out (which steps were long, and when)
+    stem = args.output.removesuffix(".csv")
+    steps.to_csv(f"{stem}-steps.csv", index=False)
+    pd.DataFrame(migrations).to_csv(f"{stem}-migrations.csv", index=False)
     print(rows.groupby("prompt_tokens")[["stages", "blocks", "downtime_s", "decode_step_s",
                                          "decode_step_migrating_s", "decode_slowdown", "interval_slowdown", "steps_during"]]
           .median().to_string())
