@@ -2,7 +2,8 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|more]; writes the CSVs and log-WHAT.txt under $OUT.
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|more];
+# writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 WHAT=${1:-smoke}
@@ -46,8 +47,8 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
         --migrations 2 --repeats 1 --lengths 512,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced.csv"
       ;;
     paced-more)
-      # 2026-11-30: more samples of the paced bulk stage at the shorter lengths, chunks of 16 blocks (the default)
-      # and of 8
+      # 2026-11-29 (evening): more samples of the paced bulk stage at the shorter lengths, chunks of 16 blocks (the
+      # default) and of 8
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
       for c in 16 8; do
         timeout 240 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 100 \
@@ -56,10 +57,11 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       done
       ;;
     paced2)
-      # 2026-11-30: the paced line at every length with more samples; run with a change since reverted (block ids
-      # through pinned memory, the receive on the channel's own stream: benchmarks/logs/h200x2-serve-migration-2.txt)
-      # -> benchmarks/h200x2-nccl-llama-7b-paced-change.csv. The same change against the code as it is, interleaved,
-      # twice (ab: the change applied for the -change runs) -> benchmarks/h200x2-nccl-ab-{head,change}-{1,2}.csv
+      # 2026-11-29 (evening): the paced line at every length with more samples; run with a change since reverted (block
+      # ids through pinned memory, the receive on the channel's own stream:
+      # benchmarks/logs/h200x2-serve-migration-2.txt) -> benchmarks/h200x2-nccl-llama-7b-paced-change.csv. The same
+      # change against the code as it is, interleaved, twice (ab: the change applied for the -change runs) ->
+      # benchmarks/h200x2-nccl-ab-{head,change}-{1,2}.csv
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
       timeout 300 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
         --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-paced-2.csv"
@@ -72,8 +74,9 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       done
       ;;
     nccl-sms)
-      # 2026-11-30: NCCL's own kernels share the source's SMs with its decode step while the bulk stage copies: the
-      # paced line under NCCL settings that give the transfer fewer of them (or the copy engines), default first
+      # 2026-11-29 (evening): NCCL's own kernels share the source's SMs with its decode step while the bulk stage
+      # copies: the paced line under NCCL settings that give the transfer fewer of them (or the copy engines), default
+      # first
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
       for v in default NCCL_MAX_CTAS=1 NCCL_MAX_P2P_NCHANNELS=1 NCCL_P2P_USE_CUDA_MEMCPY=1; do
         env $([ $v = default ] || echo $v) timeout 150 $L bench migration --model llama-7b --device cuda \

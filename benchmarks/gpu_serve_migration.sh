@@ -2,10 +2,11 @@
 # Issue 19, item 2 in the serving cluster: benchmarks/serve_migration.py on two GPUs (`llumnix serve`'s two instance
 # actors under Ray, one per GPU, LLaMA-7B's shape in bf16, KV over NCCL, 8 background requests decoding): the
 # source's decode steps during a migration's non-final stages against before, the downtime, per prompt length.
-# Usage: bash benchmarks/gpu_serve_migration.sh RUN -> benchmarks/<gpu>x2-serve-migration-nccl-RUN.csv, and the log
-# under $OUT. First the serving test over NCCL (tests/test_dist_transport.py: migrations both ways, a broken channel,
-# tokens equal to an unmigrated run's, no leaked block).
-#   1  2026-11-30, the serving path as it was: block ids sent to the GPU from pageable memory (the event loop waited
+# Usage: bash benchmarks/gpu_serve_migration.sh RUN -> benchmarks/<gpu>x2-serve-migration-nccl-RUN.csv (with its raw
+# logs, -steps.csv and -migrations.csv, since they are written), and the log under $OUT. Runs 1 and 2 first run the
+# serving test over NCCL (tests/test_dist_transport.py: migrations both ways, a broken channel, tokens equal to an
+# unmigrated run's, no leaked block).
+#   1  2026-11-29, the serving path as it was: block ids sent to the GPU from pageable memory (the event loop waited
 #      for the decode step in flight at every chunk read or written), the destination's receive behind its step
 #   2  block ids through pinned memory, the receive on the channel's own stream (no better: reverted, the change is
 #      in benchmarks/logs/h200x2-serve-migration-2.txt's header)
@@ -33,7 +34,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_count())"
   if [ "$RUN" = gloo ]; then
     timeout 400 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
-      --kv-transport gloo --lengths 512,2048,7680 --repeats 2 --background 8 --output-tokens 600 \
+      --kv-transport gloo --lengths 512,2048,7168 --repeats 2 --background 8 --output-tokens 600 \
       -o "benchmarks/${G}x2-serve-migration-gloo.csv" && cp benchmarks/${G}x2-serve-migration-gloo*.csv "$OUT/"
   elif [ "$RUN" = trace ]; then
     mkdir -p /tmp/trace
