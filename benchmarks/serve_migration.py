@@ -19,6 +19,7 @@ captures the decode graphs; its rows are not written. The raw step and migration
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import platform
@@ -28,7 +29,9 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from llumnix.analysis.realrun import all_steps
 from llumnix.runtime.frontend import BackgroundServer, init_ray
+from llumnix.runtime.replay import admin_pages
 from llumnix.runtime.serve_config import build_serve_config
 
 BACKGROUND_PROMPT = 64
@@ -97,14 +100,13 @@ def one_round(srv: BackgroundServer, prompt: list[int], output_tokens: int, back
     return rid
 
 
-def admin_pages(srv: BackgroundServer, path: str, **params) -> list[dict]:
-    rows: list[dict] = []
-    while True:
-        page = httpx.get(f"{srv.url}{path}", params={**params, "start": len(rows)}, headers=srv.admin_headers,
-                         timeout=60).json()
-        if not page:
-            return rows
-        rows += page
+def migration_log(srv: BackgroundServer) -> list[dict]:
+    """Every migration attempt the cluster logged (``GET /admin/migrations``, page after page)."""
+    async def fetch() -> list[dict]:
+        async with httpx.AsyncClient() as client:
+            return await admin_pages(client, f"{srv.url}/admin/migrations", srv.admin_headers, timeout_s=60.0)
+
+    return asyncio.run(fetch())
 
 
 def slowdown_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: int) -> list[dict]:
@@ -178,9 +180,8 @@ def main() -> None:
                 rid = one_round(srv, prompt, args.output_tokens, args.background, [args.migrate_after], 100 + r)
                 targets[rid] = length
                 print(f"prompt {length}: migration {r + 1} of {args.repeats} done", flush=True)
-        migrations = [m for m in admin_pages(srv, "/admin/migrations")
-                      if m["committed"] and m["client_request_id"] != warm]
-        steps = pd.DataFrame(admin_pages(srv, "/admin/steps"))
+        migrations = [m for m in migration_log(srv) if m["committed"] and m["client_request_id"] != warm]
+        steps = pd.DataFrame(all_steps(srv.url, srv.admin_headers, sorted(srv.manager.instances)))
     steps["duration_s"] = steps["end_s"] - steps["start_s"]
     rows = pd.DataFrame(slowdown_rows(migrations, steps, args.baseline_steps))
     rows.insert(0, "prompt_tokens", rows["client_request_id"].map(targets))
