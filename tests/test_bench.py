@@ -15,7 +15,7 @@ from llumnix.core.migration_protocol import Copy
 from llumnix.core.request import Request
 from llumnix.engine.executor import TorchExecutor
 from llumnix.engine.kv_cache import KVCachePool
-from llumnix.engine.kv_transfer import ExecutorTransfer, PendingCopy, PoolTransfer, block_runs
+from llumnix.engine.kv_transfer import ExecutorTransfer, KVTransfer, PendingCopy, PoolTransfer, block_runs
 from llumnix.profiles import Profile
 from llumnix.runtime.instance import EngineInstance, migrate_in_process
 from llumnix.sim import SimConfig, simulate
@@ -42,6 +42,7 @@ def test_migration_bench_rows_token_identical_with_positive_times(bench_df):
     assert list(bench_df["seq_len"]) == [48, 96, 200]
     assert bench_df["token_identical"].all() and bench_df["reference_stable"].all()
     assert bench_df["kv_identical"].all() and bench_df["token_identical_timed"].all()
+    assert (bench_df["migrations"] == bench_df["migrations_asked"]).all() and (bench_df["aborted"] == "").all()
     assert (bench_df["migrations"] == 2).all()  # one per repeat
     assert (bench_df[TIME_COLUMNS] > 0).all().all()
     assert (bench_df["stages"] >= 2).all()  # a bulk stage while decoding, then the stop-and-copy
@@ -77,6 +78,43 @@ def test_migration_token_identical_under_deterministic_kernels():
         run = bench.migration(64, "device", verify_kv=True)
     assert not torch.are_deterministic_algorithms_enabled()
     assert run.committed and len(run.downtimes_s) == 2 and run.tokens == ref.tokens and run.kv_identical
+
+
+class SlowTransfer(KVTransfer):
+    """A copy lands only at every ``polls``-th poll: a transfer slower than the source's steps (as NCCL limited to
+    one CTA was across two H200s), reproduced on CPU."""
+
+    def __init__(self, inner: KVTransfer, polls: int) -> None:
+        self.inner, self.polls = inner, polls
+
+    def start(self, copy):
+        pending, polled = self.inner.start(copy), [0]
+
+        def poll() -> bool:
+            polled[0] += 1
+            return polled[0] % self.polls == 0 and pending.done()
+
+        return PendingCopy(pending.num_bytes, poll, pending.drain if hasattr(pending, "drain") else None)
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+
+def test_a_migration_the_request_outlasts_is_reported_not_taken_for_a_wrong_output():
+    """Copies 3x slower than the output tokens allow: the third of four migrations aborts as the request finishes.
+    The row says so (committed of asked, why, the fix), and identity is judged on what did commit: the output is the
+    unmigrated one and the committed migrations' KV was bit-equal."""
+    import llumnix.bench.migration as m
+
+    cfg = MigrationBenchConfig(lengths=(200,), repeats=1, warmup=0, migrations=4, chunk_blocks=2)
+    executors = [TorchExecutor("tiny", cfg.pool_blocks) for _ in range(2)]
+    pools = [e.runner.kv_cache for e in executors]
+    slow = tuple(SlowTransfer(PoolTransfer(pools[i], {1 - i: pools[1 - i]}, chunk_blocks=2), 3) for i in (0, 1))
+    bench = m._Bench(cfg, *(EngineInstance(i, e) for i, e in enumerate(executors)), {"device": slow}, 1024)
+    row = m._measure(cfg, bench, "cpu", 1, None).iloc[0]
+    assert row["migrations"] == 2 and row["migrations_asked"] == 4
+    assert "migration 3 of 4 aborted" in row["aborted"] and "raise --output-tokens above" in row["aborted"]
+    assert row["token_identical"] and row["kv_identical"] and row["token_identical_timed"]
 
 
 def test_determinism_probe_on_cpu(tmp_path):

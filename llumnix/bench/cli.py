@@ -136,7 +136,11 @@ def migration(device, model, dtype, lengths, num_blocks, repeats, warmup, batch,
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     _write_csv(df, output, ["transport", "seq_len", "recompute_s", "blocking_copy_s", "downtime_s", "stages",
-                            "decode_step_s", "decode_step_migrating_s", "token_identical", "kv_identical"])
+                            "migrations", "decode_step_s", "decode_step_migrating_s", "token_identical",
+                            "kv_identical"])
+    for _, row in df[df["aborted"] != ""].iterrows():
+        click.echo(f"warning: seq_len {row['seq_len']}: {row['migrations']} of {row['migrations_asked']} timed "
+                   f"migrations committed; {row['aborted']}", err=True)
 
 
 @bench.command("decode-floor", context_settings=CONTEXT)

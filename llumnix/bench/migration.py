@@ -228,8 +228,18 @@ class _MigrationRun:
     migrated_blocks: list[int]
     migrating_step_s: float  # mean duration of the source's decode steps during non-final stages
     stage_per_step_s: float  # wall time of the non-final stages (steps + copy issue + sync) per source step
-    committed: bool  # every migration committed
+    aborted: str = ""  # why a migration aborted (the request then stays where it is and migrates no more); "" if none
     kv_identical: bool | None = None  # destination blocks == source blocks at every commit (checked when asked)
+
+    @property
+    def committed(self) -> bool:
+        """Every migration asked for committed."""
+        return not self.aborted
+
+    def identical_to(self, ref: _Reference) -> bool:
+        """At least one migration committed and the request's output is its unmigrated output (an aborted one
+        leaves it decoding where it was: its tokens must not change either)."""
+        return bool(self.downtimes_s) and self.tokens == ref.tokens
 
 
 @dataclass
@@ -317,7 +327,7 @@ class _Bench:
         staged_s, staged_steps = 0.0, 0
         staged_decode: list[float] = []  # durations of the source's decode steps during non-final stages
         here, there = src, dst
-        committed = True
+        aborted = ""
         kv_identical = True if verify_kv else None
         for k in range(cfg.migrations):
             if k:
@@ -347,8 +357,10 @@ class _Bench:
                 steps_per_stage=cfg.steps_per_stage, on_stage=on_stage, transfer=transfer,
             )
             if mig.phase is not MigrationPhase.COMMITTED:
-                log.warning("migration of %d tokens aborted: %s", target.seq_len, mig.abort_reason)
-                committed = False
+                aborted = f"migration {k + 1} of {cfg.migrations} aborted: {mig.abort_reason}"
+                if target.finished:  # its copies took more source steps than the request had tokens left
+                    aborted += f" (it finished first: raise --output-tokens above {cfg.output_tokens})"
+                log.warning("seq_len %d: %s", length, aborted)
                 break
             downtimes.append(mig.downtime_s)
             stages.append(len(mig.stages))
@@ -372,7 +384,7 @@ class _Bench:
             migrated_blocks=blocks,
             migrating_step_s=statistics.fmean(staged_decode) if staged_decode else float("nan"),
             stage_per_step_s=staged_s / staged_steps if staged_steps else float("nan"),
-            committed=committed,
+            aborted=aborted,
             kv_identical=kv_identical,
         )
 
@@ -492,7 +504,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
             ref = bench.reference(length)
             runs = {t: bench.migration(length, t) for t in cfg.transports}
             for t, run in runs.items():
-                identical_timed[t] &= run.committed and run.tokens == ref.tokens
+                identical_timed[t] &= run.identical_to(ref)
             kv_tokens = runs[cfg.transports[0]].kv_tokens
             prompt = bench.prompt(length, 0)
             rec = bench.recompute_s(prompt + ref.tokens[: kv_tokens - len(prompt)])  # its sequence when it migrated
@@ -510,7 +522,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
         with _identity_mode(cfg, bench):
             ref = bench.reference(length)
             checks = {t: bench.migration(length, t, verify_kv=True) for t in cfg.transports}
-        identical = {t: run.committed and run.tokens == ref.tokens for t, run in checks.items()}
+        identical = {t: run.identical_to(ref) for t, run in checks.items()}
         for t in cfg.transports:
             runs = samples[t]
             downtimes = [d for r in runs for d in r.downtimes_s]
@@ -533,7 +545,9 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 "kv_tokens": runs[0].kv_tokens,
                 "kv_bytes": runs[0].kv_tokens * kv_bytes_per_token,
                 "repeats": cfg.repeats,
-                "migrations": len(downtimes),
+                "migrations": len(downtimes),  # committed; asked for: migrations_asked
+                "migrations_asked": cfg.migrations * cfg.repeats,
+                "aborted": next((r.aborted for r in [*runs, checks[t]] if r.aborted), ""),
                 "recompute_s": statistics.median(recompute),
                 "blocking_copy_s": statistics.median(r.blocking_copy_s for r in runs),
                 "downtime_s": statistics.median(downtimes) if downtimes else float("nan"),
@@ -548,7 +562,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 "stage_per_step_s": stage_per_step_s,
                 "stage_slowdown": stage_per_step_s / step_s - 1.0,
                 "token_identical": identical[t],
-                "kv_identical": checks[t].committed and bool(checks[t].kv_identical),  # False: not checked
+                "kv_identical": bool(checks[t].downtimes_s) and bool(checks[t].kv_identical),  # False: not checked
                 "token_identical_timed": identical_timed[t],
                 "reference_stable": stable,
                 "notes": _notes(cfg, t),
