@@ -178,6 +178,9 @@ def test_migration_bench_across_two_processes_over_gloo(tmp_path):
     assert (df[TIME_COLUMNS] > 0).all().all() and (df["stages"] >= 2).all()
     assert df["device_name"].str.contains("another process").all()
     assert df["notes"].str.contains("child process").all() and df["notes"].str.contains("gloo channel").all()
+    # the way back (the child the source) against the child's own unmigrated steps
+    assert (df[["decode_step_back_s", "decode_step_migrating_back_s"]] > 0).all().all()
+    assert df["decode_slowdown_back"].notna().all() and df["notes"].str.contains("way back").all()
 
 
 def test_kv_transfer_copies_blocks_exactly():

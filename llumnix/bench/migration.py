@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llumnix.bench.worker import WorkerExecutor, WorkerSpec
+from llumnix.bench.worker import WorkerExecutor, WorkerSpec, after_current, side_stream
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase
@@ -175,12 +175,15 @@ class MigrationBenchConfig:
 class ChannelTransfer(KVTransfer):
     """Copies KV blocks between this process's executor and a ``WorkerExecutor`` over their channel: ``to_worker``
     pushes (the local executor is the source), else pulls (the worker is the source). A non-final stage is paced as
-    ``PoolTransfer`` paces it: ``chunk_blocks`` blocks per poll (one poll per source step)."""
+    ``PoolTransfer`` paces it: ``chunk_blocks`` blocks per poll (one poll per source step). On CUDA a push gathers
+    and sends its blocks on a side stream, after the source's steps so far and beside the ones that follow (the
+    worker does the same when it sends)."""
 
     def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool,
                  chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
         self.local, self.worker, self.to_worker, self.chunk_blocks = local, worker, to_worker, chunk_blocks
         self.name = worker.spec.backend
+        self.side = side_stream(str(local.runner.device)) if to_worker else None
 
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
@@ -192,7 +195,8 @@ class ChannelTransfer(KVTransfer):
 
     def _issue(self, src_blocks: list[int], dst_blocks: list[int]) -> Polled:
         if self.to_worker:
-            poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
+            with after_current(self.side):
+                poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
         else:
             poll = self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
         return Polled(poll, self.synchronize)
@@ -226,7 +230,8 @@ class _MigrationRun:
     downtimes_s: list[float]  # one per committed migration
     stages: list[int]
     migrated_blocks: list[int]
-    migrating_step_s: float  # mean duration of the source's decode steps during non-final stages
+    migrating_steps: list[float]  # the source's decode steps during non-final stages, source = ``_Bench.src``
+    migrating_steps_back: list[float]  # the same with the source ``_Bench.dst`` (there and back)
     stage_per_step_s: float  # wall time of the non-final stages (steps + copy issue + sync) per source step
     aborted: str = ""  # why a migration aborted (the request then stays where it is and migrates no more); "" if none
     kv_identical: bool | None = None  # destination blocks == source blocks at every commit (checked when asked)
@@ -275,8 +280,9 @@ class _Bench:
             inst.add_request(self.request(self.prompt(length, i), cfg.background_output_tokens))
         return target
 
-    def reference(self, length: int) -> _Reference:
-        src = self.src
+    def reference(self, length: int, src: EngineInstance | None = None) -> _Reference:
+        """The request (and its background batch) decoded on ``src`` (default: ``self.src``), unmigrated."""
+        src = src or self.src
         target = self.add_batch(src, length, with_target=True)
         first = len(src.steps)
         while not target.finished:
@@ -325,7 +331,8 @@ class _Bench:
 
         downtimes, stages, blocks = [], [], []
         staged_s, staged_steps = 0.0, 0
-        staged_decode: list[float] = []  # durations of the source's decode steps during non-final stages
+        staged_decode: dict[bool, list[float]] = {True: [], False: []}  # the source's decode steps in non-final
+        # stages, by whether the source is src
         here, there = src, dst
         aborted = ""
         kv_identical = True if verify_kv else None
@@ -369,7 +376,7 @@ class _Bench:
                 if not final and n > 0:
                     staged_s += sec
                     staged_steps += n
-                    staged_decode += decode_s
+                    staged_decode[here is src] += decode_s
             here, there = there, here
         while not target.finished:
             here.step()
@@ -382,7 +389,8 @@ class _Bench:
             downtimes_s=downtimes,
             stages=stages,
             migrated_blocks=blocks,
-            migrating_step_s=statistics.fmean(staged_decode) if staged_decode else float("nan"),
+            migrating_steps=staged_decode[True],
+            migrating_steps_back=staged_decode[False],
             stage_per_step_s=staged_s / staged_steps if staged_steps else float("nan"),
             aborted=aborted,
             kv_identical=kv_identical,
@@ -415,9 +423,15 @@ def _notes(cfg: MigrationBenchConfig, transport: str) -> str:
         overlap = "stage copies run sequentially between decode steps (CPU: no overlap)"
         identity = ("token_identical / kv_identical: an untimed rerun with and without migration (kv: every block "
                     "bit-equal on both sides at each commit); token_identical_timed: every timed repeat")
+    if cfg.cross_process and cfg.migrations >= 2:
+        which = ("of the migrations from this process (decode_slowdown: over decode_step_s, the same request's steps "
+                 "unmigrated in this process; the way back, with its source in the child process: "
+                 "decode_step_migrating_back_s over decode_step_back_s, that process's own unmigrated steps)")
+    else:
+        which = "(decode_slowdown: over decode_step_s, the same request's steps unmigrated)"
     return (f"{overlap}; {TRANSPORT_NOTES[transport]}; decode_step_migrating_s = mean duration of the source's decode "
-            f"steps during the non-final stages (decode_slowdown: over decode_step_s, the same request's steps "
-            f"unmigrated); stage_per_step_s = wall time of those stages (steps + copy issue + sync) per source step; downtime = freeze to commit of the stop-and-copy stage; "
+            f"steps during the non-final stages {which}; stage_per_step_s = wall time of those stages (steps + copy "
+            f"issue + sync) per source step; downtime = freeze to commit of the stop-and-copy stage; "
             f"{cfg.migrations} migration(s) per repeat, there and back; {cfg.batch - 1} background requests of "
             f"{cfg.background_tokens} prompt tokens on each instance; {identity}")
 
@@ -487,10 +501,17 @@ def _identity_mode(cfg: MigrationBenchConfig, bench: _Bench) -> Iterator[None]:
         yield
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
 def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_per_token: int,
              progress: Callable[[Iterable], Iterable] | None) -> pd.DataFrame:
     rows = []
     lengths = sorted(cfg.lengths)
+    # Across processes the way back has its source in the other process (steps over the pipe): its steps are
+    # compared with that process's own unmigrated steps, in columns of their own.
+    split_back = cfg.cross_process and cfg.migrations >= 2
     # One untimed round first: module loads, kernel selection and allocator growth stay out of the first length.
     bench.reference(lengths[0])
     for t in cfg.transports:
@@ -498,10 +519,12 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
     for length in progress(lengths) if progress else lengths:
         samples: dict[str, list[_MigrationRun]] = {t: [] for t in cfg.transports}
         refs: list[_Reference] = []
+        back_steps: list[float] = []  # the back direction's source (the other process) unmigrated: its own baseline
         recompute: list[float] = []
         identical_timed = dict.fromkeys(cfg.transports, True)
         for rep in range(cfg.warmup + cfg.repeats):
             ref = bench.reference(length)
+            back = bench.reference(length, bench.dst).decode_step_s if split_back else float("nan")
             runs = {t: bench.migration(length, t) for t in cfg.transports}
             for t, run in runs.items():
                 identical_timed[t] &= run.identical_to(ref)
@@ -511,6 +534,7 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
             if rep < cfg.warmup:
                 continue
             refs.append(ref)
+            back_steps.append(back)
             recompute.append(rec)
             for t, run in runs.items():
                 samples[t].append(run)
@@ -527,7 +551,11 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
             runs = samples[t]
             downtimes = [d for r in runs for d in r.downtimes_s]
             step_s = statistics.median(r.decode_step_s for r in refs)
-            migrating_s = float(np.nanmedian([r.migrating_step_s for r in runs]))
+            migrating = [_mean(r.migrating_steps + ([] if split_back else r.migrating_steps_back)) for r in runs]
+            migrating_s = float(np.nanmedian(migrating))
+            back_s = statistics.median(back_steps)
+            migrating_back_s = float(np.nanmedian([_mean(r.migrating_steps_back) for r in runs])) if split_back \
+                else float("nan")
             stage_per_step_s = float(np.nanmedian([r.stage_per_step_s for r in runs]))
             rows.append({
                 "device": cfg.device,
@@ -559,6 +587,9 @@ def _measure(cfg: MigrationBenchConfig, bench: _Bench, devices: str, kv_bytes_pe
                 "decode_step_s": step_s,
                 "decode_step_migrating_s": migrating_s,
                 "decode_slowdown": migrating_s / step_s - 1.0,
+                "decode_step_back_s": back_s,
+                "decode_step_migrating_back_s": migrating_back_s,
+                "decode_slowdown_back": migrating_back_s / back_s - 1.0,
                 "stage_per_step_s": stage_per_step_s,
                 "stage_slowdown": stage_per_step_s / step_s - 1.0,
                 "token_identical": identical[t],

@@ -16,7 +16,7 @@ import itertools
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,16 +79,20 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Transfer:
     """One send or receive in flight; ``tensor`` is its data (the buffer, for a receive). Its end is known only by
-    waiting (gloo marks a send or receive complete only in ``wait``): learn from the peer that it has landed."""
+    waiting (gloo marks a send or receive complete only in ``wait``): learn from the peer that it has landed.
+    Waiting again for a completed transfer returns at once (gloo's own wait, called twice, waits for another)."""
 
     channel: DistChannel
     work: Any
     tensor: torch.Tensor
     op: str
+    completed: bool = field(default=False, init=False)
 
     def wait(self) -> torch.Tensor:
         """Block until the transfer has completed, at most the channel's timeout; return ``tensor``."""
         ch = self.channel
+        if self.completed:
+            return self.tensor
         try:
             if ch.backend == "gloo":
                 self.work.wait(_timeout(ch.timeout_s))
@@ -101,12 +105,20 @@ class Transfer:
                 self.work.wait()
         except Exception as e:
             raise ch.fail(self.op, e) from e
+        self.completed = True
         return self.tensor
+
+    def done(self) -> bool:
+        """Whether the transfer has completed (gloo: known only by ``wait``, so a gloo transfer is waited for here)."""
+        if self.channel.backend == "gloo" or self.completed:
+            self.wait()
+            return True
+        return self.work.is_completed()
 
     def wait_ordered(self) -> torch.Tensor:
         """Make work queued after this call see the transfer's data: with NCCL the current CUDA stream waits for it
         and the CPU does not; with gloo (CPU tensors) this is ``wait``."""
-        if self.channel.backend == "gloo":
+        if self.channel.backend == "gloo" or self.completed:
             return self.wait()
         try:
             self.work.wait()
