@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|more];
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|more];
 # writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -91,6 +91,22 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
         NCCL_MAX_CTAS=1 timeout 120 $L bench migration --model llama-7b --device cuda --dtype bfloat16 \
           --output-tokens 160 --migrations 4 --repeats 1 --lengths 4096,8192 --transport nccl --chunk-blocks $c \
           -o "$OUT/${G}x2-nccl-ctas1-c$c.csv"
+      done
+      ;;
+    overlap)
+      # 2026-11-29 (night): the worker answers a send once started and both processes gather and send on a side
+      # stream; the way back (the child the source) measured against the child's own steps (decode_slowdown_back).
+      # First the CUDA tests, then NCCL_MAX_CTAS=1's 8k case with output tokens enough for its slower stages (in
+      # ctas1 the third of four migrations aborted as the request finished, which the CSV then showed as not
+      # identical), then the line at every length twice.
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
+      NCCL_MAX_CTAS=1 timeout 120 $L bench migration --model llama-7b --device cuda --dtype bfloat16 \
+        --output-tokens 400 --migrations 4 --repeats 1 --lengths 8192 --transport nccl \
+        -o "$OUT/${G}x2-nccl-ctas1-out400.csv"
+      for i in 1 2; do
+        timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
+          --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-overlap-$i.csv"
       done
       ;;
     more)
