@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|overlap-ab|more];
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|more];
 # writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -94,11 +94,11 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       done
       ;;
     overlap)
-      # 2026-11-29 (night): the worker answers a send once started and both processes gather and send on a side
-      # stream; the way back (the child the source) measured against the child's own steps (decode_slowdown_back).
-      # First the CUDA tests, then NCCL_MAX_CTAS=1's 8k case with output tokens enough for its slower stages (in
-      # ctas1 the third of four migrations aborted as the request finished, which the CSV then showed as not
-      # identical), then the line at every length twice.
+      # 2026-11-29 (night): the CUDA tests, then NCCL_MAX_CTAS=1's 8k case with output tokens enough for its slower
+      # stages (in ctas1 the third of four migrations aborted as the request finished, which the CSV then showed as
+      # not identical), then the line at every length twice. Run at 51b2642 with a change to the sends since
+      # reverted (benchmarks/logs/h200x2-fig10-nccl-overlap.txt; its A/B: h200x2-fig10-nccl-overlap-ab.txt, the
+      # mode overlap-ab at 7072786).
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda
       NCCL_MAX_CTAS=1 timeout 120 $L bench migration --model llama-7b --device cuda --dtype bfloat16 \
@@ -108,23 +108,6 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
         timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
           --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-overlap-$i.csv"
       done
-      ;;
-    overlap-ab)
-      # 2026-11-29 (night): overlap's line against the sends as they were (benchmarks/probes/blocking_send.py: the
-      # worker's send blocking its command loop, gathers on the current stream), interleaved, twice each; the new
-      # split columns (decode_slowdown for the way out, decode_slowdown_back) in both
-      WHAT=x . benchmarks/gpu_env.sh > /dev/null
-      cp llumnix/bench/worker.py llumnix/bench/migration.py /tmp/
-      for i in 1 2; do
-        for v in new old; do
-          cp /tmp/worker.py /tmp/migration.py llumnix/bench/
-          [ $v = old ] && python3 benchmarks/probes/blocking_send.py
-          timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
-            --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-overlap-$v-$i.csv" \
-            2>&1 | grep -v ProcessGroupNCCL
-        done
-      done
-      cp /tmp/worker.py /tmp/migration.py llumnix/bench/
       ;;
     more)
       # the paper's transport (gloo: through host memory) between the same two processes / GPUs, fewer samples

@@ -41,6 +41,7 @@ def test_gloo_channel_moves_bf16_both_ways_and_a_timeout_closes_it():
     pending = b.irecv(b.empty(tuple(kv.shape), "bfloat16"))
     a.send(kv)
     assert torch.equal(pending.wait(), kv)
+    assert torch.equal(pending.wait(), kv)  # again: at once (gloo's own second wait would wait for another receive)
     back = torch.arange(10, dtype=torch.float32)
     pending = a.irecv(a.empty((10,), torch.float32))
     b.send(back)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llumnix.bench.worker import WorkerExecutor, WorkerSpec, after_current, side_stream
+from llumnix.bench.worker import WorkerExecutor, WorkerSpec
 from llumnix.core.block_manager import blocks_for
 from llumnix.core.local_scheduler import StepKind
 from llumnix.core.migration import MigrationConfig, MigrationPhase
@@ -175,15 +175,12 @@ class MigrationBenchConfig:
 class ChannelTransfer(KVTransfer):
     """Copies KV blocks between this process's executor and a ``WorkerExecutor`` over their channel: ``to_worker``
     pushes (the local executor is the source), else pulls (the worker is the source). A non-final stage is paced as
-    ``PoolTransfer`` paces it: ``chunk_blocks`` blocks per poll (one poll per source step). On CUDA a push gathers
-    and sends its blocks on a side stream, after the source's steps so far and beside the ones that follow (the
-    worker does the same when it sends)."""
+    ``PoolTransfer`` paces it: ``chunk_blocks`` blocks per poll (one poll per source step)."""
 
     def __init__(self, local: TorchExecutor, worker: WorkerExecutor, to_worker: bool,
                  chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
         self.local, self.worker, self.to_worker, self.chunk_blocks = local, worker, to_worker, chunk_blocks
         self.name = worker.spec.backend
-        self.side = side_stream(str(local.runner.device)) if to_worker else None
 
     def start(self, copy: Copy) -> PendingCopy:
         check_copy(copy)
@@ -195,8 +192,7 @@ class ChannelTransfer(KVTransfer):
 
     def _issue(self, src_blocks: list[int], dst_blocks: list[int]) -> Polled:
         if self.to_worker:
-            with after_current(self.side):
-                poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
+            poll = self.worker.push_blocks(dst_blocks, self.local.read_blocks(src_blocks))
         else:
             poll = self.worker.pull_blocks(src_blocks, lambda data: self.local.write_blocks(dst_blocks, data))
         return Polled(poll, self.synchronize)

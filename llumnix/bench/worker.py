@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,22 +24,6 @@ from llumnix.runtime.dist_channel import DistChannel, Transfer, pair_key, serve_
 log = logging.getLogger(__name__)
 
 Poll = Callable[[], bool]
-
-
-@contextlib.contextmanager
-def after_current(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """Work issued inside runs on ``stream``, after what the current stream holds so far (a stage's gather and send
-    beside the decode steps queued next, which go on on the current stream); None: on the current stream."""
-    if stream is None:
-        yield
-        return
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
-    with torch.cuda.stream(stream):
-        yield
-
-
-def side_stream(device: str) -> torch.cuda.Stream | None:
-    return torch.cuda.Stream(torch.device(device)) if device.startswith("cuda") else None
 
 
 class WorkerError(RuntimeError):
@@ -135,13 +119,11 @@ class WorkerExecutor(Executor):
 
     def pull_blocks(self, block_ids: list[int], into: Callable[[torch.Tensor], None]) -> Poll:
         """Ask the child for its ``block_ids`` and hand them to ``into`` once received (NCCL: ordered on the current
-        CUDA stream, the CPU does not wait; gloo: the CPU waits); the poll is True once they have arrived here (the
-        child answers as soon as its send has started)."""
+        CUDA stream, the CPU does not wait; gloo: the CPU waits); the poll is True once the child has sent them."""
         ticket = self._submit("send_blocks", list(block_ids))
         shape = (*self._block_shape[:2], len(block_ids), *self._block_shape[2:])
-        received = self.channel.irecv(self.channel.empty(shape, self.spec.dtype))
-        into(received.wait_ordered())
-        return lambda: self._done(ticket) and received.done()
+        into(self.channel.irecv(self.channel.empty(shape, self.spec.dtype)).wait_ordered())
+        return lambda: self._done(ticket)
 
     @contextlib.contextmanager
     def deterministic(self):
@@ -250,23 +232,6 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         conn.send((False, traceback.format_exc()))
         return
     deterministic = contextlib.ExitStack()
-    side = side_stream(spec.device)
-    sends: list[Transfer] = []  # started, not yet known complete
-
-    def reap(wait: bool = False) -> None:
-        """Drop the sends that have completed (all of them with ``wait``); a failed one raises here."""
-        while sends and (wait or sends[0].done()):
-            sends.pop(0).wait()
-
-    def send_blocks(block_ids: list[int]) -> None:
-        """Start sending the blocks (gathered on the side stream) and answer at once: the steps that follow on this
-        process's current stream do not wait for the transfer; the receiver knows when it has them."""
-        with after_current(side):
-            sends.append(channel.isend(ex.read_blocks(block_ids)))
-
-    def synchronize() -> None:
-        reap(wait=True)
-        ex.synchronize()
 
     def recv_blocks(block_ids: list[int], shape: tuple[int, ...]) -> None:
         ex.write_blocks(block_ids, channel.recv(channel.empty(shape, spec.dtype)))
@@ -280,9 +245,9 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
 
     ops = {
         "run": ex.run,
-        "synchronize": synchronize,
+        "synchronize": ex.synchronize,
         "recv_blocks": recv_blocks,
-        "send_blocks": send_blocks,
+        "send_blocks": lambda block_ids: channel.send(ex.read_blocks(block_ids)),
         "fingerprint": ex.weights_fingerprint,
         "deterministic": set_deterministic,
     }
@@ -292,7 +257,6 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
             if op == "close":
                 break
             try:
-                reap()
                 conn.send((True, ops[op](*args)))
             except Exception:
                 conn.send((False, f"{op} failed in the worker:\n{traceback.format_exc()}"))
@@ -300,8 +264,6 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         pass
     finally:
         deterministic.close()
-        with contextlib.suppress(Exception):
-            reap(wait=True)
         channel.close()
 
 

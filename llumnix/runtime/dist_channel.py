@@ -108,13 +108,6 @@ class Transfer:
         self.completed = True
         return self.tensor
 
-    def done(self) -> bool:
-        """Whether the transfer has completed (gloo: known only by ``wait``, so a gloo transfer is waited for here)."""
-        if self.channel.backend == "gloo" or self.completed:
-            self.wait()
-            return True
-        return self.work.is_completed()
-
     def wait_ordered(self) -> torch.Tensor:
         """Make work queued after this call see the transfer's data: with NCCL the current CUDA stream waits for it
         and the CPU does not; with gloo (CPU tensors) this is ``wait``."""
