@@ -143,6 +143,9 @@ def test_measurements_table_long_format(bench_df):
     assert set(long["method"]) == {"recompute", "blocking-copy", "llumnix"}
     assert len(long) == 3 * len(bench_df)
     assert long.loc[long["method"] == "llumnix", "decode_slowdown"].notna().all()
+    # a cross-process run alone (no device row) still has its recompute bars, once per length
+    nccl = measurements_table(bench_df.assign(transport="nccl"))
+    assert set(nccl["method"]) == {"recompute", "blocking-copy (nccl)", "llumnix (nccl)"} and len(nccl) == len(long)
 
 
 def test_bench_config_rejects_bad_input():

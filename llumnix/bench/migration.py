@@ -607,13 +607,17 @@ METHOD_COLUMNS = {"recompute": "recompute_s", "blocking-copy": "blocking_copy_s"
 def measurements_table(df: pd.DataFrame) -> pd.DataFrame:
     """Long format for the workflow's Fig 10 experiment: model, seq_len, method, downtime_ms, decode_slowdown.
 
-    ``recompute`` appears once per length; the copy methods once per transport (the host transport is suffixed)."""
+    ``recompute`` appears once per length (from its first row, whatever the transport); the copy methods once per
+    transport (other transports than device are suffixed)."""
     rows = []
+    recomputed = set()
     for _, r in df.iterrows():
         suffix = "" if r["transport"] == "device" else f" ({r['transport']})"
         for method, col in METHOD_COLUMNS.items():
-            if method == "recompute" and suffix:
-                continue
+            if method == "recompute":
+                if (r["model"], r["seq_len"]) in recomputed:
+                    continue
+                recomputed.add((r["model"], r["seq_len"]))
             rows.append({
                 "model": r["model"], "device_name": r["device_name"], "dtype": r["dtype"], "seq_len": r["seq_len"],
                 "method": method + ("" if method == "recompute" else suffix), "downtime_ms": r[col] * 1e3,
@@ -660,6 +664,10 @@ def plot_migration(csv: Path | str, out_prefix: Path | str) -> list[Path]:
     ax_d.set_xlabel("sequence length (tokens)")
     ax_d.set_ylabel("decode step (ms)")
     ax_d.set_title(f"(b) decode step, batch {int(device['batch'].iloc[0])} ({device['transport'].iloc[0]} transport)")
+    back = device["decode_slowdown_back"].dropna() if "decode_slowdown_back" in device else pd.Series(dtype=float)
+    if not back.empty:  # across processes: the bars are the way out; the way back against its own process's steps
+        ax_d.set_title(f"(b) source's decode step, batch {int(device['batch'].iloc[0])} ({device['transport'].iloc[0]}"
+                       f"): the way out\nthe way back (source in the other process): {back.min():+.1%}..{back.max():+.1%}")
     ax_d.legend(fontsize=7, title=None)
     first = df.iloc[0]
     checks = [f"token-identical in {int(df['token_identical'].sum())}/{len(df)} rows"]
