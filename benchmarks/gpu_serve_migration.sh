@@ -26,7 +26,6 @@ set -u
 RUN=${1:?usage: gpu_serve_migration.sh RUN}
 WHAT=serve
 . benchmarks/gpu_env.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl2/*.whl
 {
   date -u
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv

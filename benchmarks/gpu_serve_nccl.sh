@@ -13,9 +13,7 @@
 #     rpds-py==2026.9.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 \
 #     opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
 #     opentelemetry-exporter-prometheus==0.66b2
-# Run on the machine (carry .whl and .whl2):
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl2/*.whl
-#   PYTHONPATH=/tmp/site:. python3 -m pytest -v tests/test_dist_transport.py -k nccl
+# Run on the machine (carry .whl and .whl2): bash benchmarks/gpu_serve_nccl.sh (benchmarks/gpu_env.sh installs both)
 # Stripping the wheel (keeps every other file, its zip attributes, and RECORD without the dropped lines):
 #   python3 - SRC DST_DIR <<'PY'
 #   import sys, zipfile, pathlib
@@ -30,7 +28,7 @@
 #           out.writestr(info, data)
 #   PY
 set -eu
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl2/*.whl
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+WHAT=serve
+. benchmarks/gpu_env.sh
 nvidia-smi -L
 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_dist_transport.py -k nccl --durations=3
