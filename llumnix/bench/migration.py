@@ -327,8 +327,8 @@ class _Bench:
 
         downtimes, stages, blocks = [], [], []
         staged_s, staged_steps = 0.0, 0
-        staged_decode: dict[bool, list[float]] = {True: [], False: []}  # the source's decode steps in non-final
-        # stages, by whether the source is src
+        # the source's decode steps during non-final stages, by whether the source is src (True) or dst
+        staged_decode: dict[bool, list[float]] = {True: [], False: []}
         here, there = src, dst
         aborted = ""
         kv_identical = True if verify_kv else None
@@ -663,11 +663,13 @@ def plot_migration(csv: Path | str, out_prefix: Path | str) -> list[Path]:
                       va="bottom", fontsize=7)
     ax_d.set_xlabel("sequence length (tokens)")
     ax_d.set_ylabel("decode step (ms)")
-    ax_d.set_title(f"(b) decode step, batch {int(device['batch'].iloc[0])} ({device['transport'].iloc[0]} transport)")
+    batch, transport = int(device["batch"].iloc[0]), device["transport"].iloc[0]
     back = device["decode_slowdown_back"].dropna() if "decode_slowdown_back" in device else pd.Series(dtype=float)
-    if not back.empty:  # across processes: the bars are the way out; the way back against its own process's steps
-        ax_d.set_title(f"(b) source's decode step, batch {int(device['batch'].iloc[0])} ({device['transport'].iloc[0]}"
-                       f"): the way out\nthe way back (source in the other process): {back.min():+.1%}..{back.max():+.1%}")
+    if back.empty:
+        ax_d.set_title(f"(b) decode step, batch {batch} ({transport} transport)")
+    else:  # across processes: the bars are the way out; the way back against its own process's steps
+        ax_d.set_title(f"(b) source's decode step, batch {batch} ({transport}): the way out\n"
+                       f"the way back (source in the other process): {back.min():+.1%}..{back.max():+.1%}")
     ax_d.legend(fontsize=7, title=None)
     first = df.iloc[0]
     checks = [f"token-identical in {int(df['token_identical'].sum())}/{len(df)} rows"]
