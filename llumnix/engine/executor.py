@@ -93,6 +93,11 @@ class TorchExecutor(Executor):
         """One float64 sum per parameter: equal for two models built from the same seed on the same kind of device."""
         return [float(p.sum(dtype=self.torch.float64)) for p in self.runner.model.parameters()]
 
+    @property
+    def device(self):
+        """The torch device of the model and its KV pool."""
+        return self.runner.device
+
     def read_blocks(self, block_ids: list[int]) -> Any:
         return self.runner.kv_cache.read_blocks(block_ids)
 

@@ -537,9 +537,10 @@ class InstanceActor:
                       dtype: str) -> None:
         """Receive a stage's blocks from ``src_id`` over channel ``key`` and write them; the data is drained even
         when the migration was aborted meanwhile (its blocks may belong to another request by then: not written)."""
-        data = await self._dist_transport().receive(src_id, key, shape, dtype)
+        transport = self._dist_transport()
+        data = await transport.receive(src_id, key, shape, dtype)
         self._check_incoming(migration_id)
-        self.executor.write_blocks(dst_blocks, data)
+        transport.write(dst_blocks, data)
 
     def _dist_transport(self) -> TorchDistTransport:
         if not isinstance(self.transport, TorchDistTransport):
