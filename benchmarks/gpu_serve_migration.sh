@@ -12,7 +12,9 @@
 #      in benchmarks/logs/h200x2-serve-migration-2.txt's header)
 #   3  2026-11-29 (night): the migration's KV reads, sends, receives and writes on a CUDA stream of their own
 #      (kv_transport.TorchDistTransport.kv_stream), each stage ordered after the steps before it, not behind the step
-#      in flight on either side
+#      in flight on either side (its trace: trace-3, gpu_serve_migration.sh trace at that commit)
+#   4  and block ids sent from pinned memory (the host no longer waits), NCCL's and the KV stream's kernels at high
+#      priority (a running step no longer holds them back); its trace: trace-4
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv

@@ -189,8 +189,8 @@ class TorchDistTransport(RayTransport):
             return
         import torch
 
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
+        if self._stream is None:  # high priority: its kernels go before a running step's pending blocks
+            self._stream = torch.cuda.Stream(device, priority=-1)
         if after_engine:
             self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
@@ -278,7 +278,8 @@ class TorchDistTransport(RayTransport):
     def _connect(self, key: str, rank: int) -> Any:
         from llumnix.runtime.dist_channel import DistChannel
 
-        return DistChannel.connect(self.store_address, key, rank, self.name, self.timeout_s, hostname=self.hostname)
+        return DistChannel.connect(self.store_address, key, rank, self.name, self.timeout_s, hostname=self.hostname,
+                                   high_priority=True)
 
     @staticmethod
     def _drop(channels: dict[int, Any], peer: int, channel: Any, reason: str) -> None:
