@@ -15,6 +15,8 @@
 #      in flight on either side (its trace: trace-3, gpu_serve_migration.sh trace at that commit)
 #   4  and block ids sent from pinned memory (the host no longer waits), NCCL's and the KV stream's kernels at high
 #      priority (a running step no longer holds them back); its trace: trace-4
+#   5  and the engine's tokens read back through pinned memory (not tolist's pageable copy, during which other threads'
+#      CUDA calls waited for the step); its trace: trace-5
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv

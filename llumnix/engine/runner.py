@@ -305,15 +305,34 @@ class ModelRunner:
             raise ValueError(f"invariant_batch must be a positive number of rows, got {invariant_batch}")
         self.invariant_batch = invariant_batch
         self._static: dict[tuple[int, int], StaticDecode] = {}
+        self._tokens_host: torch.Tensor | None = None  # pinned, where a CUDA step's tokens land (_host_list)
+        self._tokens_read = None
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def prefill(self, seqs: list[SeqInput]) -> list[int]:
-        return self.prefill_logits(seqs).argmax(-1).tolist()
+        return self._host_list(self.prefill_logits(seqs).argmax(-1))
 
     @torch.inference_mode()
     def decode(self, seqs: list[SeqInput]) -> list[int]:
         """Greedy next tokens: the argmax of ``decode_logits``' rows (taken inside a captured step's graph)."""
-        return self._decode_steps(seqs, tokens=True).tolist()
+        return self._host_list(self._decode_steps(seqs, tokens=True))
+
+    def _host_list(self, tokens: torch.Tensor) -> list[int]:
+        """The step's tokens as a list. On CUDA through a pinned buffer and an event: ``tolist`` on a GPU tensor
+        copies into pageable memory, a copy the driver stages while the thread waits, and meanwhile other threads'
+        calls into the driver (a serving instance's migration reads, writes and sends) waited too (traced: up to a
+        decode step on either side of a migration's stop-and-copy)."""
+        if tokens.device.type != "cuda":
+            return tokens.tolist()
+        n = tokens.numel()
+        if self._tokens_host is None or self._tokens_host.numel() < n:
+            self._tokens_host = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
+            self._tokens_read = torch.cuda.Event()
+        host = self._tokens_host[:n]
+        host.copy_(tokens.reshape(-1).long(), non_blocking=True)
+        self._tokens_read.record()
+        self._tokens_read.synchronize()
+        return host.tolist()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
