@@ -317,6 +317,7 @@ class ModelRunner:
         """Greedy next tokens: the argmax of ``decode_logits``' rows (taken inside a captured step's graph)."""
         return self._host_list(self._decode_steps(seqs, tokens=True))
 
+    @torch.inference_mode()
     def _host_list(self, tokens: torch.Tensor) -> list[int]:
         """The step's tokens as a list. On CUDA through a pinned buffer and an event: ``tolist`` on a GPU tensor
         copies into pageable memory, a copy the driver stages while the thread waits, and meanwhile other threads'
