@@ -28,20 +28,22 @@ class Recorder:
 
 
 class RecordingTransport(RayTransport):
-    async def send(self, dst_actor, dst_id, migration_id, dst_blocks, data) -> int:
+    async def send(self, dst_actor, dst_id, migration_id, dst_blocks, data, commit=None) -> tuple[int, object]:
         await asyncio.sleep(0)  # a round trip: the caller's loop runs meanwhile
-        self.executor.events.append(("sent", tuple(dst_blocks), tuple(data)))
-        return 10 * len(dst_blocks)
+        self.executor.events.append(("sent", tuple(dst_blocks), tuple(data)) + ((("commit", commit),) if commit else ()))
+        return 10 * len(dst_blocks), (f"committed {commit}" if commit else None)
 
 
-def run_copy(copy: Copy, executor: Recorder, chunk_blocks: int | None) -> tuple[list, list, int]:
-    """The events up to ``start``'s return, all events, and the bytes the copy reports."""
+def run_copy(copy: Copy, executor: Recorder, chunk_blocks: int | None, commit=None) -> tuple[list, list, int]:
+    """The events up to ``start``'s return, all events, and the bytes the copy reports (with ``commit``: and the
+    destination's answer to it)."""
 
     async def go():
         transport = RecordingTransport(executor, {copy.dst: object()}, chunk_blocks)
-        pending = transport.start(copy)
+        pending = transport.start(copy, commit=commit) if commit else transport.start(copy)
         at_start = list(executor.events)
-        return at_start, await pending.wait()
+        moved = await pending.wait()
+        return at_start, ((moved, pending.commit) if commit else moved)
 
     at_start, moved = asyncio.run(go())
     return at_start, executor.events, moved
@@ -72,3 +74,16 @@ def test_an_empty_stage_and_a_bad_chunk_size():
         assert run_copy(Copy(7, 1, 0, (), (), final=final), Recorder(moves_kv), 2)[1:] == ([], 0)
     with pytest.raises(ValueError, match="chunk_blocks must be >= 1"):
         RecordingTransport(Recorder(), {}, 0)
+
+
+def test_the_final_copy_carries_the_commit_in_its_last_send():
+    """The stop-and-copy hands the destination the COMMIT that follows it (one call fewer); only there."""
+    copy = Copy(7, 1, 2, (0, 1, 2), (10, 11, 12), final=True)
+    _, events, (moved, answer) = run_copy(copy, Recorder(), chunk_blocks=2, commit="req-7")
+    assert events == [("read", (0, 1, 2)), ("sent", (10, 11, 12), (0, 1, 2), ("commit", "req-7"))]
+    assert moved == 30 and answer == "committed req-7"
+    _, events, moved = run_copy(Copy(7, 1, 0, (0, 1), (10, 11), final=False), Recorder(), chunk_blocks=2)
+    assert all(len(e) < 4 for e in events) and moved == 20  # a non-final stage carries none
+    with pytest.raises(ValueError, match="only the final stage"):
+        run_copy(Copy(7, 1, 0, (0,), (10,), final=False), Recorder(), chunk_blocks=2, commit="req-7")
+    assert RayTransport.carries_commit

@@ -19,6 +19,9 @@ The runtime drives it (vLLM v1's ``schedule()`` -> output -> ``update_from_outpu
 
 ``start`` and the result of a non-final ``Copy`` must be delivered at a source step boundary: they begin a stage,
 which reads the request's blocks and may freeze it. The messages are in ``llumnix.core.migration_protocol``.
+A final ``Copied`` is always answered by ``Commit``: a runtime may send the COMMIT along with the final stage's copy
+(the destination adopts the request once the blocks are written; one message fewer in the downtime) and deliver the
+destination's answer as the result of the ``Commit`` action when it comes (the Ray runtime does: ``RayTransport``).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ class TaskCopy(PendingCopy):
 
 class KVTransfer(ABC):
     name = "base"
+    carries_commit = False  # start(copy, commit=request) hands the destination the final stage's COMMIT too
 
     @abstractmethod
     def start(self, copy: Copy) -> PendingCopy:

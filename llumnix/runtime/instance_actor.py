@@ -156,6 +156,7 @@ class InstanceActor:
         self._mig_downtime_s = 0.0
         self._mig_bytes = 0
         self._drives: dict[int, Migration] = {}  # source-side migrations whose driver has not finished
+        self._carried: dict[int, Any] = {}  # migration id -> the destination's answer to a COMMIT its final copy carried
         self._report: InstanceLoad | None = None  # per-step reports: the load its last step reported
         self._step_report: InstanceLoad | None = None  # the load when the step in flight was scheduled
         self._tasks: set[asyncio.Task] = set()
@@ -451,16 +452,16 @@ class InstanceActor:
                 async with self._lock:  # a stage begins at a step boundary
                     action = await self._answer(mig, mig.start(self.clock()), dst)
                     if self.lock_through_stop_and_copy and isinstance(action, Copy) and action.final:
-                        action = await self._answer(mig, mig.on_result(await self._copy(action), self.clock()), dst)
+                        action = await self._answer(mig, mig.on_result(await self._copy(mig, action), self.clock()), dst)
             while action is not None:  # a Copy: its blocks travel while the source keeps stepping
-                result = await self._copy(action)
+                result = await self._copy(mig, action)
                 if action.final or not isinstance(result, Copied):
                     action = await self._answer(mig, mig.on_result(result, self.clock()), dst)
                     continue
                 async with self._lock:  # the next stage begins at a step boundary and may freeze the request
                     action = await self._answer(mig, mig.on_result(result, self.clock()), dst)
                     if self.lock_through_stop_and_copy and isinstance(action, Copy) and action.final:
-                        action = await self._answer(mig, mig.on_result(await self._copy(action), self.clock()), dst)
+                        action = await self._answer(mig, mig.on_result(await self._copy(mig, action), self.clock()), dst)
         except Exception as e:  # a bug: the request must not stay frozen here
             log.exception("instance %d: migration %d failed", self.instance_id, mig.migration_id)
             abort = mig.abort(self.clock(), f"driver failed: {e!r}")
@@ -468,6 +469,7 @@ class InstanceActor:
                 await _call(dst.mig_abort, abort.migration_id)
         finally:
             self._drives.pop(mig.migration_id, None)
+            self._carried.pop(mig.migration_id, None)
             self._migration_ended(mig)
 
     async def _answer(self, mig: Migration, action: Action | None, dst: Any) -> Action | None:
@@ -479,14 +481,24 @@ class InstanceActor:
                 return None
             if isinstance(action, PreAlloc):
                 result = await _call(dst.mig_pre_alloc, action.migration_id, action.num_blocks)
-            else:
-                result = await _call(dst.mig_commit, action.migration_id, action.request)
+            else:  # COMMIT: answered already if the final copy carried it
+                result = self._carried.pop(action.migration_id, None)
+                if result is None:
+                    result = await _call(dst.mig_commit, action.migration_id, action.request)
             action = mig.on_result(result, self.clock())
         return action
 
-    async def _copy(self, copy: Copy) -> Copied | Failed:
+    async def _copy(self, mig: Migration, copy: Copy) -> Copied | Failed:
+        """Carry out a stage's copy. The final one carries the COMMIT that follows it where the transport can (one
+        call to the destination fewer in the stop-and-copy; ``RayTransport``): the destination adopts the request
+        once the blocks are written, and its answer waits in ``_carried`` for the protocol's COMMIT."""
+        carry = copy.final and self.transport.carries_commit
         try:
-            return Copied(await self.transport.start(copy).wait())
+            pending = self.transport.start(copy, commit=mig.request) if carry else self.transport.start(copy)
+            copied = Copied(await pending.wait())
+            if carry and pending.commit is not None:
+                self._carried[mig.migration_id] = pending.commit
+            return copied
         except Exception as e:
             log.warning("instance %d: migration %d: copy to %d failed: %r", self.instance_id, copy.migration_id,
                         copy.dst, e)
@@ -525,22 +537,26 @@ class InstanceActor:
         if migration_id not in self.llumlet.incoming:
             raise RuntimeError(f"instance {self.instance_id}: no migration {migration_id} in flight")
 
-    async def mig_write(self, migration_id: int, dst_blocks: list[int], payload: Any) -> None:
+    async def mig_write(self, migration_id: int, dst_blocks: list[int], payload: Any,
+                        commit: Request | None = None) -> Committed | Failed | None:
+        """Write a stage's blocks; with ``commit`` (the final stage's request) adopt it then: COMMIT's answer."""
         self._check_incoming(migration_id)
         self.executor.write_blocks(dst_blocks, unpack(payload))
+        return await self.mig_commit(migration_id, commit) if commit is not None else None
 
     async def kv_accept(self, src_id: int, key: str) -> None:
         """Join the torch.distributed KV channel ``key`` that ``src_id`` is opening to this instance."""
         await self._dist_transport().accept(src_id, key)
 
     async def kv_recv(self, src_id: int, key: str, migration_id: int, dst_blocks: list[int], shape: tuple[int, ...],
-                      dtype: str) -> None:
+                      dtype: str, commit: Request | None = None) -> Committed | Failed | None:
         """Receive a stage's blocks from ``src_id`` over channel ``key`` and write them; the data is drained even
         when the migration was aborted meanwhile (its blocks may belong to another request by then: not written)."""
         transport = self._dist_transport()
         data = await transport.receive(src_id, key, shape, dtype)
         self._check_incoming(migration_id)
         transport.write(dst_blocks, data)
+        return await self.mig_commit(migration_id, commit) if commit is not None else None
 
     def _dist_transport(self) -> TorchDistTransport:
         if not isinstance(self.transport, TorchDistTransport):

@@ -96,42 +96,71 @@ class TransportSpec:
     chunk_blocks: int | None = CHUNK_BLOCKS  # blocks per send of a non-final stage (None: a stage in one send)
 
 
+class CommitCopy(TaskCopy):
+    """A stage's copy over Ray. ``commit``, once it has landed: the destination's answer (``Committed`` / ``Failed``)
+    to a COMMIT the copy carried (``RayTransport.start(copy, commit=...)``); None if it carried none, or made no call
+    to carry it in (a stage of no blocks)."""
+
+    commit: Any = None
+
+    async def wait(self) -> int:
+        self.num_bytes, self.commit = await self.task
+        return self.num_bytes
+
+
 class RayTransport(KVTransfer):
-    """What the Ray transports share: the source's executor, the peers by id, the asyncio task per copy."""
+    """What the Ray transports share: the source's executor, the peers by id, the asyncio task per copy.
+
+    ``start(copy, commit=request)`` on the final stage hands the destination the COMMIT the protocol sends once that
+    copy has landed (``Migration``: a final ``Copied`` is always answered by ``Commit``), in the same call: the
+    destination adopts the request right after writing the blocks (``InstanceActor.kv_recv`` / ``mig_write``), which
+    saves the stop-and-copy a Ray round trip. The source's ``Migration`` still steps through COPIED and COMMIT; its
+    runtime answers the COMMIT with what came back (``CommitCopy.commit``)."""
+
+    carries_commit = True
 
     def __init__(self, executor: Any, peers: Mapping[int, Any], chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
         if chunk_blocks is not None and chunk_blocks < 1:
             raise ValueError(f"chunk_blocks must be >= 1 (or None: a stage in one send), got {chunk_blocks}")
         self.executor, self.peers, self.chunk_blocks = executor, peers, chunk_blocks
 
-    def start(self, copy: Copy) -> PendingCopy:
+    def start(self, copy: Copy, commit: Any = None) -> PendingCopy:
+        """Begin the stage; ``commit`` (the request, final stage only): the destination commits it with the last
+        chunk (``CommitCopy``)."""
         check_copy(copy)
+        if commit is not None and not copy.final:
+            raise ValueError("only the final stage's copy carries the commit")
         # a modelled engine moves no KV: its stage is one call, after the copy time its profile gives
         chunk = max(1, chunk_of(copy, self.chunk_blocks if self.executor.moves_kv else None))  # (1: an empty stage)
         first = self.read(list(copy.src_blocks[:chunk])) if copy.src_blocks else None
         delay_s = self.executor.copy_time_s(len(copy.src_blocks))
-        return TaskCopy(asyncio.get_running_loop().create_task(self._send(copy, chunk, first, delay_s)))
+        return CommitCopy(asyncio.get_running_loop().create_task(self._send(copy, chunk, first, delay_s, commit)))
 
-    async def _send(self, copy: Copy, chunk: int, data: Any, delay_s: float) -> int:
-        """Send the stage ``chunk`` blocks at a time, one after another (``data``: the first chunk, read already)."""
+    async def _send(self, copy: Copy, chunk: int, data: Any, delay_s: float, commit: Any) -> tuple[int, Any]:
+        """Send the stage ``chunk`` blocks at a time, one after another (``data``: the first chunk, read already);
+        the last chunk carries ``commit``. The bytes moved, and the destination's answer to the commit."""
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        moved = 0
+        moved, answer = 0, None
         for a in range(0, len(copy.src_blocks), chunk):
             if a:
                 data = self.read(list(copy.src_blocks[a : a + chunk]))
-            moved += await self.send(self.peers[copy.dst], copy.dst, copy.migration_id,
-                                     list(copy.dst_blocks[a : a + chunk]), data)
-        return moved
+            last = a + chunk >= len(copy.src_blocks)
+            sent, answer = await self.send(self.peers[copy.dst], copy.dst, copy.migration_id,
+                                           list(copy.dst_blocks[a : a + chunk]), data, commit if last else None)
+            moved += sent
+        return moved, answer
 
     def read(self, block_ids: list[int]) -> Any:
         """A chunk's data, from the source's executor."""
         return self.executor.read_blocks(block_ids)
 
     @abstractmethod
-    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any,
+                   commit: Any = None) -> tuple[int, Any]:
         """Deliver ``data`` (what ``read_blocks`` returned) into ``dst_blocks`` of the destination; return once it has
-        been written there, with the bytes moved."""
+        been written there (and, given ``commit``, the request adopted): the bytes moved and the destination's answer
+        (to the commit; else None)."""
 
 
 class ObjectStoreTransport(RayTransport):
@@ -139,7 +168,8 @@ class ObjectStoreTransport(RayTransport):
 
     name = "object-store"
 
-    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any,
+                   commit: Any = None) -> tuple[int, Any]:
         if getattr(data, "is_cuda", False):  # a device-to-host copy: off the event loop
             payload = await asyncio.to_thread(pack, data, len(dst_blocks))
         else:  # host data (or none: a modelled engine's) packs at once, in the loop's own time
@@ -149,8 +179,7 @@ class ObjectStoreTransport(RayTransport):
             import ray
 
             payload = ray.put(payload)
-        await dst_actor.mig_write.remote(migration_id, dst_blocks, payload)
-        return num_bytes
+        return num_bytes, await dst_actor.mig_write.remote(migration_id, dst_blocks, payload, commit)
 
 
 class TorchDistTransport(RayTransport):
@@ -201,10 +230,10 @@ class TorchDistTransport(RayTransport):
         with self.kv_stream():
             return fn(*args)
 
-    def start(self, copy: Copy) -> PendingCopy:
+    def start(self, copy: Copy, commit: Any = None) -> PendingCopy:
         """Begin the stage: called at a step boundary, so its first chunk is read after the steps that wrote it."""
         with self.kv_stream(after_engine=True):
-            return super().start(copy)
+            return super().start(copy, commit)
 
     def read(self, block_ids: list[int]) -> Any:
         with self.kv_stream():
@@ -222,22 +251,27 @@ class TorchDistTransport(RayTransport):
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
     # -- source side -----------------------------------------------------------------------------------------------
-    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any) -> int:
+    async def send(self, dst_actor: Any, dst_id: int, migration_id: int, dst_blocks: list[int], data: Any,
+                   commit: Any = None) -> tuple[int, Any]:
         import torch
 
         if not isinstance(data, torch.Tensor):  # the profile executor moves no data: only the call
-            return await ObjectStoreTransport.send(self, dst_actor, dst_id, migration_id, dst_blocks, data)
+            return await ObjectStoreTransport.send(self, dst_actor, dst_id, migration_id, dst_blocks, data, commit)
         async with self._locks.setdefault(dst_id, asyncio.Lock()):  # one transfer per channel at a time
             channel = self._out.get(dst_id) or await self._open(dst_actor, dst_id)
             dtype = str(data.dtype).removeprefix("torch.")
             written = dst_actor.kv_recv.remote(self.instance_id, channel.key, migration_id, dst_blocks,
-                                               tuple(data.shape), dtype)
-            try:
-                await asyncio.gather(asyncio.to_thread(self._on_kv_stream, channel.send, data), written)
-            except BaseException as e:
-                self._drop(self._out, dst_id, channel, f"transfer failed: {e!r}")
-                raise
-        return data.numel() * data.element_size()
+                                               tuple(data.shape), dtype, commit)
+            sent, answer = await asyncio.gather(asyncio.to_thread(self._on_kv_stream, channel.send, data), written,
+                                                return_exceptions=True)
+            failed = next((r for r in (sent, answer) if isinstance(r, BaseException)), None)
+            if failed is not None:
+                self._drop(self._out, dst_id, channel, f"transfer failed: {failed!r}")
+                # The destination's answer decides: it has the blocks once kv_recv returned (and, carrying the
+                # commit, it has adopted the request: aborting now would leave it on both instances).
+                if isinstance(answer, BaseException):
+                    raise answer
+        return data.numel() * data.element_size(), answer
 
     async def _open(self, dst_actor: Any, dst_id: int) -> Any:
         from llumnix.runtime.dist_channel import ChannelError, pair_key
