@@ -23,7 +23,7 @@ def main(transport: str, requests: int = 8) -> None:
         for i in range(requests):
             asked: list[dict] = []
 
-            def on_chunk(chunk, tokens):
+            def on_chunk(chunk, tokens, asked=asked):
                 if not asked and len(tokens) >= 4:
                     asked.append(httpx.post(f"{srv.url}/admin/migrate", json={"request_id": chunk["id"]}, timeout=30,
                                             headers=srv.admin_headers).json())
