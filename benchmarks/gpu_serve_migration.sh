@@ -17,6 +17,8 @@
 #      priority (a running step no longer holds them back); its trace: trace-4
 #   5  and the engine's tokens read back through pinned memory (not tolist's pageable copy, during which other threads'
 #      CUDA calls waited for the step); its trace: trace-5
+#   6  (not run yet) and the final stage's copy carrying the COMMIT (86e2620: one Ray round trip less; on the 2-core
+#      VM the downtime's median 8.0 -> 4.1-6.0 ms, benchmarks/logs/vm-serve-downtime-cpu.txt); then trace
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
