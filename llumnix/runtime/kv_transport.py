@@ -260,17 +260,18 @@ class TorchDistTransport(RayTransport):
         async with self._locks.setdefault(dst_id, asyncio.Lock()):  # one transfer per channel at a time
             channel = self._out.get(dst_id) or await self._open(dst_actor, dst_id)
             dtype = str(data.dtype).removeprefix("torch.")
-            written = dst_actor.kv_recv.remote(self.instance_id, channel.key, migration_id, dst_blocks,
-                                               tuple(data.shape), dtype, commit)
-            sent, answer = await asyncio.gather(asyncio.to_thread(self._on_kv_stream, channel.send, data), written,
-                                                return_exceptions=True)
-            failed = next((r for r in (sent, answer) if isinstance(r, BaseException)), None)
-            if failed is not None:
+            sending = asyncio.ensure_future(asyncio.to_thread(self._on_kv_stream, channel.send, data))
+            answering = asyncio.ensure_future(dst_actor.kv_recv.remote(
+                self.instance_id, channel.key, migration_id, dst_blocks, tuple(data.shape), dtype, commit))
+            both = {sending, answering}
+            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((t.exception() for t in done if t.exception() is not None), None)
+            if failed is not None:  # at the first failure, on either side: closing the channel ends the other
                 self._drop(self._out, dst_id, channel, f"transfer failed: {failed!r}")
-                # The destination's answer decides: it has the blocks once kv_recv returned (and, carrying the
-                # commit, it has adopted the request: aborting now would leave it on both instances).
-                if isinstance(answer, BaseException):
-                    raise answer
+                await asyncio.wait(both)
+            # The destination's answer decides: it has the blocks once kv_recv returned (and, carrying the commit,
+            # it has adopted the request: aborting now would leave it on both instances).
+            answer = answering.result()
         return data.numel() * data.element_size(), answer
 
     async def _open(self, dst_actor: Any, dst_id: int) -> Any:
