@@ -19,6 +19,8 @@
 #      CUDA calls waited for the step); its trace: trace-5
 #   6  (not run yet) and the final stage's copy carrying the COMMIT (86e2620: one Ray round trip less; on the 2-core
 #      VM the downtime's median 8.0 -> 4.1-6.0 ms, benchmarks/logs/vm-serve-downtime-cpu.txt); then trace
+#   paced  as 6, with --kv-paced: a non-final stage sends at most one chunk (16 blocks) per source step, as the
+#      engine bench paces its bulk stage (serving, back to back, the source's step was +8..+17% in runs 3-5)
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
@@ -58,6 +60,10 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
         --lengths 512,2048 --repeats 2 --background 8 -o "benchmarks/${G}x2-serve-migration-probe-$name.csv" \
         && cp "benchmarks/${G}x2-serve-migration-probe-$name.csv" "$OUT/"  # not the raw logs: $OUT returns 8 files at most
     done
+  elif [ "$RUN" = paced ]; then
+    timeout 420 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+      --kv-transport nccl --kv-paced --lengths 512,2048,7680 --repeats 3 --background 8 \
+      -o "benchmarks/${G}x2-serve-migration-nccl-paced.csv" && cp benchmarks/${G}x2-serve-migration-nccl-paced*.csv "$OUT/"
   else
     timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_dist_transport.py -k nccl --durations=3
     timeout 420 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \

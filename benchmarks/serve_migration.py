@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-transport", default="object-store", choices=["object-store", "gloo", "nccl"])
     parser.add_argument("--kv-chunk-blocks", type=int, default=None, help="blocks per send (default: the server's)")
+    parser.add_argument("--kv-paced", action="store_true",
+                        help="a non-final stage sends at most one chunk per source step (the server's kv_paced)")
     parser.add_argument("--lengths", default="512,2048", help="prompt tokens of the migrated request")
     parser.add_argument("--repeats", type=int, default=3, help="migrations per length")
     parser.add_argument("--background", type=int, default=8, help="other requests decoding (both instances)")
@@ -164,6 +166,8 @@ def main() -> None:
               "num_blocks": args.num_blocks or 2 * rows_needed // 16, "num_cpus_per_instance": 1}
     if args.kv_chunk_blocks is not None:
         values["kv_chunk_blocks"] = args.kv_chunk_blocks
+    if args.kv_paced:
+        values["kv_paced"] = True
     config = build_serve_config({}, values)
     init_ray(None, log_to_driver=False)
     rng = np.random.default_rng(args.seed)
@@ -191,7 +195,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     rows = rows.assign(
         device_name=device_name, model=args.model, dtype=args.dtype, transport=args.kv_transport,
-        chunk_blocks=config.kv_chunk_blocks, kv_bytes=rows["blocks"] * info["kv_bytes_per_block"],
+        chunk_blocks=config.kv_chunk_blocks, paced=config.kv_paced, kv_bytes=rows["blocks"] * info["kv_bytes_per_block"],
         background=args.background, torch_version=torch.__version__, cuda_version=torch.version.cuda or "",
         host=platform.node(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         notes=("llumnix serve (Ray instance actors, policy infaas++: no migration of its own), two instances"

@@ -6,6 +6,7 @@ run the real transports (object store, gloo) with chunks."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -87,3 +88,48 @@ def test_the_final_copy_carries_the_commit_in_its_last_send():
     with pytest.raises(ValueError, match="only the final stage"):
         run_copy(Copy(7, 1, 0, (0,), (10,), final=False), Recorder(), chunk_blocks=2, commit="req-7")
     assert RayTransport.carries_commit
+
+
+def run_paced(copy: Copy, steps: int, bound_s: float = 5.0) -> list:
+    """A paced copy beside a source that ends ``steps`` steps, one per 3 rounds of the loop (then stops stepping)."""
+    executor = Recorder()
+
+    async def go():
+        transport = RecordingTransport(executor, {copy.dst: object()}, 2, paced=True)
+        transport.ticks.bound_s = bound_s
+
+        async def step_loop():
+            for _ in range(steps):
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                executor.events.append(("step",))
+                transport.stepped()
+
+        stepping = asyncio.ensure_future(step_loop())
+        await transport.start(copy).wait()
+        await stepping
+
+    asyncio.run(go())
+    return executor.events
+
+
+def test_a_paced_stage_sends_at_most_one_chunk_per_source_step():
+    events = run_paced(Copy(7, 1, 0, tuple(range(7)), tuple(range(10, 17)), final=False), steps=10)
+    sends = [e for e in events if e[0] in ("read", "step")]
+    between = [sum(e == ("step",) for e in gap) for gap in _gaps(sends)]
+    assert [e[1] for e in events if e[0] == "read"] == [(0, 1), (2, 3), (4, 5), (6,)]
+    assert all(n >= 1 for n in between), events  # a step ended between any two chunks' reads
+    assert RecordingTransport(Recorder(), {}, 2).ticks is None  # unpaced (the default): the chunks go back to back
+
+
+def _gaps(events: list) -> list[list]:
+    """The events between consecutive reads."""
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    return [events[a + 1 : b] for a, b in itertools.pairwise(reads)]
+
+
+def test_pacing_holds_neither_the_stop_and_copy_nor_a_source_that_stopped_stepping():
+    final = run_paced(Copy(7, 1, 2, tuple(range(5)), tuple(range(10, 15)), final=True), steps=0)
+    assert final[0] == ("read", (0, 1, 2, 3, 4)) and len(final) == 2  # whole, at once, no step needed
+    stalled = run_paced(Copy(7, 1, 0, tuple(range(6)), tuple(range(10, 16)), final=False), steps=0, bound_s=0.01)
+    assert [e[0] for e in stalled] == ["read", "sent"] * 3  # each chunk waited the bound, then went

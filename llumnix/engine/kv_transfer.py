@@ -66,6 +66,10 @@ class KVTransfer(ABC):
         """Return once every copy started so far has landed (synchronous drivers)."""
         return None
 
+    def stepped(self) -> None:
+        """The source ended a decode step (an asynchronous driver's transfers may pace on it)."""
+        return None
+
     def forget(self, peer_id: int) -> None:
         """``peer_id`` is gone: drop what this transfer holds for it."""
         return None

@@ -210,7 +210,7 @@ class ClusterManager:
     def _transport_spec(self) -> TransportSpec:
         """How the instances move migrating KV; gloo / nccl channels rendezvous on a TCPStore this process hosts."""
         if self.config.kv_transport == "object-store":
-            return TransportSpec(chunk_blocks=self.config.kv_chunk_blocks)
+            return TransportSpec(chunk_blocks=self.config.kv_chunk_blocks, paced=self.config.kv_paced)
         if self._kv_store is None:
             from llumnix.runtime.dist_channel import serve_store
 
@@ -218,7 +218,7 @@ class ClusterManager:
         address = self._kv_store[1]
         listen = address.rpartition(":")[0] if address.startswith("127.") else None  # one host: loopback throughout
         return TransportSpec(self.config.kv_transport, address, self.config.kv_timeout_s, listen,
-                             self.config.kv_chunk_blocks)
+                             self.config.kv_chunk_blocks, self.config.kv_paced)
 
     def add_instance(self, inst: InstanceHandle, report: Report) -> None:
         """The instance takes requests from now on (it has reported a load)."""

@@ -285,6 +285,7 @@ class InstanceActor:
             self._after_step(plan, tokens)
             self._step_log.append(plan.record(self.instance_id, start, self.clock(), bool(self.llumlet.migrating)))
             self._steps_logged += 1
+            self.transport.stepped()
         return True  # (with no requests: every request of a decode step was preempted, so schedule again)
 
     async def _execute(self, plan: StepPlan) -> list[int]:

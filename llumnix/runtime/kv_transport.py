@@ -6,8 +6,9 @@ written them into its pre-allocated blocks (``executor.write_blocks``). A non-fi
 at a time, each chunk read from the source's executor (``read_blocks``) when the previous one has been written, so the
 source's steps run between the chunks instead of behind one copy of the whole stage (as the engine's paced
 ``kv_transfer.PoolTransfer``; the KV of those blocks no longer changes). The stop-and-copy stage is read at once, in
-``start``, while the request is suspended, and sent whole. Copies from a GPU to the host (``pack``) run off the event
-loop.
+``start``, while the request is suspended, and sent whole. Paced (``TransportSpec.paced``), a non-final stage sends
+at most one chunk per source step, as the engine bench paces it (the source's step loop calls ``stepped()`` after each
+step); unpaced, the chunks go back to back. Copies from a GPU to the host (``pack``) run off the event loop.
 Destinations are other instance actors, looked up by id in ``peers``. A profile executor moves no bytes: its copy
 takes the time the profile gives a migration stage (``Executor.copy_time_s``), in one call. One small class per
 transport:
@@ -94,6 +95,35 @@ class TransportSpec:
     timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
     listen_host: str | None = None  # gloo: the address channels listen on (None: each instance's node address)
     chunk_blocks: int | None = CHUNK_BLOCKS  # blocks per send of a non-final stage (None: a stage in one send)
+    paced: bool = False  # a non-final stage sends at most one chunk per source step (else back to back)
+
+
+# Paced, the longest a bulk stage's next chunk waits for the source's next step (a source that stops stepping, its
+# other requests done or preempted, does not hold the migration up longer)
+PACE_WAIT_S = 0.05
+
+
+class StepTicks:
+    """The source's steps, counted, for a paced bulk stage: ``tick()`` after each step; ``await after(n)`` returns
+    once more than ``n`` have ended (or after ``bound_s``)."""
+
+    def __init__(self, bound_s: float = PACE_WAIT_S) -> None:
+        self.count, self.bound_s = 0, bound_s
+        self._next: asyncio.Event | None = None
+
+    def tick(self) -> None:
+        self.count += 1
+        if self._next is not None:
+            self._next.set()
+            self._next = None
+
+    async def after(self, n: int) -> None:
+        if self.count > n:
+            return
+        if self._next is None:
+            self._next = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._next.wait(), self.bound_s)
 
 
 class CommitCopy(TaskCopy):
@@ -119,10 +149,17 @@ class RayTransport(KVTransfer):
 
     carries_commit = True
 
-    def __init__(self, executor: Any, peers: Mapping[int, Any], chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
+    def __init__(self, executor: Any, peers: Mapping[int, Any], chunk_blocks: int | None = CHUNK_BLOCKS,
+                 paced: bool = False) -> None:
         if chunk_blocks is not None and chunk_blocks < 1:
             raise ValueError(f"chunk_blocks must be >= 1 (or None: a stage in one send), got {chunk_blocks}")
         self.executor, self.peers, self.chunk_blocks = executor, peers, chunk_blocks
+        self.ticks = StepTicks() if paced else None
+
+    def stepped(self) -> None:
+        """The source ended a step (paced: a bulk stage's next chunk may go)."""
+        if self.ticks is not None:
+            self.ticks.tick()
 
     def start(self, copy: Copy, commit: Any = None) -> PendingCopy:
         """Begin the stage; ``commit`` (the request, final stage only): the destination commits it with the last
@@ -142,8 +179,13 @@ class RayTransport(KVTransfer):
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         moved, answer = 0, None
+        ticks = None if copy.final else self.ticks
+        seen = ticks.count if ticks is not None else 0  # the steps ended when the first chunk was read
         for a in range(0, len(copy.src_blocks), chunk):
             if a:
+                if ticks is not None:
+                    await ticks.after(seen)
+                    seen = ticks.count
                 data = self.read(list(copy.src_blocks[a : a + chunk]))
             last = a + chunk >= len(copy.src_blocks)
             sent, answer = await self.send(self.peers[copy.dst], copy.dst, copy.migration_id,
@@ -188,10 +230,10 @@ class TorchDistTransport(RayTransport):
 
     def __init__(self, executor: Any, peers: Mapping[int, Any], backend: str, instance_id: int,
                  store_address: str | None, timeout_s: float = 60.0, hostname: str | None = None,
-                 chunk_blocks: int | None = CHUNK_BLOCKS) -> None:
+                 chunk_blocks: int | None = CHUNK_BLOCKS, paced: bool = False) -> None:
         from llumnix.runtime.dist_channel import BACKENDS
 
-        super().__init__(executor, peers, chunk_blocks)
+        super().__init__(executor, peers, chunk_blocks, paced)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not store_address:
@@ -343,8 +385,8 @@ def make_transport(spec: TransportSpec | str, instance_id: int, executor: Any, p
     if isinstance(spec, str):
         spec = TransportSpec(spec)
     if spec.name == ObjectStoreTransport.name:
-        return ObjectStoreTransport(executor, peers, spec.chunk_blocks)
+        return ObjectStoreTransport(executor, peers, spec.chunk_blocks, spec.paced)
     if spec.name in TRANSPORTS:
         return TorchDistTransport(executor, peers, spec.name, instance_id, spec.store_address, spec.timeout_s,
-                                  hostname, spec.chunk_blocks)
+                                  hostname, spec.chunk_blocks, spec.paced)
     raise ValueError(f"unknown KV transport {spec.name!r}; choose one of {', '.join(TRANSPORTS)}")

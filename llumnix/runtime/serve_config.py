@@ -160,6 +160,11 @@ class ServeConfig(BaseModel):
         description="KV blocks per send of a migration's non-final stage: the source's steps run between the sends "
         "(null in a config file: a stage in one send).",
     )
+    kv_paced: bool = Field(
+        False,
+        description="A migration's non-final stage sends at most one chunk per decode step of the source (as the engine "
+        "bench paces it: the copy takes longer, the source's steps slow less); off: the chunks go back to back.",
+    )
     kv_timeout_s: float = Field(
         60.0, gt=0,
         description="gloo / nccl: seconds after which opening a channel or one stage's transfer fails (the migration "
