@@ -21,6 +21,11 @@
 #      VM the downtime's median 8.0 -> 4.1-6.0 ms, benchmarks/logs/vm-serve-downtime-cpu.txt); then trace
 #   paced  as 6, with --kv-paced: a non-final stage sends at most one chunk (16 blocks) per source step, as the
 #      engine bench paces its bulk stage (serving, back to back, the source's step was +8..+17% in runs 3-5)
+#   pollab  (2026-11-30) paced, three ways, one after another: "poll0" the NCCL waits' completion checks 20 us
+#      apart throughout (as in 6 and paced), "backoff" the checks backing off (dist_channel._POLL_BACKOFF: a few
+#      wake-ups per millisecond of a bulk chunk's wait instead of fifty), "switch" that and the interpreter's thread
+#      switch interval at 0.5 ms (a probe: the step thread waits less for the event loop's turn); then run 7, unpaced
+#      with the backoff -> ...-nccl-paced-{poll0,backoff,switch}.csv, ...-nccl-7.csv
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
@@ -52,6 +57,16 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
       benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
       --lengths 512,2048 --repeats 1 --background 8 -o "$OUT/${G}x2-serve-migration-trace.csv"
     tar czf "$OUT/${G}x2-serve-migration-trace.tgz" -C /tmp/trace .
+  elif [ "$RUN" = pollab ]; then
+    for p in poll0:0: backoff:: switch::0.0005; do
+      IFS=: read -r name backoff sw <<< "$p"
+      LLUMNIX_PROBE_POLL_BACKOFF=$backoff LLUMNIX_PROBE_SWITCH_S=$sw PYTHONPATH="benchmarks/probes:$PYTHONPATH" \
+        timeout 200 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+        --kv-transport nccl --kv-paced --lengths 512,2048,7680 --repeats 3 --background 8 \
+        -o "$OUT/${G}x2-serve-migration-nccl-paced-$name.csv"
+    done
+    timeout 200 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+      --kv-transport nccl --lengths 512,2048,7680 --repeats 3 --background 8 -o "$OUT/${G}x2-serve-migration-nccl-7.csv"
   elif [ "$RUN" = probe ]; then
     for p in default:: switch:0.0005: poll::0.001 both:0.0005:0.001; do
       IFS=: read -r name sw poll <<< "$p"
