@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|more];
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|rerun|more];
 # writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -107,6 +107,15 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       for i in 1 2; do
         timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
           --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-overlap-$i.csv"
+      done
+      ;;
+    rerun)
+      # 2026-11-30: the line at every length twice again, after the engine's block ids through pinned memory, its
+      # tokens read back through pinned memory and the NCCL waits' backed-off completion checks (f6f2d2c)
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for i in 3 4; do
+        timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
+          --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-split-$i.csv"
       done
       ;;
     more)

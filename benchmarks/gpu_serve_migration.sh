@@ -26,6 +26,9 @@
 #      wake-ups per millisecond of a bulk chunk's wait instead of fifty), "switch" that and the interpreter's thread
 #      switch interval at 0.5 ms (a probe: the step thread waits less for the event loop's turn); then run 7, unpaced
 #      with the backoff -> ...-nccl-paced-{poll0,backoff,switch}.csv, ...-nccl-7.csv
+#   p2p4   paced twice at f6f2d2c, as is and with NCCL_MAX_P2P_NCHANNELS=4 (an NCCL send kernel that waits on the
+#      GPU for the destination's receive holds an SM per channel meanwhile, at high priority, beside the source's
+#      step: fewer channels, fewer SMs held) -> ...-nccl-paced-{again,p2p4}.csv
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
@@ -67,6 +70,13 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
     done
     timeout 200 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
       --kv-transport nccl --lengths 512,2048,7680 --repeats 3 --background 8 -o "$OUT/${G}x2-serve-migration-nccl-7.csv"
+  elif [ "$RUN" = p2p4 ]; then
+    for p in again: p2p4:4; do
+      IFS=: read -r name ch <<< "$p"
+      env ${ch:+NCCL_MAX_P2P_NCHANNELS=$ch} timeout 200 python3 benchmarks/serve_migration.py --device cuda \
+        --model llama-7b --dtype bfloat16 --kv-transport nccl --kv-paced --lengths 512,2048,7680 --repeats 3 \
+        --background 8 -o "$OUT/${G}x2-serve-migration-nccl-paced-$name.csv"
+    done
   elif [ "$RUN" = probe ]; then
     for p in default:: switch:0.0005: poll::0.001 both:0.0005:0.001; do
       IFS=: read -r name sw poll <<< "$p"
