@@ -25,7 +25,9 @@
 #      apart throughout (as in 6 and paced), "backoff" the checks backing off (dist_channel._POLL_BACKOFF: a few
 #      wake-ups per millisecond of a bulk chunk's wait instead of fifty), "switch" that and the interpreter's thread
 #      switch interval at 0.5 ms (a probe: the step thread waits less for the event loop's turn); then run 7, unpaced
-#      with the backoff -> ...-nccl-paced-{poll0,backoff,switch}.csv, ...-nccl-7.csv
+#      with the backoff -> ...-nccl-paced-{poll0,backoff,switch}.csv, ...-nccl-7.csv. Ran at f6f2d2c: no gain
+#      beyond the noise in serving, and the Fig 10 bench's way back (a synchronous sender: its next step waits for
+#      the chunk's completion to be seen) slowed +2.7..+10.6% (gpu_fig10_nccl.sh rerun): the backoff was reverted
 #   p2p4   paced twice at f6f2d2c, as is and with NCCL_MAX_P2P_NCHANNELS=4 (an NCCL send kernel that waits on the
 #      GPU for the destination's receive holds an SM per channel meanwhile, at high priority, beside the source's
 #      step: fewer channels, fewer SMs held) -> ...-nccl-paced-{again,p2p4}.csv

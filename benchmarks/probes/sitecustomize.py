@@ -1,8 +1,9 @@
 """Issue 19: a probe for benchmarks/gpu_serve_migration.sh, imported by every Python process started with this
 folder on PYTHONPATH (Ray's instance actors too). LLUMNIX_PROBE_SWITCH_S: the interpreter's thread switch interval
 (sys.setswitchinterval; CPython's default is 5 ms); LLUMNIX_PROBE_POLL_S: the sleep between completion checks of an
-NCCL transfer (llumnix.runtime.dist_channel._POLL_S; LLUMNIX_PROBE_POLL_BACKOFF: its _POLL_BACKOFF). None is set
-by the project: they test where a serving migration's time goes."""
+NCCL transfer (llumnix.runtime.dist_channel._POLL_S). Neither is set by the project: they test where a serving
+migration's time goes. (LLUMNIX_PROBE_POLL_BACKOFF set the backed-off checks of f6f2d2c, reverted since: the
+pollab runs of gpu_serve_migration.sh.)"""
 
 import os
 import sys
@@ -13,10 +14,6 @@ if os.environ.get("LLUMNIX_PROBE_POLL_S"):
     import llumnix.runtime.dist_channel as _dc
 
     _dc._POLL_S = float(os.environ["LLUMNIX_PROBE_POLL_S"])
-if os.environ.get("LLUMNIX_PROBE_POLL_BACKOFF"):  # 0: every check _POLL_S apart (as before 2026-11-30)
-    import llumnix.runtime.dist_channel as _dc
-
-    _dc._POLL_BACKOFF = float(os.environ["LLUMNIX_PROBE_POLL_BACKOFF"])
 
 if os.environ.get("LLUMNIX_PROBE_TRACE"):
     # LLUMNIX_PROBE_TRACE=DIR: every call of the serving path's migration steps, timed, one line each (name, start,

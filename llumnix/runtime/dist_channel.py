@@ -26,14 +26,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
 _HANDSHAKE = 16  # bytes rank 0 sends rank 1 on connect: both ends are up (and NCCL has built its communicator)
-# Blocking on an NCCL transfer: the sleep between completion checks is _POLL_S, or a _POLL_BACKOFF share of the time
-# waited so far once that is longer (at most _POLL_MAX_S): a short transfer (a stop-and-copy's few blocks) is seen
-# done within tens of microseconds, a long one (a bulk stage's chunk, which also waits for the destination's receive)
-# wakes its thread a few times per millisecond rather than fifty, each wake-up a turn at the interpreter's lock
-# that the instance's step thread and event loop also want.
-_POLL_S = 20e-6
-_POLL_BACKOFF = 0.25
-_POLL_MAX_S = 1e-3
+_POLL_S = 20e-6  # sleep between completion checks while blocking on an NCCL transfer
 
 
 class ChannelError(RuntimeError):
@@ -104,12 +97,11 @@ class Transfer:
             if ch.backend == "gloo":
                 self.work.wait(_timeout(ch.timeout_s))
             else:  # NCCL's own wait(timeout) polls at a millisecond: check more often, then order the stream
-                start = time.monotonic()
+                deadline = time.monotonic() + ch.timeout_s
                 while not self.work.is_completed():
-                    waited = time.monotonic() - start
-                    if waited > ch.timeout_s:
+                    if time.monotonic() > deadline:
                         raise TimeoutError(f"not completed within {ch.timeout_s:g} s")
-                    time.sleep(min(_POLL_MAX_S, max(_POLL_S, _POLL_BACKOFF * waited)))
+                    time.sleep(_POLL_S)
                 self.work.wait()
         except Exception as e:
             raise ch.fail(self.op, e) from e
