@@ -2,7 +2,7 @@
 # Fig 10 across two processes: the destination engine in a child process on the second GPU, KV over NCCL
 # (results/fig10/README.md, "two H100s"), with the same-process device transport as the baseline on the same machine.
 # Run on the device machine (two GPUs, torch preinstalled; pydantic and its needs carried as wheels in .whl/).
-# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|rerun|more];
+# Usage: bash benchmarks/gpu_fig10_nccl.sh [smoke|llama-7b|graphs|paced|paced-more|paced2|ab|nccl-sms|ctas1|overlap|rerun|idsab|more];
 # writes the CSVs and log-WHAT.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -116,6 +116,20 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       for i in 3 4; do
         timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
           --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-split-$i.csv"
+      done
+      ;;
+    idsab)
+      # 2026-11-30: rerun's way back (the child process the source) was +0.9..+10.1% where split-1/2 (7072786) had
+      # -2.2..+3.9%; A/B of the suspect, the KV pool's block ids through pinned memory (kv_cache.block_index) against
+      # the pageable ids before (the probe LLUMNIX_PROBE_PAGEABLE_IDS, in both processes), interleaved, twice
+      WHAT=x . benchmarks/gpu_env.sh > /dev/null
+      for i in 1 2; do
+        for v in pinned: pageable:1; do
+          IFS=: read -r name pg <<< "$v"
+          LLUMNIX_PROBE_PAGEABLE_IDS=$pg PYTHONPATH="benchmarks/probes:$PYTHONPATH" timeout 100 $L bench migration \
+            --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 --migrations 4 --repeats 1 \
+            --lengths 1024,2048,8192 --transport nccl -o "$OUT/${G}x2-nccl-ids-$name-$i.csv"
+        done
       done
       ;;
     more)

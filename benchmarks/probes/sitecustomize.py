@@ -2,7 +2,8 @@
 folder on PYTHONPATH (Ray's instance actors too). LLUMNIX_PROBE_SWITCH_S: the interpreter's thread switch interval
 (sys.setswitchinterval; CPython's default is 5 ms); LLUMNIX_PROBE_POLL_S: the sleep between completion checks of an
 NCCL transfer (llumnix.runtime.dist_channel._POLL_S). Neither is set by the project: they test where a serving
-migration's time goes. (LLUMNIX_PROBE_POLL_BACKOFF set the backed-off checks of f6f2d2c, reverted since: the
+migration's time goes. LLUMNIX_PROBE_PAGEABLE_IDS=1: the KV pool's block ids made as before the pinned
+``kv_cache.block_index`` (the A/B of gpu_fig10_nccl.sh idsab). (LLUMNIX_PROBE_POLL_BACKOFF set the backed-off checks of f6f2d2c, reverted since: the
 pollab runs of gpu_serve_migration.sh.)"""
 
 import os
@@ -14,6 +15,13 @@ if os.environ.get("LLUMNIX_PROBE_POLL_S"):
     import llumnix.runtime.dist_channel as _dc
 
     _dc._POLL_S = float(os.environ["LLUMNIX_PROBE_POLL_S"])
+if os.environ.get("LLUMNIX_PROBE_PAGEABLE_IDS"):
+    # the KV pool's block ids sent to the GPU as before 2026-11-29 (night): from pageable memory, the host waiting
+    import torch
+
+    import llumnix.engine.kv_cache as _kc
+
+    _kc.block_index = lambda block_ids, device: torch.tensor(block_ids, dtype=torch.long, device=device)
 
 if os.environ.get("LLUMNIX_PROBE_TRACE"):
     # LLUMNIX_PROBE_TRACE=DIR: every call of the serving path's migration steps, timed, one line each (name, start,
