@@ -146,8 +146,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-transport", default="object-store", choices=["object-store", "gloo", "nccl"])
     parser.add_argument("--kv-chunk-blocks", type=int, default=None, help="blocks per send (default: the server's)")
-    parser.add_argument("--kv-paced", action="store_true",
-                        help="a non-final stage sends at most one chunk per source step (the server's kv_paced)")
+    parser.add_argument("--kv-paced", action=argparse.BooleanOptionalAction, default=None,
+                        help="a non-final stage sends at most one chunk per source step (default: the server's)")
     parser.add_argument("--lengths", default="512,2048", help="prompt tokens of the migrated request")
     parser.add_argument("--repeats", type=int, default=3, help="migrations per length")
     parser.add_argument("--background", type=int, default=8, help="other requests decoding (both instances)")
@@ -166,8 +166,8 @@ def main() -> None:
               "num_blocks": args.num_blocks or 2 * rows_needed // 16, "num_cpus_per_instance": 1}
     if args.kv_chunk_blocks is not None:
         values["kv_chunk_blocks"] = args.kv_chunk_blocks
-    if args.kv_paced:
-        values["kv_paced"] = True
+    if args.kv_paced is not None:
+        values["kv_paced"] = args.kv_paced
     config = build_serve_config({}, values)
     init_ray(None, log_to_driver=False)
     rng = np.random.default_rng(args.seed)

@@ -13,11 +13,17 @@ from llumnix.engine.paged_attention import paged_decode_attention
 
 
 def block_index(block_ids: list[int], device: torch.device) -> torch.Tensor:
-    """Block ids as a long tensor on ``device``; on CUDA sent from pinned memory without the host waiting (a tensor
-    made from a list straight on a GPU comes from pageable memory, and the host then waits, on a serving instance
-    for up to the decode step in flight: traced, 4.7 ms of a migration's stop-and-copy)."""
+    """Block ids as a long tensor on ``device``. On a side CUDA stream (a serving instance's KV stream: the engine's
+    step may be running on the default one) sent from pinned memory without the host waiting: a copy from pageable
+    memory made the host wait for the decode step in flight (traced: 4.7 ms of a migration's stop-and-copy). On the
+    default stream (nothing runs beside: the Fig 10 bench's processes) a plain copy: pinned there, the child process's
+    steps during its bulk stages were 3-5% slower (A/B on 2 x H200: benchmarks/h200x2-nccl-ids-*.csv)."""
     idx = torch.tensor(block_ids, dtype=torch.long)
-    return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+    if device.type != "cuda":
+        return idx
+    if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+        return idx.to(device)
+    return idx.pin_memory().to(device, non_blocking=True)
 
 
 class KVCachePool:

@@ -86,6 +86,13 @@ def unpack(payload: KVPayload) -> Any:
     return tensor
 
 
+# A non-final stage sends at most one chunk per source step by default. Serving over NCCL on 2 x H200
+# (benchmarks/gpu_serve_migration.sh, 8 background requests, 3 migrations a length, six paced runs against two
+# unpaced): the source's mean step during the bulk stage +4..+7% paced at 7680 tokens (+9..+10% unpaced), +6..+9% at
+# 2048 (+10..+13%); at 512 (3 steps) +5..+13% either way.
+PACED = True
+
+
 @dataclass(frozen=True)
 class TransportSpec:
     """What every instance of a cluster needs to build its transport (all use the same one)."""
@@ -95,7 +102,7 @@ class TransportSpec:
     timeout_s: float = 60.0  # gloo / nccl: opening a channel, or one stage's transfer, fails after this long
     listen_host: str | None = None  # gloo: the address channels listen on (None: each instance's node address)
     chunk_blocks: int | None = CHUNK_BLOCKS  # blocks per send of a non-final stage (None: a stage in one send)
-    paced: bool = False  # a non-final stage sends at most one chunk per source step (else back to back)
+    paced: bool = PACED  # a non-final stage sends at most one chunk per source step (else back to back)
 
 
 # Paced, the longest a bulk stage's next chunk waits for the source's next step (a source that stops stepping, its
@@ -150,7 +157,7 @@ class RayTransport(KVTransfer):
     carries_commit = True
 
     def __init__(self, executor: Any, peers: Mapping[int, Any], chunk_blocks: int | None = CHUNK_BLOCKS,
-                 paced: bool = False) -> None:
+                 paced: bool = PACED) -> None:
         if chunk_blocks is not None and chunk_blocks < 1:
             raise ValueError(f"chunk_blocks must be >= 1 (or None: a stage in one send), got {chunk_blocks}")
         self.executor, self.peers, self.chunk_blocks = executor, peers, chunk_blocks
@@ -230,7 +237,7 @@ class TorchDistTransport(RayTransport):
 
     def __init__(self, executor: Any, peers: Mapping[int, Any], backend: str, instance_id: int,
                  store_address: str | None, timeout_s: float = 60.0, hostname: str | None = None,
-                 chunk_blocks: int | None = CHUNK_BLOCKS, paced: bool = False) -> None:
+                 chunk_blocks: int | None = CHUNK_BLOCKS, paced: bool = PACED) -> None:
         from llumnix.runtime.dist_channel import BACKENDS
 
         super().__init__(executor, peers, chunk_blocks, paced)

@@ -17,6 +17,7 @@ from llumnix.fields import pydantic_field, unitless
 from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SYSTEMS, SystemConfig
 from llumnix.profiles import DEFAULT_PROFILE
+from llumnix.runtime.kv_transport import PACED
 
 
 class ServeConfigError(ValueError):
@@ -161,7 +162,7 @@ class ServeConfig(BaseModel):
         "(null in a config file: a stage in one send).",
     )
     kv_paced: bool = Field(
-        False,
+        PACED,
         description="A migration's non-final stage sends at most one chunk per decode step of the source (as the engine "
         "bench paces it: the copy takes longer, the source's steps slow less); off: the chunks go back to back.",
     )
