@@ -89,7 +89,7 @@ def unpack(payload: KVPayload) -> Any:
 # A non-final stage sends at most one chunk per source step by default. Serving over NCCL on 2 x H200
 # (benchmarks/gpu_serve_migration.sh, 8 background requests, 3 migrations a length, six paced runs against two
 # unpaced): the source's mean step during the bulk stage +4..+7% paced at 7680 tokens (+9..+10% unpaced), +6..+9% at
-# 2048 (+10..+13%); at 512 (3 steps) +5..+13% either way.
+# 2048 (+10..+13%), +5..+13% at 512 (+12..+21%; 3 steps). Run by run, per length: the means of 3 migrations.
 PACED = True
 
 
