@@ -110,10 +110,12 @@ torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
       done
       ;;
     rerun)
-      # 2026-11-30: the line at every length twice again, after the engine's block ids through pinned memory, its
-      # tokens read back through pinned memory and the NCCL waits' backed-off completion checks (f6f2d2c)
+      # 2026-11-30: the line at every length twice again, after the engine's block ids through pinned memory and its
+      # tokens read back through pinned memory: at f6f2d2c (with the NCCL waits' backed-off checks, since reverted)
+      # -> benchmarks/...-backoff-{1,2}.csv; at 5ac476f -> split-3, split-4. RUNS="5 6": after the block ids went
+      # back to a plain copy on the default stream (the bench's processes; 8f06b02)
       WHAT=x . benchmarks/gpu_env.sh > /dev/null
-      for i in 3 4; do
+      for i in ${RUNS:-3 4}; do
         timeout 200 $L bench migration --model llama-7b --device cuda --dtype bfloat16 --output-tokens 160 \
           --migrations 4 --repeats 1 --lengths $LENGTHS --transport nccl -o "$OUT/${G}x2-nccl-llama-7b-split-$i.csv"
       done
