@@ -3,8 +3,8 @@ folder on PYTHONPATH (Ray's instance actors too). LLUMNIX_PROBE_SWITCH_S: the in
 (sys.setswitchinterval; CPython's default is 5 ms); LLUMNIX_PROBE_POLL_S: the sleep between completion checks of an
 NCCL transfer (llumnix.runtime.dist_channel._POLL_S). Neither is set by the project: they test where a serving
 migration's time goes. LLUMNIX_PROBE_PAGEABLE_IDS=1: the KV pool's block ids made as before the pinned
-``kv_cache.block_index`` (the A/B of gpu_fig10_nccl.sh idsab). (LLUMNIX_PROBE_POLL_BACKOFF set the backed-off checks of f6f2d2c, reverted since: the
-pollab runs of gpu_serve_migration.sh.)"""
+``kv_cache.block_index`` (the A/B of gpu_fig10_nccl.sh idsab). (LLUMNIX_PROBE_POLL_BACKOFF set the backed-off
+checks of f6f2d2c, reverted since: the pollab runs of gpu_serve_migration.sh.)"""
 
 import os
 import sys
