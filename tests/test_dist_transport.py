@@ -14,6 +14,7 @@ from test_ray_cluster import LONG_PROMPT, cluster_config, complete, stream_live
 
 from llumnix.runtime.dist_channel import ChannelError, DistChannel, pair_key, serve_store
 from llumnix.runtime.frontend import BackgroundServer
+from llumnix.runtime.kv_transport import TransportSpec, make_transport
 from llumnix.runtime.serve_config import ServeConfigError, build_serve_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -66,6 +67,11 @@ def test_serve_config_kv_transport():
     assert build_serve_config({}, {}).kv_transport == "object-store"
     with pytest.raises(ServeConfigError, match="needs device cuda"):
         build_serve_config({}, {"kv_transport": "nccl"})
+    # a bulk stage paced a chunk per source step unless told otherwise (--no-kv-paced), the transport built so
+    assert build_serve_config({}, {}).kv_paced and not build_serve_config({}, {"kv_paced": False}).kv_paced
+    spec = TransportSpec(paced=build_serve_config({}, {"kv_paced": False}).kv_paced)
+    assert make_transport(spec, 0, object(), {}).ticks is None
+    assert make_transport(TransportSpec(), 0, object(), {}).ticks is not None
 
 
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
