@@ -20,7 +20,8 @@
 #   6  (2026-11-30, 2f71ff2) and the final stage's copy carrying the COMMIT (86e2620: one Ray round trip less; on the 2-core
 #      VM the downtime's median 8.0 -> 4.1-6.0 ms, benchmarks/logs/vm-serve-downtime-cpu.txt); then trace
 #   7  (2026-11-30, f6f2d2c) unpaced with the NCCL waits' backed-off checks (reverted since); in pollab below
-#   8  (not run yet) the server's defaults since 8f06b02: paced (kv_paced), block ids pinned on the KV stream only
+#   8  (not run yet) the server as it is since 8f06b02: back to back (kv_paced off: it measured no gain in the
+#      step-to-step interval), block ids pinned on the KV stream only
 #   paced  as 6, with --kv-paced: a non-final stage sends at most one chunk (16 blocks) per source step, as the
 #      engine bench paces its bulk stage (serving, back to back, the source's step was +8..+17% in runs 3-5)
 #   pollab  (2026-11-30) paced, three ways, one after another: "poll0" the NCCL waits' completion checks 20 us

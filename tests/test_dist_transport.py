@@ -67,11 +67,11 @@ def test_serve_config_kv_transport():
     assert build_serve_config({}, {}).kv_transport == "object-store"
     with pytest.raises(ServeConfigError, match="needs device cuda"):
         build_serve_config({}, {"kv_transport": "nccl"})
-    # a bulk stage paced a chunk per source step unless told otherwise (--no-kv-paced), the transport built so
-    assert build_serve_config({}, {}).kv_paced and not build_serve_config({}, {"kv_paced": False}).kv_paced
-    spec = TransportSpec(paced=build_serve_config({}, {"kv_paced": False}).kv_paced)
-    assert make_transport(spec, 0, object(), {}).ticks is None
-    assert make_transport(TransportSpec(), 0, object(), {}).ticks is not None
+    # a bulk stage's chunks back to back unless told to pace them (--kv-paced), the transport built so
+    assert not build_serve_config({}, {}).kv_paced and build_serve_config({}, {"kv_paced": True}).kv_paced
+    spec = TransportSpec(paced=build_serve_config({}, {"kv_paced": True}).kv_paced)
+    assert make_transport(spec, 0, object(), {}).ticks is not None
+    assert make_transport(TransportSpec(), 0, object(), {}).ticks is None
 
 
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2

@@ -119,8 +119,7 @@ def test_a_paced_stage_sends_at_most_one_chunk_per_source_step():
     between = [sum(e == ("step",) for e in gap) for gap in _gaps(sends)]
     assert [e[1] for e in events if e[0] == "read"] == [(0, 1), (2, 3), (4, 5), (6,)]
     assert all(n >= 1 for n in between), events  # a step ended between any two chunks' reads
-    assert RecordingTransport(Recorder(), {}, 2, paced=False).ticks is None  # unpaced: the chunks go back to back
-    assert RecordingTransport(Recorder(), {}, 2).ticks is not None  # paced by default
+    assert RecordingTransport(Recorder(), {}, 2).ticks is None  # unpaced (the default): the chunks go back to back
 
 
 def _gaps(events: list) -> list[list]:

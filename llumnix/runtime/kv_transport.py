@@ -86,11 +86,13 @@ def unpack(payload: KVPayload) -> Any:
     return tensor
 
 
-# A non-final stage sends at most one chunk per source step by default. Serving over NCCL on 2 x H200
-# (benchmarks/gpu_serve_migration.sh, 8 background requests, 3 migrations a length, six paced runs against two
-# unpaced): the source's mean step during the bulk stage +4..+7% paced at 7680 tokens (+9..+10% unpaced), +6..+9% at
-# 2048 (+10..+13%), +5..+13% at 512 (+12..+21%; 3 steps). Run by run, per length: the means of 3 migrations.
-PACED = True
+# Paced, a non-final stage sends at most one chunk per source step; by default the chunks go back to back. Serving
+# over NCCL on 2 x H200 (benchmarks/gpu_serve_migration.sh, 8 background requests, 3 migrations a length; per length
+# the mean of 3 migrations, six paced runs against three back to back): paced, the source's step itself is shorter
+# (+4..+7% at 7680 tokens against +9..+10%; +6..+9% at 2048 against +10..+13%), but the chunks' host work moves to
+# the step boundaries and the step-to-step interval, the source's token rate, is longer (+14..+17% at 7680 against
+# +9..+10%; +19..+24% at 2048 against +11..+16%), over a bulk stage twice as long.
+PACED = False
 
 
 @dataclass(frozen=True)
