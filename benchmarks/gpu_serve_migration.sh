@@ -34,6 +34,9 @@
 #   p2p4   paced twice at f6f2d2c, as is and with NCCL_MAX_P2P_NCHANNELS=4 (an NCCL send kernel that waits on the
 #      GPU for the destination's receive holds an SM per channel meanwhile, at high priority, beside the source's
 #      step: fewer channels, fewer SMs held) -> ...-nccl-paced-{again,p2p4}.csv
+#   chunks  (not run yet) back to back with 64 blocks per send and with each stage in one send: fewer host calls
+#      per stage (each chunk costs the source's event loop 0.3-1.1 ms beside its steps; over NVLink the copy takes a
+#      small share of the source's HBM) -> ...-nccl-chunks-{64,0}.csv
 #   probe  the serving path as in 1, 512 and 2048 tokens twice each, under probes (benchmarks/probes/
 #      sitecustomize.py): the interpreter's thread switch interval at 0.5 ms instead of 5 ms; an NCCL transfer's
 #      completion checked every 1 ms instead of 20 us; both -> ...-probe-{default,switch,poll,both}.csv
@@ -75,6 +78,12 @@ torch.cuda.nccl.version(), 'ray', ray.__version__, 'gpus', torch.cuda.device_cou
     done
     timeout 200 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
       --kv-transport nccl --lengths 512,2048,7680 --repeats 3 --background 8 -o "$OUT/${G}x2-serve-migration-nccl-7.csv"
+  elif [ "$RUN" = chunks ]; then
+    for c in 64 0; do
+      timeout 200 python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 \
+        --kv-transport nccl --kv-chunk-blocks $c --lengths 512,2048,7680 --repeats 3 --background 8 \
+        -o "$OUT/${G}x2-serve-migration-nccl-chunks-$c.csv"
+    done
   elif [ "$RUN" = p2p4 ]; then
     for p in again: p2p4:4; do
       IFS=: read -r name ch <<< "$p"

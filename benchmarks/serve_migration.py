@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-transport", default="object-store", choices=["object-store", "gloo", "nccl"])
-    parser.add_argument("--kv-chunk-blocks", type=int, default=None, help="blocks per send (default: the server's)")
+    parser.add_argument("--kv-chunk-blocks", type=int, default=None,
+                        help="blocks per send (0: a stage in one send; default: the server's)")
     parser.add_argument("--kv-paced", action=argparse.BooleanOptionalAction, default=None,
                         help="a non-final stage sends at most one chunk per source step (default: the server's)")
     parser.add_argument("--lengths", default="512,2048", help="prompt tokens of the migrated request")
@@ -165,7 +166,7 @@ def main() -> None:
               "dtype": args.dtype, "kv_transport": args.kv_transport, "kv_timeout_s": 60.0,
               "num_blocks": args.num_blocks or 2 * rows_needed // 16, "num_cpus_per_instance": 1}
     if args.kv_chunk_blocks is not None:
-        values["kv_chunk_blocks"] = args.kv_chunk_blocks
+        values["kv_chunk_blocks"] = args.kv_chunk_blocks or None
     if args.kv_paced is not None:
         values["kv_paced"] = args.kv_paced
     config = build_serve_config({}, values)
