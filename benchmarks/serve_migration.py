@@ -10,7 +10,8 @@ blocks and downtime (freeze to commit, on the source's clock), and the source's 
 non-final stages (start to the stop-and-copy stage) against the source's last ``--baseline-steps`` decode steps
 before the migration began with the same batch size. A warm-up round first opens the KV channels both ways and
 captures the decode graphs; its rows are not written. The raw step and migration logs go beside the output
-(``-steps.csv``, ``-migrations.csv``).
+(``-steps.csv``, ``-migrations.csv``), and the destination's decode steps while it receives the non-final stages
+against its own before (``-destination.csv``; ``--reanalyze STEM`` writes it from a run's raw logs).
 
     python3 benchmarks/serve_migration.py --device cuda --model llama-7b --dtype bfloat16 --kv-transport nccl \
         --lengths 512,2048,7680 -o benchmarks/h200x2-serve-migration-nccl.csv
@@ -109,19 +110,32 @@ def migration_log(srv: BackgroundServer) -> list[dict]:
     return asyncio.run(fetch())
 
 
+def _overlap(decode: pd.DataFrame, instance: int, start_s: float, end_s: float,
+             baseline_steps: int) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """``instance``'s decode steps overlapping [start_s, end_s), its last ``baseline_steps`` before ``start_s`` with
+    the batch size most of those had, and that batch size."""
+    steps = decode[decode["instance_id"] == instance]
+    during = steps[(steps["end_s"] > start_s) & (steps["start_s"] < end_s)]
+    batch = int(during["batch_size"].mode().iloc[0]) if len(during) else 0
+    before = steps[(steps["end_s"] <= start_s) & (steps["batch_size"] == batch)].tail(baseline_steps)
+    return during, before, batch
+
+
+def _decode_steps(steps: pd.DataFrame) -> pd.DataFrame:
+    """The decode steps, each with its interval: its start to its instance's next step's (its duration and the gap
+    before the next: the event loop's, the locks')."""
+    steps = steps.sort_values("start_s").copy()
+    steps["interval_s"] = steps.groupby("instance_id")["start_s"].shift(-1) - steps["start_s"]
+    return steps[steps["kind"] == "decode"]
+
+
 def slowdown_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: int) -> list[dict]:
     """One row per committed migration: the source's decode steps during its non-final stages against before."""
     rows = []
-    steps = steps.sort_values("start_s")
-    # a step's start to its instance's next: its duration and the gap before the next (the event loop's, the locks')
-    steps["interval_s"] = steps.groupby("instance_id")["start_s"].shift(-1) - steps["start_s"]
-    decode = steps[steps["kind"] == "decode"]
+    decode = _decode_steps(steps)
     for m in migrations:
-        src = decode[decode["instance_id"] == m["src"]]
         bulk_end = m["end_s"] - m["downtime_s"]
-        during = src[(src["end_s"] > m["start_s"]) & (src["start_s"] < bulk_end)]
-        batch = int(during["batch_size"].mode().iloc[0]) if len(during) else 0
-        before = src[(src["end_s"] <= m["start_s"]) & (src["batch_size"] == batch)].tail(baseline_steps)
+        during, before, batch = _overlap(decode, m["src"], m["start_s"], bulk_end, baseline_steps)
         step_before = float(before["duration_s"].mean()) if len(before) else float("nan")
         step_during = float(during["duration_s"].mean()) if len(during) else float("nan")
         rows.append({
@@ -137,6 +151,38 @@ def slowdown_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: i
             "interval_slowdown": during["interval_s"].median() / before["interval_s"].median() - 1,
         })
     return rows
+
+
+def destination_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps: int) -> list[dict]:
+    """One row per committed migration: the destination's decode steps while it receives the non-final stages
+    (the same window as the source's) against its own steps before, with the same batch."""
+    rows = []
+    decode = _decode_steps(steps)
+    for m in migrations:
+        during, before, batch = _overlap(decode, m["dst"], m["start_s"], m["end_s"] - m["downtime_s"], baseline_steps)
+        rows.append({
+            "client_request_id": m["client_request_id"], "dst": m["dst"], "dst_batch": batch,
+            "dst_steps_before": len(before), "dst_steps_during": len(during),
+            "dst_decode_step_s": before["duration_s"].mean(), "dst_decode_step_receiving_s": during["duration_s"].mean(),
+            "dst_decode_slowdown": during["duration_s"].mean() / before["duration_s"].mean() - 1,
+            "dst_interval_slowdown": during["interval_s"].median() / before["interval_s"].median() - 1,
+        })
+    return rows
+
+
+def reanalyze(stem: str, baseline_steps: int) -> None:
+    """``STEM-destination.csv`` from a run's raw logs (``STEM-steps.csv``, ``STEM-migrations.csv``), for the
+    migrations of ``STEM.csv`` (the warm-up's left out)."""
+    measured = pd.read_csv(f"{stem}.csv")
+    migrations = pd.read_csv(f"{stem}-migrations.csv")
+    migrations = migrations[migrations["client_request_id"].isin(measured["client_request_id"])]
+    rows = pd.DataFrame(destination_rows(migrations.to_dict("records"), pd.read_csv(f"{stem}-steps.csv"),
+                                         baseline_steps))
+    rows.insert(1, "prompt_tokens", rows["client_request_id"].map(
+        measured.set_index("client_request_id")["prompt_tokens"]))
+    rows.to_csv(f"{stem}-destination.csv", index=False)
+    print(rows.groupby("prompt_tokens")[["dst_batch", "dst_steps_during", "dst_decode_slowdown",
+                                         "dst_interval_slowdown"]].median().to_string())
 
 
 def main() -> None:
@@ -157,8 +203,15 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=30)
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: enough)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("-o", "--output", help="output CSV (required unless --reanalyze)")
+    parser.add_argument("--reanalyze", metavar="STEM",
+                        help="run nothing: write STEM-destination.csv from a run's raw logs (STEM-steps.csv, ...)")
     args = parser.parse_args()
+    if args.reanalyze:
+        reanalyze(args.reanalyze.removesuffix(".csv"), args.baseline_steps)
+        return
+    if not args.output:
+        parser.error("-o/--output is required (or --reanalyze STEM)")
 
     lengths = [int(x) for x in args.lengths.split(",")]
     rows_needed = args.background * (BACKGROUND_PROMPT + args.output_tokens + 32) + max(lengths) + args.output_tokens
@@ -213,6 +266,7 @@ def main() -> None:
     stem = args.output.removesuffix(".csv")
     steps.to_csv(f"{stem}-steps.csv", index=False)
     pd.DataFrame(migrations).to_csv(f"{stem}-migrations.csv", index=False)
+    reanalyze(stem, args.baseline_steps)  # the destination's side: -destination.csv
     print(rows.groupby("prompt_tokens")[["stages", "blocks", "downtime_s", "decode_step_s",
                                          "decode_step_migrating_s", "decode_slowdown", "interval_slowdown", "steps_during"]]
           .median().to_string())
