@@ -3,7 +3,8 @@
 # actors under Ray, one per GPU, LLaMA-7B's shape in bf16, KV over NCCL, 8 background requests decoding): the
 # source's decode steps during a migration's non-final stages against before, the downtime, per prompt length.
 # Usage: bash benchmarks/gpu_serve_migration.sh RUN -> benchmarks/<gpu>x2-serve-migration-nccl-RUN.csv (with its raw
-# logs, -steps.csv and -migrations.csv, since they are written), and the log under $OUT. Runs 1 and 2 first run the
+# logs, -steps.csv and -migrations.csv, and the destination's side, -destination.csv, since they are written), and
+# the log under $OUT (more files than the device returns a call: tar them there). Runs 1 and 2 first run the
 # serving test over NCCL (tests/test_dist_transport.py: migrations both ways, a broken channel, tokens equal to an
 # unmigrated run's, no leaked block).
 #   1  2026-11-29, the serving path as it was: block ids sent to the GPU from pageable memory (the event loop waited
@@ -31,7 +32,7 @@
 #      with the backoff -> ...-nccl-paced-{poll0,backoff,switch}.csv, ...-nccl-7.csv. Ran at f6f2d2c: no gain
 #      beyond the noise in serving, and the Fig 10 bench's way back (a synchronous sender: its next step waits for
 #      the chunk's completion to be seen) slowed +2.7..+10.6% (gpu_fig10_nccl.sh rerun): the backoff was reverted
-#   p2p4   paced twice at f6f2d2c, as is and with NCCL_MAX_P2P_NCHANNELS=4 (an NCCL send kernel that waits on the
+#   p2p4   paced twice at 4ba9887 (the backoff on), as is and with NCCL_MAX_P2P_NCHANNELS=4 (an NCCL send kernel that waits on the
 #      GPU for the destination's receive holds an SM per channel meanwhile, at high priority, beside the source's
 #      step: fewer channels, fewer SMs held) -> ...-nccl-paced-{again,p2p4}.csv
 #   chunks  (not run yet) back to back with 64 blocks per send and with each stage in one send: fewer host calls
