@@ -170,19 +170,25 @@ def destination_rows(migrations: list[dict], steps: pd.DataFrame, baseline_steps
     return rows
 
 
+def write_destination(stem: str, measured: pd.DataFrame, migrations: list[dict], steps: pd.DataFrame,
+                      baseline_steps: int) -> None:
+    """``STEM-destination.csv``: ``destination_rows`` of the measured migrations, with their prompt lengths."""
+    rows = pd.DataFrame(destination_rows(migrations, steps, baseline_steps))
+    rows.insert(1, "prompt_tokens", rows["client_request_id"].map(
+        measured.set_index("client_request_id")["prompt_tokens"]))
+    rows.to_csv(f"{stem}-destination.csv", index=False)
+    print(rows.groupby("prompt_tokens")[["dst_batch", "dst_steps_during", "dst_decode_slowdown",
+                                         "dst_interval_slowdown"]].median().to_string())
+
+
 def reanalyze(stem: str, baseline_steps: int) -> None:
     """``STEM-destination.csv`` from a run's raw logs (``STEM-steps.csv``, ``STEM-migrations.csv``), for the
     migrations of ``STEM.csv`` (the warm-up's left out)."""
     measured = pd.read_csv(f"{stem}.csv")
     migrations = pd.read_csv(f"{stem}-migrations.csv")
     migrations = migrations[migrations["client_request_id"].isin(measured["client_request_id"])]
-    rows = pd.DataFrame(destination_rows(migrations.to_dict("records"), pd.read_csv(f"{stem}-steps.csv"),
-                                         baseline_steps))
-    rows.insert(1, "prompt_tokens", rows["client_request_id"].map(
-        measured.set_index("client_request_id")["prompt_tokens"]))
-    rows.to_csv(f"{stem}-destination.csv", index=False)
-    print(rows.groupby("prompt_tokens")[["dst_batch", "dst_steps_during", "dst_decode_slowdown",
-                                         "dst_interval_slowdown"]].median().to_string())
+    write_destination(stem, measured, migrations.to_dict("records"), pd.read_csv(f"{stem}-steps.csv"),
+                      baseline_steps)
 
 
 def main() -> None:
@@ -266,7 +272,7 @@ def main() -> None:
     stem = args.output.removesuffix(".csv")
     steps.to_csv(f"{stem}-steps.csv", index=False)
     pd.DataFrame(migrations).to_csv(f"{stem}-migrations.csv", index=False)
-    reanalyze(stem, args.baseline_steps)  # the destination's side: -destination.csv
+    write_destination(stem, rows, migrations, steps, args.baseline_steps)  # the destination's side
     print(rows.groupby("prompt_tokens")[["stages", "blocks", "downtime_s", "decode_step_s",
                                          "decode_step_migrating_s", "decode_slowdown", "interval_slowdown", "steps_during"]]
           .median().to_string())
