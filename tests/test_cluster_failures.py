@@ -85,6 +85,24 @@ def test_serve_refuses_more_cpus_than_ray_has_before_any_actor_starts(ray_local,
     assert launched == [] and ray_local.is_initialized()  # no actor; the Ray it did not start is left running
 
 
+def test_a_failed_start_of_the_instances_is_named_by_serve_and_by_the_background_server(ray_local, monkeypatch):
+    """When the instances' start fails (in the app's lifespan, where uvicorn only logs it), `llumnix serve`'s one error
+    line and BackgroundServer's exception carry the cause, not just "see the log above" (a CI log's tail lost it)."""
+    from llumnix.runtime.cluster import ClusterManager
+
+    async def fails(self):
+        raise RuntimeError("instance 0's engine could not load its model")
+
+    monkeypatch.setattr(ClusterManager, "start", fails)
+    result = CliRunner().invoke(main, ["serve", "--backend", "profile", "--port", "0"])
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)  # not uvicorn's exit status 3
+    last = result.output.rstrip().splitlines()[-1]  # after uvicorn's log of the traceback
+    assert last == "Error: the server did not start: RuntimeError: instance 0's engine could not load its model", last
+    with pytest.raises(RuntimeError, match="^the frontend failed to start: RuntimeError: instance 0's engine could not"):
+        with BackgroundServer(build_serve_config({}, PROFILE)):
+            pass
+
+
 # -- /admin/start-instance without a free CPU --------------------------------------------------------------------------
 def test_an_actor_the_actor_table_does_not_list_yet_is_not_placed(monkeypatch):
     """RayLauncher.placed: Ray registers a new actor asynchronously, so just after launch its actor table may not

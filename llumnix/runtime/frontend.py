@@ -54,6 +54,7 @@ the token id ``b % vocab_size``; output text is the generated token ids written 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
@@ -545,7 +546,11 @@ def create_app(config: ServeConfig, manager: ClusterManager | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await manager.start()
+        try:
+            await manager.start()
+        except BaseException as e:  # uvicorn logs it and exits; whoever started the server names it (startup_failure)
+            app.state.startup_error = e
+            raise
         try:
             yield
         finally:
@@ -896,14 +901,23 @@ def serve(config: ServeConfig) -> None:
             port = sock.getsockname()[1]
             log.info("serving on http://%s:%d (Ray up in %.1f s)", config.host, port, time.time() - started)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-            server.run(sockets=[sock])
-            if not server.started:  # the lifespan failed (e.g. the instances did not start): logged above
-                raise StartupError("the server did not start (see the log above)")
+            try:
+                server.run(sockets=[sock])
+            except SystemExit:  # uvicorn exits when the lifespan fails (it has logged the traceback)
+                pass
+            if not server.started:  # the lifespan failed (e.g. the instances did not start)
+                raise StartupError(startup_failure(app, "the server did not start")) from None
         finally:
             if owns_ray:
                 ray.shutdown()
     finally:
         sock.close()
+
+
+def startup_failure(app: FastAPI, what: str) -> str:
+    """``what``, with the error that stopped the app's lifespan (the instances' start), else a pointer to the log."""
+    error = getattr(app.state, "startup_error", None)
+    return f"{what}: {type(error).__name__}: {error}" if error is not None else f"{what} (see the log above)"
 
 
 class BackgroundServer:
@@ -935,12 +949,12 @@ class BackgroundServer:
         self._server = uvicorn.Server(
             uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning", lifespan="on")
         )
-        self._thread = threading.Thread(target=self._server.run, name="llumnix-frontend", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="llumnix-frontend", daemon=True)
         self._thread.start()
         deadline = time.time() + self.startup_timeout_s
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError("the frontend failed to start (see the log above)")
+                raise RuntimeError(startup_failure(self.app, "the frontend failed to start"))
             if time.time() > deadline:
                 self.__exit__(None, None, None)
                 raise TimeoutError(f"the frontend did not start within {self.startup_timeout_s:.0f} s")
@@ -948,6 +962,10 @@ class BackgroundServer:
         port = self._server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://{self.config.host}:{port}"
         return self
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's exit when the lifespan fails: __enter__ raises its cause
+            self._server.run()
 
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
