@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from llumnix.cli_options import options, values_by_config
+from llumnix.cli_options import options, trace_options, values_by_config
 from llumnix.core.migration import MigrationConfig
 from llumnix.policies.scaling import ScalingConfig
 from llumnix.policies.system import SystemConfig
@@ -38,34 +38,15 @@ def main(verbose: int) -> None:
 
 # -- trace --------------------------------------------------------------------------------------------------------
 @main.command(context_settings=CONTEXT)
-@click.option("--workload", required=True, help="S-S, M-M, L-L, S-L, L-S (input-output lengths), sharegpt or burstgpt.")
-@click.option("--rate", type=float, required=True, help="Mean arrival rate in requests per second.")
-@click.option("--num-requests", type=int, default=10_000, help="Number of requests in the trace.")
-@click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson", help="Arrival process.")
-@click.option("--cv", type=float, default=1.0, help="Coefficient of variation of Gamma inter-arrival times.")
-@click.option("--priority-fraction", type=float, default=0.0, help="Fraction of requests marked high priority.")
-@click.option(
-    "--dataset",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Real ShareGPT JSON / BurstGPT CSV to sample lengths from (default: the built-in matching generators).",
-)
-@click.option("--lengths", type=click.Choice(["authors", "table1"]), default="authors",
-              help="authors: the artifact's Zipf generator (S/M/L) and real ShareGPT rows when installed; "
-                   "table1: fits of Table 1's percentiles.")
-@click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
-@click.option("--stream", type=click.Choice(["seeded", "artifact"]), default="seeded",
-              help="artifact: replay the artifact's own trace of a generated workload (its seeded streams, "
-                   "llumnix/workload/artifact.py); --seed is then unused.")
+@trace_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file: CSV, or Parquet (keeps the lengths' provenance) when it ends in .parquet.")
-def trace(workload, rate, num_requests, arrival, cv, priority_fraction, dataset, lengths, seed, stream, output) -> None:
+def trace(output, **spec) -> None:
     """Generate a request trace (arrival_s, prompt_tokens, output_tokens, priority)."""
     from llumnix.workload import TRACE_META_KEY, make_trace, write_trace
 
     try:
-        df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
-                        priority_fraction=priority_fraction, dataset_path=dataset, lengths=lengths, stream=stream)
+        df = make_trace(**spec)
         write_trace(df, output)
     except ValueError as e:
         _fail(str(e))

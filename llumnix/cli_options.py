@@ -10,6 +10,7 @@ with :func:`values_by_config`. A ``Literal`` type or ``metadata["choices"]`` bec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -68,6 +69,37 @@ def values_by_config(ctx: click.Context) -> dict[type, dict[str, Any]]:
             cls, name = param.origin
             grouped.setdefault(cls, {})[name] = ctx.params[param.name]
     return grouped
+
+
+_TRACE_OPTIONS = (
+    click.option("--workload", required=True,
+                 help="S-S, M-M, L-L, S-L, L-S (input-output lengths), sharegpt or burstgpt."),
+    click.option("--rate", type=float, required=True, help="Mean arrival rate in requests per second."),
+    click.option("--num-requests", type=int, default=10_000, help="Number of requests in the trace."),
+    click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson", help="Arrival process."),
+    click.option("--cv", type=float, default=1.0, help="Coefficient of variation of Gamma inter-arrival times."),
+    click.option("--priority-fraction", type=float, default=0.0, help="Fraction of requests marked high priority."),
+    click.option("--dataset", "dataset_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 default=None,
+                 help="Real ShareGPT JSON / BurstGPT CSV to sample lengths from (default: the built-in matching "
+                      "generators)."),
+    click.option("--lengths", type=click.Choice(["authors", "table1"]), default="authors",
+                 help="authors: the artifact's Zipf generator (S/M/L) and real ShareGPT rows when installed; "
+                      "table1: fits of Table 1's percentiles."),
+    click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace."),
+    click.option("--stream", type=click.Choice(["seeded", "artifact"]), default="seeded",
+                 help="artifact: replay the artifact's own trace of a generated workload (its seeded streams, "
+                      "llumnix/workload/artifact.py); --seed is then unused."),
+)  # fmt: skip
+
+
+def trace_options(f: Callable) -> Callable:
+    """The options of a generated trace, the same in every command that makes one (``llumnix trace``,
+    ``llumnix capped-trace``): their parameters are ``llumnix.workload.make_trace``'s keywords, so a command passes
+    them on as they are (``make_trace(**spec)``)."""
+    for decorate in reversed(_TRACE_OPTIONS):
+        f = decorate(f)
+    return f
 
 
 def _option(s: Setting, cls: type, flag: str | None, overrides: dict[str, Any]) -> Callable:

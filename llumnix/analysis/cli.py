@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from llumnix.analysis.realsim import VLLM_PYTHON
-from llumnix.cli_options import options
+from llumnix.cli_options import options, trace_options
 from llumnix.runtime.cpuload import QuietConfig
 from llumnix.runtime.supervisor import RealClusterConfig
 from llumnix.sim.simulator import SimConfig
@@ -224,28 +224,20 @@ def experiments(directory, scale) -> None:
 
 # -- real cluster vs simulator (experiment kind real) ----------------------------------------------------------------
 @click.command("capped-trace", context_settings=CONTEXT)
-@click.option("--workload", required=True, help="S-S, M-M, L-L, S-L, L-S (input-output lengths), sharegpt or burstgpt.")
-@click.option("--rate", type=float, required=True, help="Mean arrival rate in requests per second.")
-@click.option("--num-requests", type=int, required=True, help="Number of requests in the trace.")
-@click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson", help="Arrival process.")
-@click.option("--cv", type=float, default=1.0, help="Coefficient of variation of Gamma inter-arrival times.")
-@click.option("--priority-fraction", type=float, default=0.0, help="Fraction of requests marked high priority.")
-@click.option("--seed", type=int, required=True, help="Random seed: the same seed gives the same trace.")
+@trace_options
 @click.option("--length-scale", type=float, default=1.0, help="Multiply every prompt and output length by this.")
 @click.option("--max-prompt-tokens", type=int, required=True, help="Cap of the prompt lengths (after scaling).")
 @click.option("--max-output-tokens", type=int, required=True, help="Cap of the output lengths (after scaling).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file: CSV, or Parquet when it ends in .parquet.")
-def capped_trace(workload, rate, num_requests, arrival, cv, priority_fraction, seed, length_scale, max_prompt_tokens,
-                 max_output_tokens, output) -> None:
-    """A `llumnix trace` whose lengths are scaled and capped, for a small real cluster (same arrivals)."""
+def capped_trace(length_scale, max_prompt_tokens, max_output_tokens, output, **spec) -> None:
+    """A `llumnix trace` (the same options) whose lengths are scaled and capped, for a small real cluster (same
+    arrivals)."""
     from llumnix.analysis.realsim import cap_lengths
     from llumnix.workload import make_trace, write_trace
 
     try:
-        df = make_trace(workload, rate, num_requests, seed, arrival=arrival, cv=cv,
-                        priority_fraction=priority_fraction)
-        df = cap_lengths(df, length_scale, max_prompt_tokens, max_output_tokens)
+        df = cap_lengths(make_trace(**spec), length_scale, max_prompt_tokens, max_output_tokens)
         write_trace(df, output)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
