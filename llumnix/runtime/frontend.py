@@ -904,7 +904,8 @@ def serve(config: ServeConfig) -> None:
             try:
                 server.run(sockets=[sock])
             except SystemExit:  # uvicorn exits when the lifespan fails (it has logged the traceback)
-                pass
+                if server.started:
+                    raise
             if not server.started:  # the lifespan failed (e.g. the instances did not start)
                 raise StartupError(startup_failure(app, "the server did not start")) from None
         finally:
